@@ -1,0 +1,229 @@
+//! The per-backend validation cache: stored-token states keyed by token hash, bounded by a
+//! byte budget, evicted by CLOCK (an approximation of LRU that costs one flag write per hit).
+//!
+//! This module only stores; it never decides freshness. The edge (`store`) clears it when
+//! Postgres delivers an invalidation for a token, key-type or prefix table, and deadlines are
+//! checked against the clock on every hit by `verdict`. Only tokens that exist are cached, so
+//! guessing cannot fill it. Pure: no Postgres.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::rc::Rc;
+
+use crate::hash::TokenHash;
+
+/// Approximate heap bytes an entry holds, for the budget.
+pub trait Footprint {
+    fn footprint(&self) -> usize;
+}
+
+/// Keys are SHA-256 outputs, already uniform: the first 8 bytes are a perfect hash value, so
+/// no hashing work is done on the hot path.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Key(TokenHash);
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
+
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+struct Slot<V> {
+    key: Key,
+    value: Rc<V>,
+    referenced: Cell<bool>,
+    bytes: usize,
+}
+
+/// Bookkeeping per entry beyond the value itself (slot, map entry, Rc header).
+const OVERHEAD: usize = 32 + 48 + 16 + 16;
+
+pub struct TokenCache<V> {
+    index: HashMap<Key, usize, BuildHasherDefault<PassThrough>>,
+    slots: Vec<Slot<V>>,
+    hand: usize,
+    bytes: usize,
+    budget: usize,
+}
+
+impl<V: Footprint> TokenCache<V> {
+    pub fn new(budget: usize) -> Self {
+        TokenCache { index: HashMap::default(), slots: Vec::new(), hand: 0, bytes: 0, budget }
+    }
+
+    pub fn get(&self, key: &TokenHash) -> Option<Rc<V>> {
+        let &i = self.index.get(&Key(*key))?;
+        let slot = &self.slots[i];
+        slot.referenced.set(true);
+        Some(Rc::clone(&slot.value))
+    }
+
+    /// Inserts or replaces. An entry larger than the whole budget is not cached.
+    pub fn insert(&mut self, key: TokenHash, value: V) -> Option<Rc<V>> {
+        let bytes = value.footprint() + OVERHEAD;
+        if bytes > self.budget {
+            return None;
+        }
+        self.remove(&key);
+        while self.bytes + bytes > self.budget && !self.slots.is_empty() {
+            self.evict_one();
+        }
+        let value = Rc::new(value);
+        self.index.insert(Key(key), self.slots.len());
+        self.slots.push(Slot { key: Key(key), value: Rc::clone(&value), referenced: Cell::new(false), bytes });
+        self.bytes += bytes;
+        Some(value)
+    }
+
+    pub fn remove(&mut self, key: &TokenHash) {
+        if let Some(i) = self.index.remove(&Key(*key)) {
+            self.remove_slot(i);
+        }
+    }
+
+    fn remove_slot(&mut self, i: usize) {
+        let slot = self.slots.swap_remove(i);
+        self.bytes -= slot.bytes;
+        if let Some(moved) = self.slots.get(i) {
+            self.index.insert(moved.key, i);
+        }
+        if self.hand >= self.slots.len() {
+            self.hand = 0;
+        }
+    }
+
+    /// CLOCK: sweep from the hand, giving referenced entries a second chance.
+    fn evict_one(&mut self) {
+        loop {
+            if self.hand >= self.slots.len() {
+                self.hand = 0;
+            }
+            let slot = &self.slots[self.hand];
+            if slot.referenced.replace(false) {
+                self.hand += 1;
+                continue;
+            }
+            let key = slot.key;
+            self.index.remove(&key);
+            self.remove_slot(self.hand);
+            return;
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.index.clear();
+        self.slots.clear();
+        self.hand = 0;
+        self.bytes = 0;
+    }
+
+    /// Changes the budget, evicting at once if the cache is now over it.
+    pub fn set_budget(&mut self, budget: usize) {
+        self.budget = budget;
+        while self.bytes > self.budget && !self.slots.is_empty() {
+            self.evict_one();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Blob(usize);
+    impl Footprint for Blob {
+        fn footprint(&self) -> usize {
+            self.0
+        }
+    }
+
+    fn key(i: u32) -> TokenHash {
+        crate::hash::token_hash(&i.to_string())
+    }
+
+    #[test]
+    fn stays_within_its_budget() {
+        let mut c = TokenCache::new(100 * (100 + OVERHEAD));
+        for i in 0..1000 {
+            c.insert(key(i), Blob(100));
+            assert!(c.bytes() <= c.budget());
+        }
+        assert_eq!(c.len(), 100);
+    }
+
+    #[test]
+    fn recently_used_entries_survive_eviction() {
+        let mut c = TokenCache::new(10 * (10 + OVERHEAD));
+        for i in 0..10 {
+            c.insert(key(i), Blob(10));
+        }
+        // Touch entry 3 and then overflow by one: the hand passes 3 (second chance).
+        assert!(c.get(&key(3)).is_some());
+        c.insert(key(100), Blob(10));
+        assert!(c.get(&key(3)).is_some());
+        assert!(c.get(&key(0)).is_none(), "the first unreferenced entry goes");
+        assert_eq!(c.len(), 10);
+    }
+
+    #[test]
+    fn replace_remove_clear_and_shrink() {
+        let mut c = TokenCache::new(10_000);
+        c.insert(key(1), Blob(10));
+        c.insert(key(1), Blob(20));
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.bytes(), 20 + OVERHEAD);
+        c.insert(key(2), Blob(10));
+        c.remove(&key(1));
+        assert!(c.get(&key(1)).is_none());
+        assert!(c.get(&key(2)).is_some(), "the moved slot is still indexed");
+        c.set_budget(0);
+        assert!(c.is_empty());
+        c.set_budget(10_000);
+        c.insert(key(3), Blob(10));
+        c.clear();
+        assert!(c.is_empty() && c.bytes() == 0);
+    }
+
+    #[test]
+    fn an_entry_larger_than_the_budget_is_not_cached() {
+        let mut c = TokenCache::new(100);
+        assert!(c.insert(key(1), Blob(1000)).is_none());
+        assert!(c.is_empty());
+    }
+}

@@ -1,0 +1,380 @@
+//! Token syntax: `<prefix><body><checksum>`.
+//!
+//! The prefix (2-32 chars of `[A-Za-z0-9_-]`, ending in `_` or `-`) names a key type and an
+//! environment; the body is 22 base62 characters from the OS CSPRNG (about 131 bits); the
+//! checksum is the CRC32 of prefix+body written as 6 base62 characters, so a typo or a
+//! truncation is refused without touching a table, and a secret scanner can confirm a match
+//! offline. Because the body and checksum are base62, the prefix is everything up to and
+//! including the last `_` or `-`: parsing needs no registry.
+//!
+//! This module is pure: it never touches Postgres, never logs, and never keeps a token.
+
+use std::fmt;
+
+pub const BODY_LEN: usize = 22;
+pub const CHECKSUM_LEN: usize = 6;
+/// Inputs longer than this are refused before any other work, hashing included.
+pub const MAX_TOKEN_BYTES: usize = 256;
+pub const MIN_PREFIX_LEN: usize = 2;
+pub const MAX_PREFIX_LEN: usize = 32;
+/// Body characters shown after the prefix in hints (`cf-k7R9`).
+pub const HINT_BODY_CHARS: usize = 4;
+
+pub const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// Why a string is not a well-formed token. Each maps to reason `malformed`, except
+/// `BadChecksum`, which maps to `bad_checksum`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FormatError {
+    Empty,
+    TooLong,
+    BadCharset,
+    NoPrefix,
+    BadPrefix,
+    WrongLength,
+    BadChecksum,
+}
+
+impl FormatError {
+    /// A sentence for an error DETAIL; never contains any part of the input.
+    pub fn describe(self) -> &'static str {
+        match self {
+            FormatError::Empty => "the token is empty",
+            FormatError::TooLong => "the token is longer than 256 bytes",
+            FormatError::BadCharset => "the token contains characters other than A-Z, a-z, 0-9, '_' and '-'",
+            FormatError::NoPrefix => "the token has no prefix ending in '_' or '-'",
+            FormatError::BadPrefix => "the token's prefix is not 2 to 32 characters long",
+            FormatError::WrongLength => "the token does not have 28 characters after its prefix",
+            FormatError::BadChecksum => "the token's checksum does not match (a typo or a truncation?)",
+        }
+    }
+}
+
+/// Why a string cannot be registered as a prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixError {
+    Length,
+    Charset,
+    Ending,
+    InnerSeparatorRun,
+}
+
+impl fmt::Display for PrefixError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PrefixError::Length => "a prefix must be 2 to 32 characters long",
+            PrefixError::Charset => "a prefix may contain only A-Z, a-z, 0-9, '_' and '-'",
+            PrefixError::Ending => "a prefix must end in '_' or '-'",
+            PrefixError::InnerSeparatorRun => "a prefix must contain at least one letter or digit",
+        })
+    }
+}
+
+#[inline]
+fn is_base62(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+}
+
+#[inline]
+fn is_separator(b: u8) -> bool {
+    b == b'_' || b == b'-'
+}
+
+#[inline]
+pub fn is_token_byte(b: u8) -> bool {
+    is_base62(b) || is_separator(b)
+}
+
+/// Checks the registration rules for a prefix.
+pub fn validate_prefix(prefix: &str) -> Result<(), PrefixError> {
+    let bytes = prefix.as_bytes();
+    if !(MIN_PREFIX_LEN..=MAX_PREFIX_LEN).contains(&bytes.len()) {
+        return Err(PrefixError::Length);
+    }
+    if !bytes.iter().all(|&b| is_token_byte(b)) {
+        return Err(PrefixError::Charset);
+    }
+    if !is_separator(bytes[bytes.len() - 1]) {
+        return Err(PrefixError::Ending);
+    }
+    if !bytes.iter().any(|&b| is_base62(b)) {
+        return Err(PrefixError::InnerSeparatorRun);
+    }
+    Ok(())
+}
+
+/// A syntactically valid token, borrowed from the input. It does not say the token exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParsedToken<'a> {
+    pub prefix: &'a str,
+    pub body: &'a str,
+    pub checksum: &'a str,
+}
+
+impl ParsedToken<'_> {
+    /// The display hint: the prefix and the first four body characters. Safe to show and log.
+    pub fn hint(&self) -> String {
+        hint(self.prefix, self.body)
+    }
+}
+
+pub fn hint(prefix: &str, body: &str) -> String {
+    let shown = body.get(..HINT_BODY_CHARS).unwrap_or(body);
+    let mut s = String::with_capacity(prefix.len() + shown.len());
+    s.push_str(prefix);
+    s.push_str(shown);
+    s
+}
+
+/// Parses and checks a token's structure and checksum. Length is checked first, so a huge
+/// input costs nothing more than reading its length.
+pub fn parse(token: &str) -> Result<ParsedToken<'_>, FormatError> {
+    let parsed = split(token)?;
+    if !parsed.checksum_matches() {
+        return Err(FormatError::BadChecksum);
+    }
+    Ok(parsed)
+}
+
+/// Checks a token's structure only (everything but the checksum).
+pub fn split(token: &str) -> Result<ParsedToken<'_>, FormatError> {
+    let bytes = token.as_bytes();
+    if bytes.is_empty() {
+        return Err(FormatError::Empty);
+    }
+    if bytes.len() > MAX_TOKEN_BYTES {
+        return Err(FormatError::TooLong);
+    }
+    if !bytes.iter().all(|&b| is_token_byte(b)) {
+        return Err(FormatError::BadCharset);
+    }
+    let sep = bytes.iter().rposition(|&b| is_separator(b)).ok_or(FormatError::NoPrefix)?;
+    let (prefix, rest) = token.split_at(sep + 1);
+    if validate_prefix(prefix).is_err() {
+        return Err(FormatError::BadPrefix);
+    }
+    if rest.len() != BODY_LEN + CHECKSUM_LEN {
+        return Err(FormatError::WrongLength);
+    }
+    let (body, checksum) = rest.split_at(BODY_LEN);
+    Ok(ParsedToken { prefix, body, checksum })
+}
+
+impl ParsedToken<'_> {
+    pub fn checksum_matches(&self) -> bool {
+        checksum_of(self.prefix, self.body) == self.checksum.as_bytes()
+    }
+}
+
+/// The 6-character base62 checksum of prefix+body (CRC32, most significant digit first).
+pub fn checksum_of(prefix: &str, body: &str) -> [u8; CHECKSUM_LEN] {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(prefix.as_bytes());
+    hasher.update(body.as_bytes());
+    encode_checksum(hasher.finalize())
+}
+
+/// 62^6 > 2^32, so every CRC32 value has exactly one 6-digit encoding.
+fn encode_checksum(mut value: u32) -> [u8; CHECKSUM_LEN] {
+    let mut out = [b'0'; CHECKSUM_LEN];
+    for slot in out.iter_mut().rev() {
+        *slot = ALPHABET[(value % 62) as usize];
+        value /= 62;
+    }
+    out
+}
+
+/// Fills a body from a source of random bytes, by rejection sampling: bytes >= 248 (= 4 * 62)
+/// are discarded so every character is equally likely (no modulo bias).
+pub fn body_from_random<F, E>(mut fill: F) -> Result<[u8; BODY_LEN], E>
+where
+    F: FnMut(&mut [u8]) -> Result<(), E>,
+{
+    let mut body = [0u8; BODY_LEN];
+    let mut n = 0;
+    let mut buf = [0u8; 32];
+    while n < BODY_LEN {
+        fill(&mut buf)?;
+        for c in buf.iter().filter_map(|&b| char_for_byte(b)) {
+            if n == BODY_LEN {
+                break;
+            }
+            body[n] = c;
+            n += 1;
+        }
+    }
+    Ok(body)
+}
+
+#[inline]
+fn char_for_byte(b: u8) -> Option<u8> {
+    (b < 248).then(|| ALPHABET[(b % 62) as usize])
+}
+
+/// Composes a token from a prefix and a body, appending the checksum.
+pub fn compose(prefix: &str, body: &str) -> String {
+    let mut s = String::with_capacity(prefix.len() + body.len() + CHECKSUM_LEN);
+    s.push_str(prefix);
+    s.push_str(body);
+    for b in checksum_of(prefix, body) {
+        s.push(b as char);
+    }
+    s
+}
+
+/// A new random token under `prefix`, from the operating system's CSPRNG.
+pub fn generate(prefix: &str) -> Result<String, getrandom::Error> {
+    let body = body_from_random(getrandom::fill)?;
+    // The alphabet is ASCII, so the body is valid UTF-8.
+    let body = std::str::from_utf8(&body).unwrap_or_default();
+    Ok(compose(prefix, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn prefix_strategy() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9][A-Za-z0-9_-]{0,30}[_-]"
+    }
+
+    fn body_strategy() -> impl Strategy<Value = String> {
+        "[0-9A-Za-z]{22}"
+    }
+
+    #[test]
+    fn generated_tokens_parse_and_keep_their_prefix() {
+        let t = generate("cf-").expect("csprng");
+        let p = parse(&t).expect("parses");
+        assert_eq!(p.prefix, "cf-");
+        assert_eq!(p.body.len(), BODY_LEN);
+        assert_eq!(t.len(), 3 + BODY_LEN + CHECKSUM_LEN);
+    }
+
+    #[test]
+    fn hint_is_prefix_and_four_body_chars() {
+        let t = compose("thresh_live_", "k7R9fQw2VDp3Zx4mN8tJ1s");
+        let p = parse(&t).expect("parses");
+        assert_eq!(p.hint(), "thresh_live_k7R9");
+    }
+
+    #[test]
+    fn each_input_class_gets_its_error() {
+        assert_eq!(parse(""), Err(FormatError::Empty));
+        assert_eq!(parse(&"a".repeat(257)), Err(FormatError::TooLong));
+        assert_eq!(parse(&"x".repeat(10 * 1024 * 1024)), Err(FormatError::TooLong));
+        assert_eq!(parse("cf-abc'; DROP TABLE x;--"), Err(FormatError::BadCharset));
+        assert_eq!(parse("cf-é"), Err(FormatError::BadCharset));
+        assert_eq!(parse("abcdefghijklmnopqrstuvwxyz0123"), Err(FormatError::NoPrefix));
+        assert_eq!(parse(&format!("{}-{}", "a".repeat(40), "b".repeat(28))), Err(FormatError::BadPrefix));
+        assert_eq!(parse("cf-abc"), Err(FormatError::WrongLength));
+        let good = compose("cf-", "k7R9fQw2VDp3Zx4mN8tJ1s");
+        let mut bad = good.clone().into_bytes();
+        let last = bad.len() - 1;
+        bad[last] = if bad[last] == b'0' { b'1' } else { b'0' };
+        assert_eq!(parse(std::str::from_utf8(&bad).expect("ascii")), Err(FormatError::BadChecksum));
+    }
+
+    #[test]
+    fn checksum_encoding_is_fixed_width_and_injective_at_the_edges() {
+        assert_eq!(&encode_checksum(0), b"000000");
+        assert_eq!(&encode_checksum(61), b"00000z");
+        assert_eq!(&encode_checksum(62), b"000010");
+        assert_ne!(encode_checksum(u32::MAX), encode_checksum(u32::MAX - 1));
+    }
+
+    #[test]
+    fn prefix_rules() {
+        assert!(validate_prefix("cf-").is_ok());
+        assert!(validate_prefix("thresh_live_").is_ok());
+        assert_eq!(validate_prefix("c"), Err(PrefixError::Length));
+        assert_eq!(validate_prefix(&format!("{}_", "a".repeat(32))), Err(PrefixError::Length));
+        assert_eq!(validate_prefix("cf"), Err(PrefixError::Ending));
+        assert_eq!(validate_prefix("c f-"), Err(PrefixError::Charset));
+        assert_eq!(validate_prefix("--"), Err(PrefixError::InnerSeparatorRun));
+    }
+
+    #[test]
+    fn rejection_sampling_skips_biased_bytes() {
+        // A source that yields only bytes >= 248 for its first call, then a known pattern.
+        let mut calls = 0;
+        let body = body_from_random::<_, ()>(|buf| {
+            calls += 1;
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = if calls == 1 { 248 + (i as u8 % 8) } else { i as u8 };
+            }
+            Ok(())
+        })
+        .expect("infallible");
+        assert_eq!(calls, 2, "the all-rejected first buffer must be discarded");
+        assert_eq!(&body[..3], b"012");
+    }
+
+    #[test]
+    fn every_alphabet_character_is_equally_likely() {
+        // Over all 256 byte values, each of the 62 characters must come out exactly 4 times
+        // and 8 values must be rejected. With a bare `b % 62`, '0'..'7' would come out 5 times.
+        let mut counts = [0usize; 62];
+        let mut rejected = 0;
+        for b in 0..=255u8 {
+            match char_for_byte(b) {
+                Some(c) => counts[ALPHABET.iter().position(|&a| a == c).expect("alphabet")] += 1,
+                None => rejected += 1,
+            }
+        }
+        assert!(counts.iter().all(|&n| n == 4), "counts {counts:?}");
+        assert_eq!(rejected, 8);
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(prefix in prefix_strategy(), body in body_strategy()) {
+            let t = compose(&prefix, &body);
+            let p = parse(&t).expect("a composed token parses");
+            prop_assert_eq!(p.prefix, prefix.as_str());
+            prop_assert_eq!(p.body, body.as_str());
+        }
+
+        #[test]
+        fn every_single_character_change_is_refused(
+            prefix in prefix_strategy(), body in body_strategy(),
+            pos in any::<prop::sample::Index>(), replacement in any::<prop::sample::Index>(),
+        ) {
+            let t = compose(&prefix, &body).into_bytes();
+            let i = pos.index(t.len());
+            let charset: Vec<u8> = ALPHABET.iter().copied().chain([b'_', b'-']).collect();
+            let mut c = charset[replacement.index(charset.len())];
+            if c == t[i] { c = charset[(replacement.index(charset.len()) + 1) % charset.len()]; }
+            let mut changed = t.clone();
+            changed[i] = c;
+            let s = String::from_utf8(changed).expect("ascii");
+            prop_assert!(parse(&s).is_err(), "changing byte {} was not caught", i);
+        }
+
+        #[test]
+        fn every_truncation_is_refused(prefix in prefix_strategy(), body in body_strategy(), cut in 1usize..60) {
+            let t = compose(&prefix, &body);
+            let keep = t.len().saturating_sub(cut);
+            prop_assert!(parse(&t[..keep]).is_err());
+        }
+
+        #[test]
+        fn generated_bodies_use_only_base62(seed in any::<u64>()) {
+            let mut state = seed;
+            let body = body_from_random::<_, ()>(|buf| {
+                for b in buf.iter_mut() {
+                    state ^= state << 13; state ^= state >> 7; state ^= state << 17;
+                    *b = state as u8;
+                }
+                Ok(())
+            }).expect("infallible");
+            prop_assert!(body.iter().all(|b| ALPHABET.contains(b)));
+        }
+
+        #[test]
+        fn arbitrary_strings_never_panic(s in ".{0,300}") {
+            let _ = parse(&s);
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Why a token is refused: one stable word per reason, the SQLSTATE every refusal carries,
+//! and the message text. These words are API: applications match on them, events store
+//! them, the README documents them. Never add the token to a message: the prefix and a
+//! 4-character hint at most. Pure: no Postgres.
+
+use std::fmt;
+
+/// SQLSTATE 28000, invalid_authorization_specification: every refusal raises it.
+pub const REFUSAL_SQLSTATE: &str = "28000";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Reason {
+    Malformed = 1,
+    BadChecksum,
+    UnknownPrefix,
+    EnvironmentMismatch,
+    NotFound,
+    Expired,
+    Revoked,
+    CallerInvalid,
+    CallerNotPermitted,
+    CrossAccount,
+    InsufficientScope,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 11] = [
+        Reason::Malformed,
+        Reason::BadChecksum,
+        Reason::UnknownPrefix,
+        Reason::EnvironmentMismatch,
+        Reason::NotFound,
+        Reason::Expired,
+        Reason::Revoked,
+        Reason::CallerInvalid,
+        Reason::CallerNotPermitted,
+        Reason::CrossAccount,
+        Reason::InsufficientScope,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::BadChecksum => "bad_checksum",
+            Reason::UnknownPrefix => "unknown_prefix",
+            Reason::EnvironmentMismatch => "environment_mismatch",
+            Reason::NotFound => "not_found",
+            Reason::Expired => "expired",
+            Reason::Revoked => "revoked",
+            Reason::CallerInvalid => "caller_invalid",
+            Reason::CallerNotPermitted => "caller_not_permitted",
+            Reason::CrossAccount => "cross_account",
+            Reason::InsufficientScope => "insufficient_scope",
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Option<Reason> {
+        Reason::ALL.iter().copied().find(|r| *r as u8 == v)
+    }
+
+    /// One line for the README and `token.reasons()`.
+    pub fn explain(self) -> &'static str {
+        match self {
+            Reason::Malformed => "NULL, empty, over 256 bytes, characters outside [A-Za-z0-9_-], or not <prefix><22 chars><6 chars>",
+            Reason::BadChecksum => "well formed, but the checksum does not match: a typo or a truncation",
+            Reason::UnknownPrefix => "the prefix is not registered in this database",
+            Reason::EnvironmentMismatch => "the prefix belongs to another environment than token.environment",
+            Reason::NotFound => "no token with this hash exists",
+            Reason::Expired => "past expires_at",
+            Reason::Revoked => "revoked, or past revoke_after (the end of a rotation's grace window)",
+            Reason::CallerInvalid => "the caller token given with caller_token is itself refused",
+            Reason::CallerNotPermitted => "the caller's key type may not validate the presented key type",
+            Reason::CrossAccount => "the caller and the presented token belong to different accounts",
+            Reason::InsufficientScope => "the token lacks the required scope",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The primary message for a refusal. The environment mismatch keeps the wording its users
+/// asked for; the others name the reason word so logs and clients can match on it.
+pub fn message(reason: Reason, token_environment: Option<&str>, database_environment: Option<&str>) -> String {
+    match reason {
+        Reason::EnvironmentMismatch => format!(
+            "Token environment mismatch: {} token used in {}",
+            token_environment.unwrap_or("unknown"),
+            database_environment.unwrap_or("(unset)")
+        ),
+        other => format!("token rejected: {other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_are_unique_and_round_trip_through_u8() {
+        let mut words: Vec<_> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        words.sort();
+        words.dedup();
+        assert_eq!(words.len(), Reason::ALL.len());
+        for r in Reason::ALL {
+            assert_eq!(Reason::from_u8(r as u8), Some(r));
+        }
+        assert_eq!(Reason::from_u8(0), None);
+    }
+
+    #[test]
+    fn environment_mismatch_message_names_both_environments() {
+        assert_eq!(
+            message(Reason::EnvironmentMismatch, Some("dev"), Some("prod")),
+            "Token environment mismatch: dev token used in prod"
+        );
+        assert_eq!(message(Reason::Revoked, None, None), "token rejected: revoked");
+    }
+}

@@ -1,0 +1,458 @@
+//! The verdict rules. Given a presented token (and optionally a caller token and a required
+//! scope), the registry of prefixes and key types, a way to find a stored token by hash, the
+//! database's environment and the time, decide: accept, or refuse with one `Reason`.
+//!
+//! Everything that touches Postgres is passed in (the registry, the finder, the clock), so the
+//! rules are tested here without a database. The order of the checks is part of the security
+//! model: nothing about the presented token is looked up before a caller token is accepted,
+//! and the prefix (so the environment) decides before any lookup by hash.
+//!
+//! This module must never see a token outside the call, log, or build a message containing
+//! more than a prefix and a 4-character hint.
+
+use crate::format::{self, FormatError};
+use crate::hash::{token_hash, TokenHash};
+use crate::reason::{self, Reason};
+
+/// Microseconds since the Postgres epoch, as in `TimestampTz`.
+pub type Micros = i64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixInfo {
+    pub key_type: String,
+    pub environment: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyTypeInfo {
+    /// Key types whose tokens a token of this type may validate as a caller.
+    pub can_validate: Vec<String>,
+}
+
+pub trait Registry {
+    fn prefix(&self, prefix: &str) -> Option<&PrefixInfo>;
+    fn key_type(&self, name: &str) -> Option<&KeyTypeInfo>;
+}
+
+/// What decides a stored token's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenState {
+    pub id: [u8; 16],
+    pub account: String,
+    pub key_type: String,
+    pub environment: String,
+    pub scopes: Vec<String>,
+    pub expires_at: Option<Micros>,
+    pub revoke_after: Option<Micros>,
+    pub revoked_at: Option<Micros>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Request<'a> {
+    pub token: Option<&'a str>,
+    pub caller: Option<&'a str>,
+    pub required_scope: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// `token.environment`; `None` when unset, which refuses every token.
+    pub environment: Option<&'a str>,
+    pub now: Micros,
+}
+
+#[derive(Debug)]
+pub struct Accepted<T> {
+    pub token: T,
+    pub caller: Option<T>,
+}
+
+/// What is known about a refused token, for the event record. Never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Subject {
+    pub prefix: Option<String>,
+    /// Prefix plus the first four body characters.
+    pub hint: Option<String>,
+    pub token_id: Option<[u8; 16]>,
+    pub account: Option<String>,
+    pub key_type: Option<String>,
+    pub environment: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: Reason,
+    pub detail: String,
+    pub subject: Subject,
+    /// The caller token, when one was given and got far enough to be known.
+    pub caller: Option<Subject>,
+    pub database_environment: Option<String>,
+}
+
+impl Refusal {
+    pub fn message(&self) -> String {
+        reason::message(
+            self.reason,
+            self.subject.environment.as_deref(),
+            self.database_environment.as_deref(),
+        )
+    }
+}
+
+/// The longest scope name quoted back in a detail.
+const MAX_QUOTED_SCOPE: usize = 64;
+
+struct Failure {
+    reason: Reason,
+    detail: String,
+}
+
+fn fail<T>(reason: Reason, detail: String) -> Result<T, Failure> {
+    Err(Failure { reason, detail })
+}
+
+/// Runs the checks for one token up to and including its stored state. `before_lookup` runs
+/// once the prefix is known and may refuse (the caller-permission rule uses it).
+fn resolve<T, R, F>(
+    token: Option<&str>,
+    ctx: &Context<'_>,
+    registry: &R,
+    find: &mut F,
+    subject: &mut Subject,
+    before_lookup: impl FnOnce(&PrefixInfo) -> Result<(), Failure>,
+) -> Result<T, Failure>
+where
+    T: AsRef<TokenState>,
+    R: Registry,
+    F: FnMut(&TokenHash) -> Option<T>,
+{
+    let Some(token) = token else {
+        return fail(Reason::Malformed, "the token is NULL".into());
+    };
+    let parsed = match format::split(token) {
+        Ok(p) => p,
+        Err(e) => return fail(Reason::Malformed, e.describe().into()),
+    };
+    subject.prefix = Some(parsed.prefix.to_owned());
+    let hint = parsed.hint();
+    subject.hint = Some(hint.clone());
+    if !parsed.checksum_matches() {
+        return fail(Reason::BadChecksum, format!("token {hint}: {}", FormatError::BadChecksum.describe()));
+    }
+    let Some(info) = registry.prefix(parsed.prefix) else {
+        return fail(Reason::UnknownPrefix, format!("prefix \"{}\" is not registered", parsed.prefix));
+    };
+    subject.key_type = Some(info.key_type.clone());
+    subject.environment = Some(info.environment.clone());
+    before_lookup(info)?;
+    if ctx.environment != Some(info.environment.as_str()) {
+        return fail(
+            Reason::EnvironmentMismatch,
+            format!("token {hint} has prefix \"{}\", registered for environment \"{}\"", parsed.prefix, info.environment),
+        );
+    }
+    let Some(found) = find(&token_hash(token)) else {
+        return fail(Reason::NotFound, format!("no token matches {hint}"));
+    };
+    let state = found.as_ref();
+    subject.token_id = Some(state.id);
+    subject.account = Some(state.account.clone());
+    subject.key_type = Some(state.key_type.clone());
+    subject.environment = Some(state.environment.clone());
+    if ctx.environment != Some(state.environment.as_str()) {
+        return fail(Reason::EnvironmentMismatch, format!("token {hint} belongs to environment \"{}\"", state.environment));
+    }
+    if let Err((reason, what)) = status(state, ctx.now) {
+        return fail(reason, format!("token {hint} {what}"));
+    }
+    Ok(found)
+}
+
+/// Revocation and expiry against the clock. Checked on every call, cached or not.
+pub fn status(state: &TokenState, now: Micros) -> Result<(), (Reason, &'static str)> {
+    if state.revoked_at.is_some() {
+        return Err((Reason::Revoked, "was revoked"));
+    }
+    if state.revoke_after.is_some_and(|t| t <= now) {
+        return Err((Reason::Revoked, "was rotated and its grace period has ended"));
+    }
+    if state.expires_at.is_some_and(|t| t <= now) {
+        return Err((Reason::Expired, "has expired"));
+    }
+    Ok(())
+}
+
+/// Decides a request. See the module comment for the order of checks.
+pub fn decide<T, R, F>(
+    req: Request<'_>,
+    ctx: Context<'_>,
+    registry: &R,
+    mut find: F,
+) -> Result<Accepted<T>, Refusal>
+where
+    T: AsRef<TokenState>,
+    R: Registry,
+    F: FnMut(&TokenHash) -> Option<T>,
+{
+    let refusal = |failure: Failure, subject: Subject, caller: Option<Subject>| Refusal {
+        reason: failure.reason,
+        detail: failure.detail,
+        subject,
+        caller,
+        database_environment: ctx.environment.map(str::to_owned),
+    };
+
+    let mut caller_subject = None;
+    let caller = match req.caller {
+        None => None,
+        Some(c) => {
+            let mut s = Subject::default();
+            match resolve(Some(c), &ctx, registry, &mut find, &mut s, |_| Ok(())) {
+                Ok(found) => {
+                    caller_subject = Some(s);
+                    Some(found)
+                }
+                Err(inner) => {
+                    let failure = Failure {
+                        reason: Reason::CallerInvalid,
+                        detail: format!("caller token refused ({}): {}", inner.reason, inner.detail),
+                    };
+                    return Err(refusal(failure, Subject::default(), Some(s)));
+                }
+            }
+        }
+    };
+
+    let mut subject = Subject::default();
+    let caller_state = caller.as_ref().map(|c| c.as_ref());
+    let permission = |info: &PrefixInfo| -> Result<(), Failure> {
+        let Some(cs) = caller_state else { return Ok(()) };
+        let allowed = registry
+            .key_type(&cs.key_type)
+            .is_some_and(|kt| kt.can_validate.iter().any(|k| *k == info.key_type));
+        if allowed {
+            Ok(())
+        } else {
+            fail(
+                Reason::CallerNotPermitted,
+                format!("key type \"{}\" may not validate key type \"{}\"", cs.key_type, info.key_type),
+            )
+        }
+    };
+    let found = match resolve(req.token, &ctx, registry, &mut find, &mut subject, permission) {
+        Ok(found) => found,
+        Err(f) => return Err(refusal(f, subject, caller_subject)),
+    };
+
+    let state = found.as_ref();
+    if let Some(cs) = caller_state {
+        if cs.account != state.account {
+            let hint = subject.hint.clone().unwrap_or_default();
+            let f = Failure {
+                reason: Reason::CrossAccount,
+                detail: format!("the caller token and token {hint} belong to different accounts"),
+            };
+            return Err(refusal(f, subject, caller_subject));
+        }
+    }
+    if let Some(scope) = req.required_scope {
+        if !state.scopes.iter().any(|s| s == scope) {
+            let hint = subject.hint.clone().unwrap_or_default();
+            let quoted: String = scope.chars().take(MAX_QUOTED_SCOPE).collect();
+            let f = Failure {
+                reason: Reason::InsufficientScope,
+                detail: format!("token {hint} lacks scope \"{quoted}\""),
+            };
+            return Err(refusal(f, subject, caller_subject));
+        }
+    }
+    Ok(Accepted { token: found, caller })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[derive(Default)]
+    struct Reg {
+        prefixes: HashMap<String, PrefixInfo>,
+        key_types: HashMap<String, KeyTypeInfo>,
+    }
+
+    impl Registry for Reg {
+        fn prefix(&self, p: &str) -> Option<&PrefixInfo> {
+            self.prefixes.get(p)
+        }
+        fn key_type(&self, n: &str) -> Option<&KeyTypeInfo> {
+            self.key_types.get(n)
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    struct Row(TokenState);
+    impl AsRef<TokenState> for Row {
+        fn as_ref(&self) -> &TokenState {
+            &self.0
+        }
+    }
+
+    struct World {
+        reg: Reg,
+        rows: HashMap<TokenHash, TokenState>,
+        lookups: usize,
+    }
+
+    const NOW: Micros = 1_000_000_000;
+
+    impl World {
+        fn new() -> World {
+            let mut reg = Reg::default();
+            for (p, kt, env) in [("cf-", "agent", "dev"), ("cfprd-", "agent", "prod"), ("mid_", "mid", "dev")] {
+                reg.prefixes.insert(p.into(), PrefixInfo { key_type: kt.into(), environment: env.into() });
+            }
+            reg.key_types.insert("agent".into(), KeyTypeInfo::default());
+            reg.key_types.insert("mid".into(), KeyTypeInfo { can_validate: vec!["agent".into()] });
+            World { reg, rows: HashMap::new(), lookups: 0 }
+        }
+
+        fn issue(&mut self, prefix: &str, body: &str, account: &str, f: impl FnOnce(&mut TokenState)) -> String {
+            let t = format::compose(prefix, body);
+            let info = self.reg.prefixes[prefix].clone();
+            let mut state = TokenState {
+                id: [self.rows.len() as u8 + 1; 16],
+                account: account.into(),
+                key_type: info.key_type,
+                environment: info.environment,
+                scopes: vec!["read".into()],
+                expires_at: None,
+                revoke_after: None,
+                revoked_at: None,
+            };
+            f(&mut state);
+            self.rows.insert(token_hash(&t), state);
+            t
+        }
+
+        fn decide(&mut self, req: Request<'_>, env: Option<&str>, now: Micros) -> Result<Accepted<Row>, Refusal> {
+            let rows = &self.rows;
+            let lookups = &mut self.lookups;
+            decide(req, Context { environment: env, now }, &self.reg, |h: &TokenHash| {
+                *lookups += 1;
+                rows.get(h).cloned().map(Row)
+            })
+        }
+
+        fn reason(&mut self, req: Request<'_>) -> Option<Reason> {
+            self.decide(req, Some("dev"), NOW).err().map(|r| r.reason)
+        }
+    }
+
+    fn presented(t: &str) -> Request<'_> {
+        Request { token: Some(t), ..Request::default() }
+    }
+
+    #[test]
+    fn a_live_token_is_accepted_with_its_state() {
+        let mut w = World::new();
+        let t = w.issue("cf-", "aaaaaaaaaaaaaaaaaaaaaa", "acme", |_| {});
+        let ok = w.decide(presented(&t), Some("dev"), NOW).expect("accepted");
+        assert_eq!(ok.token.0.account, "acme");
+        assert!(ok.caller.is_none());
+    }
+
+    #[test]
+    fn each_format_failure_is_refused_before_any_lookup() {
+        let mut w = World::new();
+        let t = w.issue("cf-", "aaaaaaaaaaaaaaaaaaaaaa", "acme", |_| {});
+        let mut bad = t.clone().into_bytes();
+        let i = bad.len() - 1;
+        bad[i] = if bad[i] == b'a' { b'b' } else { b'a' };
+        let bad = String::from_utf8(bad).expect("ascii");
+        assert_eq!(w.reason(Request::default()), Some(Reason::Malformed));
+        assert_eq!(w.reason(presented("")), Some(Reason::Malformed));
+        assert_eq!(w.reason(presented("cf-'; drop table x;--")), Some(Reason::Malformed));
+        assert_eq!(w.reason(presented(&bad)), Some(Reason::BadChecksum));
+        let unknown = format::compose("zz-", "aaaaaaaaaaaaaaaaaaaaaa");
+        assert_eq!(w.reason(presented(&unknown)), Some(Reason::UnknownPrefix));
+        assert_eq!(w.lookups, 0);
+    }
+
+    #[test]
+    fn the_prefix_decides_the_environment_before_any_lookup() {
+        let mut w = World::new();
+        // No row anywhere: the token comes from another database.
+        let foreign = format::compose("cfprd-", "bbbbbbbbbbbbbbbbbbbbbb");
+        let r = w.decide(presented(&foreign), Some("dev"), NOW).expect_err("refused");
+        assert_eq!(r.reason, Reason::EnvironmentMismatch);
+        assert_eq!(r.message(), "Token environment mismatch: prod token used in dev");
+        assert_eq!(w.lookups, 0);
+        let r = w.decide(presented(&foreign), None, NOW).expect_err("refused");
+        assert_eq!(r.message(), "Token environment mismatch: prod token used in (unset)");
+    }
+
+    #[test]
+    fn status_reasons_follow_the_clock() {
+        let mut w = World::new();
+        let revoked = w.issue("cf-", "cccccccccccccccccccccc", "acme", |s| s.revoked_at = Some(NOW - 10));
+        let rotated = w.issue("cf-", "dddddddddddddddddddddd", "acme", |s| s.revoke_after = Some(NOW + 10));
+        let expiring = w.issue("cf-", "eeeeeeeeeeeeeeeeeeeeee", "acme", |s| s.expires_at = Some(NOW + 10));
+        let missing = format::compose("cf-", "ffffffffffffffffffffff");
+        assert_eq!(w.reason(presented(&revoked)), Some(Reason::Revoked));
+        assert_eq!(w.reason(presented(&missing)), Some(Reason::NotFound));
+        assert!(w.decide(presented(&rotated), Some("dev"), NOW).is_ok(), "inside the grace window");
+        assert_eq!(w.decide(presented(&rotated), Some("dev"), NOW + 10).err().map(|r| r.reason), Some(Reason::Revoked));
+        assert!(w.decide(presented(&expiring), Some("dev"), NOW + 9).is_ok());
+        assert_eq!(w.decide(presented(&expiring), Some("dev"), NOW + 10).err().map(|r| r.reason), Some(Reason::Expired));
+    }
+
+    #[test]
+    fn caller_rules() {
+        let mut w = World::new();
+        let mid = w.issue("mid_", "gggggggggggggggggggggg", "acme", |_| {});
+        let agent = w.issue("cf-", "hhhhhhhhhhhhhhhhhhhhhh", "acme", |_| {});
+        let other = w.issue("cf-", "iiiiiiiiiiiiiiiiiiiiii", "globex", |_| {});
+        let dead_mid = w.issue("mid_", "jjjjjjjjjjjjjjjjjjjjjj", "acme", |s| s.revoked_at = Some(0));
+
+        let ok = w.decide(Request { token: Some(&agent), caller: Some(&mid), required_scope: None }, Some("dev"), NOW);
+        assert!(ok.expect("same account").caller.is_some());
+
+        let r = w.decide(Request { token: Some(&other), caller: Some(&mid), required_scope: None }, Some("dev"), NOW);
+        assert_eq!(r.expect_err("refused").reason, Reason::CrossAccount);
+
+        // An agent may not validate anything; refused before the presented token is looked up.
+        let before = w.lookups;
+        let r = w.decide(Request { token: Some(&mid), caller: Some(&agent), required_scope: None }, Some("dev"), NOW);
+        assert_eq!(r.expect_err("refused").reason, Reason::CallerNotPermitted);
+        assert_eq!(w.lookups, before + 1, "only the caller was looked up");
+
+        let before = w.lookups;
+        let r = w.decide(Request { token: Some(&agent), caller: Some(&dead_mid), required_scope: None }, Some("dev"), NOW)
+            .expect_err("refused");
+        assert_eq!(r.reason, Reason::CallerInvalid);
+        assert!(r.detail.contains("revoked"), "{}", r.detail);
+        assert_eq!(w.lookups, before + 1, "nothing about the presented token is revealed");
+    }
+
+    #[test]
+    fn required_scope() {
+        let mut w = World::new();
+        let t = w.issue("cf-", "kkkkkkkkkkkkkkkkkkkkkk", "acme", |_| {});
+        assert!(w.decide(Request { token: Some(&t), caller: None, required_scope: Some("read") }, Some("dev"), NOW).is_ok());
+        assert_eq!(
+            w.reason(Request { token: Some(&t), caller: None, required_scope: Some("write") }),
+            Some(Reason::InsufficientScope)
+        );
+    }
+
+    #[test]
+    fn refusals_never_carry_the_token() {
+        let mut w = World::new();
+        let t = w.issue("cf-", "llllllllllllllllllllll", "acme", |s| s.revoked_at = Some(0));
+        let r = w.decide(presented(&t), Some("dev"), NOW).expect_err("refused");
+        let everything = format!("{} {} {:?}", r.message(), r.detail, r.subject);
+        assert!(!everything.contains(&t));
+        assert!(!everything.contains("llllllll"), "more than the 4-char hint leaked: {everything}");
+        assert_eq!(r.subject.hint.as_deref(), Some("cf-llll"));
+    }
+}
