@@ -78,13 +78,14 @@ impl<V: Footprint> TokenCache<V> {
         Some(Rc::clone(&slot.value))
     }
 
-    /// Inserts or replaces. An entry larger than the whole budget is not cached.
-    pub fn insert(&mut self, key: TokenHash, value: V) -> Option<Rc<V>> {
+    /// Inserts or replaces, and hands the value back shared. An entry larger than the whole
+    /// budget is handed back without being cached.
+    pub fn insert(&mut self, key: TokenHash, value: V) -> Rc<V> {
         let bytes = value.footprint() + OVERHEAD;
-        if bytes > self.budget {
-            return None;
-        }
         self.remove(&key);
+        if bytes > self.budget {
+            return Rc::new(value);
+        }
         while self.bytes + bytes > self.budget && !self.slots.is_empty() {
             self.evict_one();
         }
@@ -92,7 +93,7 @@ impl<V: Footprint> TokenCache<V> {
         self.index.insert(Key(key), self.slots.len());
         self.slots.push(Slot { key: Key(key), value: Rc::clone(&value), referenced: Cell::new(false), bytes });
         self.bytes += bytes;
-        Some(value)
+        value
     }
 
     pub fn remove(&mut self, key: &TokenHash) {
@@ -223,7 +224,9 @@ mod tests {
     #[test]
     fn an_entry_larger_than_the_budget_is_not_cached() {
         let mut c = TokenCache::new(100);
-        assert!(c.insert(key(1), Blob(1000)).is_none());
+        let handed_back = c.insert(key(1), Blob(1000));
+        assert_eq!(handed_back.0, 1000);
         assert!(c.is_empty());
+        assert!(c.get(&key(1)).is_none());
     }
 }

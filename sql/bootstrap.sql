@@ -1,0 +1,147 @@
+-- pg_token: tables, types, views and roles. Loaded before any function is created.
+--
+-- Nothing here is readable by PUBLIC. Applications validate through functions granted to
+-- token_validator; DBAs manage through functions granted to token_admin and read the
+-- token_list view and the events table.
+
+CREATE TABLE token.key_types (
+    name            text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_]{0,62}$'),
+    description     text,
+    can_validate    text[] NOT NULL DEFAULT '{}',
+    default_ttl     interval CHECK (default_ttl > interval '0'),
+    max_ttl         interval CHECK (max_ttl > interval '0'),
+    allowed_scopes  text[],
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    CHECK (default_ttl IS NULL OR max_ttl IS NULL OR default_ttl <= max_ttl)
+);
+COMMENT ON TABLE token.key_types IS
+    'Kinds of keys: which other kinds they may validate, their TTL bounds and allowed scopes';
+
+CREATE TABLE token.prefixes (
+    prefix       text PRIMARY KEY
+                 CHECK (prefix ~ '^[A-Za-z0-9_-]{1,31}[_-]$' AND prefix ~ '[A-Za-z0-9]'),
+    key_type     text NOT NULL REFERENCES token.key_types (name),
+    environment  text NOT NULL CHECK (environment ~ '^[a-z][a-z0-9_]{0,31}$'),
+    created_at   timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE INDEX prefixes_key_type_environment_idx ON token.prefixes (key_type, environment);
+COMMENT ON TABLE token.prefixes IS
+    'Registered token prefixes; the prefix names the key type and the environment';
+
+CREATE TABLE token.tokens (
+    id              uuid PRIMARY KEY DEFAULT pg_catalog.gen_random_uuid(),
+    token_hash      bytea NOT NULL CHECK (pg_catalog.octet_length(token_hash) = 32),
+    hint            text NOT NULL,
+    prefix          text NOT NULL,
+    account         text NOT NULL CHECK (pg_catalog.length(account) BETWEEN 1 AND 256),
+    key_type        text NOT NULL REFERENCES token.key_types (name),
+    environment     text NOT NULL,
+    name            text,
+    scopes          text[] NOT NULL DEFAULT '{}',
+    metadata        jsonb NOT NULL DEFAULT '{}',
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    expires_at      timestamptz,
+    revoke_after    timestamptz,
+    revoked_at      timestamptz,
+    revoked_reason  text,
+    last_used_at    timestamptz,
+    rotated_from    uuid REFERENCES token.tokens (id) ON DELETE SET NULL,
+    CONSTRAINT tokens_token_hash_key UNIQUE (token_hash)
+) WITH (fillfactor = 90);  -- room for HOT updates of last_used_at
+CREATE INDEX tokens_account_idx ON token.tokens (account);
+CREATE INDEX tokens_rotated_from_idx ON token.tokens (rotated_from) WHERE rotated_from IS NOT NULL;
+COMMENT ON TABLE token.tokens IS
+    'Issued tokens. Only the SHA-256 hash of a token is stored, never the token';
+
+CREATE SEQUENCE token.events_id_seq;
+CREATE TABLE token.events (
+    id                bigint PRIMARY KEY DEFAULT pg_catalog.nextval('token.events_id_seq'),
+    occurred_at       timestamptz NOT NULL,
+    event             text NOT NULL,
+    reason            text,
+    token_id          uuid,
+    account           text,
+    prefix            text,
+    hint              text,
+    environment       text,
+    caller_token_id   uuid,
+    detail            text,
+    client_addr       text,
+    application_name  text,
+    db_user           text,
+    backend_pid       integer
+);
+ALTER SEQUENCE token.events_id_seq OWNED BY token.events.id;
+CREATE INDEX events_occurred_at_idx ON token.events (occurred_at);
+CREATE INDEX events_token_id_idx ON token.events (token_id) WHERE token_id IS NOT NULL;
+COMMENT ON TABLE token.events IS
+    'Security events: refusals, generate, rotate, revoke. Refusals survive the caller''s rollback';
+
+-- What validate_token returns and what token.current_identity() reads.
+CREATE TYPE token.identity AS (
+    token_id      uuid,
+    account       text,
+    key_type      text,
+    environment   text,
+    scopes        text[],
+    name          text,
+    expires_at    timestamptz,
+    revoke_after  timestamptz,
+    metadata      jsonb
+);
+
+-- What check_token returns: the verdict and, when valid, the identity.
+CREATE TYPE token.verdict AS (
+    valid         boolean,
+    reason        text,
+    token_id      uuid,
+    account       text,
+    key_type      text,
+    environment   text,
+    scopes        text[],
+    name          text,
+    expires_at    timestamptz,
+    revoke_after  timestamptz,
+    metadata      jsonb
+);
+
+CREATE VIEW token.token_list AS
+SELECT id, hint, prefix, account, key_type, environment, name, scopes, metadata,
+       created_at, expires_at, revoke_after, revoked_at, revoked_reason, last_used_at,
+       rotated_from,
+       CASE
+           WHEN revoked_at IS NOT NULL THEN 'revoked'
+           WHEN revoke_after IS NOT NULL AND revoke_after <= pg_catalog.clock_timestamp() THEN 'revoked'
+           WHEN expires_at IS NOT NULL AND expires_at <= pg_catalog.clock_timestamp() THEN 'expired'
+           WHEN revoke_after IS NOT NULL THEN 'rotating'
+           ELSE 'active'
+       END AS status
+FROM token.tokens;
+COMMENT ON VIEW token.token_list IS 'Every token with everything but its hash, and its status now';
+
+-- Configuration and tokens travel with pg_dump; events too (they are the audit trail).
+SELECT pg_catalog.pg_extension_config_dump('token.key_types', '');
+SELECT pg_catalog.pg_extension_config_dump('token.prefixes', '');
+SELECT pg_catalog.pg_extension_config_dump('token.tokens', '');
+SELECT pg_catalog.pg_extension_config_dump('token.events', '');
+SELECT pg_catalog.pg_extension_config_dump('token.events_id_seq', '');
+
+-- Roles are cluster-wide: create them once, keep them when the extension is dropped.
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'token_validator') THEN
+        CREATE ROLE token_validator NOLOGIN;
+        COMMENT ON ROLE token_validator IS 'pg_token: may validate, check and authenticate tokens; nothing else';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'token_admin') THEN
+        CREATE ROLE token_admin NOLOGIN;
+        COMMENT ON ROLE token_admin IS 'pg_token: manages key types, prefixes and tokens; reads events';
+    END IF;
+END
+$roles$;
+
+REVOKE ALL ON ALL TABLES IN SCHEMA token FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA token FROM PUBLIC;
+-- Policies call token.current_account() as the querying user, so the schema is usable.
+GRANT USAGE ON SCHEMA token TO PUBLIC;
+GRANT SELECT ON token.token_list, token.events, token.key_types, token.prefixes TO token_admin;

@@ -1,0 +1,56 @@
+-- pg_token: triggers and privileges, after every function exists.
+
+-- Any change to what decides a verdict empties every backend's validation cache. The
+-- worker's last_used_at writes are left out on purpose (they would empty caches constantly);
+-- pgrx-tests checks that every other column of token.tokens is listed.
+CREATE TRIGGER tokens_invalidate_caches
+    AFTER UPDATE OF id, token_hash, hint, prefix, account, key_type, environment, name, scopes,
+                    metadata, created_at, expires_at, revoke_after, revoked_at, revoked_reason,
+                    rotated_from
+       OR DELETE OR TRUNCATE ON token.tokens
+    FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
+CREATE TRIGGER key_types_invalidate_caches
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON token.key_types
+    FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
+CREATE TRIGGER prefixes_invalidate_caches
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON token.prefixes
+    FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
+
+-- Nothing is callable by PUBLIC unless listed here.
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA token FROM PUBLIC;
+
+-- Readable by anyone: pure functions and the caller's own identity (for policies).
+GRANT EXECUTE ON FUNCTION
+    token.hash_token(text),
+    token.reasons(),
+    token.current_account(),
+    token.current_account_uuid(),
+    token.current_account_bigint(),
+    token.current_token_id(),
+    token.current_key_type(),
+    token.current_scopes(),
+    token.has_scope(text),
+    token.current_identity()
+TO PUBLIC;
+
+GRANT EXECUTE ON FUNCTION
+    token.validate_token(text, text, text),
+    token.check_token(text, text, text),
+    token.authenticate(text, text, text),
+    token.cache_stats()
+TO token_validator;
+
+GRANT token_validator TO token_admin;
+GRANT EXECUTE ON FUNCTION
+    token.create_key_type(text, text, text[], interval, interval, text[], boolean),
+    token.register_prefix(text, text, text),
+    token.unregister_prefix(text),
+    token.generate_token(text, text, text, text[], interval, jsonb, text),
+    token.rotate_token(uuid, interval),
+    token.rotate_own_token(text, interval),
+    token.revoke_token(uuid, text),
+    token.revoke_account_tokens(text, text),
+    token.purge_events(interval),
+    token.flush_events(interval),
+    token.worker_status()
+TO token_admin;

@@ -1,0 +1,163 @@
+//! Security events: who was refused and why, and every generate, rotate and revoke.
+//!
+//! A refusal is recorded outside the caller's transaction (through `queue` and `worker`), so
+//! it stays recorded when `validate_token` raises and the transaction rolls back. Lifecycle
+//! events (generate, rotate, revoke) are inserted in the caller's transaction, so a rolled
+//! back generate leaves no event for a token that never existed. Each event is also one LOG
+//! line (unless `token.log_events` is off).
+//!
+//! Never record a token: prefixes and 4-character hints only.
+
+use pgrx::prelude::*;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+use crate::guc;
+use crate::queue::{self, FixedStr, Kind, Pushed, Record};
+use crate::reason::Reason;
+use crate::verdict::{Refusal, Subject};
+use crate::worker;
+
+/// Who is asking: client address, application name and session user.
+pub struct Client {
+    pub addr: Option<String>,
+    pub application_name: Option<String>,
+    pub db_user: Option<String>,
+    pub pid: i32,
+}
+
+impl Client {
+    pub fn current() -> Client {
+        // SAFETY: inet_client_addr reads MyProcPort and handles its absence;
+        // application_name is a GUC string owned by guc.c; the user lookup is a syscache read.
+        unsafe {
+            // inet_client_addr() is NULL for Unix-socket connections and background processes.
+            let addr = pgrx::direct_function_call::<pgrx::Inet>(pg_sys::inet_client_addr, &[]).map(|i| i.0);
+            let app = pg_sys::application_name;
+            let application_name = (!app.is_null())
+                .then(|| std::ffi::CStr::from_ptr(app).to_string_lossy().into_owned())
+                .filter(|s| !s.is_empty());
+            let name = pg_sys::GetUserNameFromId(pg_sys::GetSessionUserId(), true);
+            let db_user = (!name.is_null()).then(|| std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned());
+            Client { addr, application_name, db_user, pid: pg_sys::MyProcPid }
+        }
+    }
+}
+
+pub fn uuid_string(id: &[u8; 16]) -> String {
+    pgrx::Uuid::from_bytes(*id).to_string()
+}
+
+fn log_line(event: &str, reason: Option<Reason>, subject: &Subject, caller: Option<&[u8; 16]>, detail: Option<&str>, client: &Client) {
+    if !guc::LOG_EVENTS.get() {
+        return;
+    }
+    let mut line = format!("pg_token: {event}");
+    let mut field = |k: &str, v: Option<&str>| {
+        if let Some(v) = v {
+            line.push_str(&format!(" {k}={v}"));
+        }
+    };
+    field("reason", reason.map(Reason::as_str));
+    field("hint", subject.hint.as_deref());
+    field("token_id", subject.token_id.as_ref().map(uuid_string).as_deref());
+    field("account", subject.account.as_deref());
+    field("environment", subject.environment.as_deref());
+    field("caller_token_id", caller.map(uuid_string).as_deref());
+    field("detail", detail);
+    field("client", client.addr.as_deref());
+    field("application", client.application_name.as_deref());
+    field("user", client.db_user.as_deref());
+    ereport!(PgLogLevel::LOG_SERVER_ONLY, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, line);
+}
+
+/// Records a refusal: a LOG line now, and a row in token.events written by the worker.
+pub fn refused(refusal: &Refusal) {
+    let client = Client::current();
+    let caller_id = refusal.caller.as_ref().and_then(|c| c.token_id);
+    log_line("refused", Some(refusal.reason), &refusal.subject, caller_id.as_ref(), Some(&refusal.detail), &client);
+    // SAFETY: reads of process-global state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return; // a standby cannot write; the log line is the record
+    }
+    let s = &refusal.subject;
+    let record = Record {
+        kind: Kind::Refused,
+        reason: refusal.reason as u8,
+        // SAFETY: reads the clock.
+        at: unsafe { pg_sys::GetCurrentTimestamp() },
+        token_id: s.token_id,
+        caller_token_id: caller_id,
+        backend_pid: client.pid,
+        account: FixedStr::new(s.account.as_deref()),
+        prefix: FixedStr::new(s.prefix.as_deref()),
+        hint: FixedStr::new(s.hint.as_deref()),
+        environment: FixedStr::new(s.environment.as_deref()),
+        client_addr: FixedStr::new(client.addr.as_deref()),
+        application_name: FixedStr::new(client.application_name.as_deref()),
+        db_user: FixedStr::new(client.db_user.as_deref()),
+        detail: FixedStr::new(Some(&refusal.detail)),
+    };
+    enqueue(&record);
+}
+
+/// Queues a `last_used_at` update. Never waits, never fails the validation.
+pub fn touched(token_id: [u8; 16], at: i64) {
+    // SAFETY: reads process-global state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return;
+    }
+    enqueue(&Record::touch(token_id, at));
+}
+
+fn enqueue(record: &Record) {
+    // SAFETY: MyDatabaseId is set for every backend connected to a database.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    match queue::push(db, record) {
+        Pushed::QueuedStartWorker(slot) => worker::start(slot, db),
+        Pushed::Queued | Pushed::Dropped | Pushed::Unavailable => {}
+    }
+}
+
+/// A lifecycle event, inserted in the caller's transaction.
+pub struct Lifecycle<'a> {
+    pub event: &'a str,
+    pub token_id: Option<pgrx::Uuid>,
+    pub account: Option<&'a str>,
+    pub prefix: Option<&'a str>,
+    pub hint: Option<&'a str>,
+    pub environment: Option<&'a str>,
+    pub detail: Option<String>,
+}
+
+pub fn lifecycle(client: &mut pgrx::spi::SpiClient<'_>, e: Lifecycle<'_>) -> Result<(), pgrx::spi::Error> {
+    let who = Client::current();
+    let subject = Subject {
+        prefix: e.prefix.map(str::to_owned),
+        hint: e.hint.map(str::to_owned),
+        token_id: e.token_id.map(|u| *u.as_bytes()),
+        account: e.account.map(str::to_owned),
+        key_type: None,
+        environment: e.environment.map(str::to_owned),
+    };
+    log_line(e.event, None, &subject, None, e.detail.as_deref(), &who);
+    client.update(
+        "INSERT INTO token.events (occurred_at, event, token_id, account, prefix, hint, environment, \
+         detail, client_addr, application_name, db_user, backend_pid) \
+         VALUES (pg_catalog.clock_timestamp(), $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        None,
+        &[
+            e.event.into(),
+            e.token_id.into(),
+            e.account.into(),
+            e.prefix.into(),
+            e.hint.into(),
+            e.environment.into(),
+            e.detail.into(),
+            who.addr.into(),
+            who.application_name.into(),
+            who.db_user.into(),
+            who.pid.into(),
+        ],
+    )?;
+    Ok(())
+}

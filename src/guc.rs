@@ -1,0 +1,86 @@
+//! Every `token.*` setting, registered once from `_PG_init`. Anything that changes what is
+//! accepted, written or kept is superuser-only (`Suset`), so an application role can neither
+//! move its database to another environment nor switch off its own audit trail.
+
+use std::ffi::CString;
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+pub static ENVIRONMENT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static LAST_USED_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static CACHE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
+pub static LOG_EVENTS: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static EVENT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(90 * 24 * 3600);
+pub static WORKER_IDLE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
+
+pub fn register() {
+    GucRegistry::define_string_guc(
+        c"token.environment",
+        c"The environment this database serves (e.g. dev, stage, prod).",
+        c"A token whose prefix is registered for another environment is refused with \
+          environment_mismatch, before any lookup. Unset refuses every token.",
+        &ENVIRONMENT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"token.last_used_interval",
+        c"Minimum seconds between two last_used_at updates of one token (-1 disables them).",
+        c"Updates are queued to a background worker, so a validation never writes or waits.",
+        &LAST_USED_INTERVAL,
+        -1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"token.cache_size",
+        c"Memory for each backend's validation cache (0 disables it).",
+        c"Cached entries are dropped as soon as any token, key type or prefix changes.",
+        &CACHE_SIZE_KB,
+        0,
+        i32::MAX / 1024,
+        GucContext::Suset,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_bool_guc(
+        c"token.log_events",
+        c"Also write each security event to the server log.",
+        c"Events are always recorded in token.events; this adds one LOG line each.",
+        &LOG_EVENTS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"token.event_retention",
+        c"How long token.events keeps a row before the worker purges it (0 keeps forever).",
+        c"",
+        &EVENT_RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"token.worker_idle_timeout",
+        c"How long an idle event writer stays connected to its database before exiting.",
+        c"Short, so that DROP DATABASE is not held up; the writer restarts on demand.",
+        &WORKER_IDLE_TIMEOUT_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+}
+
+/// The configured environment, or `None` when unset or empty.
+pub fn environment() -> Option<String> {
+    ENVIRONMENT
+        .get()
+        .and_then(|c| c.into_string().ok())
+        .filter(|s| !s.is_empty())
+}
+
+pub fn cache_budget_bytes() -> usize {
+    usize::try_from(CACHE_SIZE_KB.get()).unwrap_or(0) * 1024
+}

@@ -1,0 +1,144 @@
+//! The token identity of the current transaction, for row-level-security policies.
+//!
+//! `token.authenticate(token)` validates (same rules and reasons as validate_token) and binds
+//! the identity to the current transaction; the accessors read it. The identity lives only in
+//! this backend's memory, never in a GUC or a table, so `SET`, `set_config` or any function a
+//! token_validator can call cannot forge it: the only way in is a token that validates.
+//!
+//! It ends with the transaction (commit, rollback or PREPARE), which makes it safe behind a
+//! transaction-pooling pgbouncer: the next client on this connection starts with none. A second
+//! authenticate in the same transaction replaces the first. One made inside a savepoint that
+//! is rolled back is undone with it (the previous identity, if any, comes back).
+//!
+//! Accessors are STABLE and PARALLEL RESTRICTED: parallel workers do not share this memory.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use pgrx::prelude::*;
+
+use crate::account;
+use crate::store::{self, Stored};
+use crate::validate::{self, identity_values, row};
+use crate::verdict::Request;
+
+thread_local! {
+    /// (transaction nesting level, identity); the last entry is the current identity.
+    static STACK: RefCell<Vec<(i32, Rc<Stored>)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn current() -> Option<Rc<Stored>> {
+    STACK.with(|s| s.borrow().last().map(|(_, id)| Rc::clone(id)))
+}
+
+fn nest_level() -> i32 {
+    // SAFETY: reads transaction state.
+    unsafe { pg_sys::GetCurrentTransactionNestLevel() }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE) {
+        STACK.with(|s| s.borrow_mut().clear());
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    _sub: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    let level = nest_level();
+    STACK.with(|s| {
+        let mut s = s.borrow_mut();
+        match event {
+            SUBXACT_EVENT_ABORT_SUB => s.retain(|(l, _)| *l < level),
+            SUBXACT_EVENT_COMMIT_SUB => {
+                // The child's identity becomes the parent's, replacing the parent's own.
+                if s.last().is_some_and(|(l, _)| *l == level) {
+                    if let Some((_, id)) = s.pop() {
+                        s.retain(|(l, _)| *l < level - 1);
+                        s.push((level - 1, id));
+                    }
+                }
+            }
+            _ => {}
+        }
+    });
+}
+
+pub fn register_callbacks() {
+    // SAFETY: documented registration API; callbacks never raise.
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+}
+
+/// Validates like validate_token and binds the identity to the current transaction.
+#[pg_extern(volatile, parallel_unsafe)]
+fn authenticate(
+    token: Option<&str>,
+    caller_token: default!(Option<&str>, "NULL"),
+    required_scope: default!(Option<&str>, "NULL"),
+) -> pgrx::composite_type!('static, "identity") {
+    let judged = validate::judge_or_raise(Request { token, caller: caller_token, required_scope });
+    let level = nest_level();
+    STACK.with(|s| {
+        let mut s = s.borrow_mut();
+        s.retain(|(l, _)| *l != level);
+        s.push((level, Rc::clone(&judged.token)));
+    });
+    row(judged.identity_desc, identity_values(&judged.token))
+}
+
+#[pg_extern(stable, parallel_restricted)]
+fn current_account() -> Option<String> {
+    current().map(|id| id.state.account.clone())
+}
+
+#[pg_extern(stable, parallel_restricted)]
+fn current_account_uuid() -> Option<pgrx::Uuid> {
+    current().and_then(|id| account::as_uuid(&id.state.account)).map(pgrx::Uuid::from_bytes)
+}
+
+#[pg_extern(stable, parallel_restricted)]
+fn current_account_bigint() -> Option<i64> {
+    current().and_then(|id| account::as_bigint(&id.state.account))
+}
+
+#[pg_extern(stable, parallel_restricted)]
+fn current_token_id() -> Option<pgrx::Uuid> {
+    current().map(|id| pgrx::Uuid::from_bytes(id.state.id))
+}
+
+#[pg_extern(stable, parallel_restricted)]
+fn current_key_type() -> Option<String> {
+    current().map(|id| id.state.key_type.clone())
+}
+
+#[pg_extern(stable, parallel_restricted)]
+fn current_scopes() -> Option<Vec<String>> {
+    current().map(|id| id.state.scopes.clone())
+}
+
+/// Whether the current identity carries `scope`; false when unauthenticated.
+#[pg_extern(stable, parallel_restricted)]
+fn has_scope(scope: Option<&str>) -> bool {
+    match (current(), scope) {
+        (Some(id), Some(scope)) => id.state.scopes.iter().any(|s| s == scope),
+        _ => false,
+    }
+}
+
+/// The whole identity of the current transaction, or NULL.
+#[pg_extern(stable, parallel_restricted)]
+fn current_identity() -> Option<pgrx::composite_type!('static, "identity")> {
+    let id = current()?;
+    let desc = store::with(|cat, _, _| cat.identity_desc);
+    Some(row(desc, identity_values(&id)))
+}

@@ -1,0 +1,488 @@
+//! What this backend knows about tokens, and the one way a stored token is read on the hot
+//! path: a direct index scan of `token.tokens` by hash, under a fresh MVCC snapshot.
+//!
+//! # Freshness
+//! The validation cache (`cache`) and the prefix/key-type registry are dropped whenever
+//! Postgres delivers a relcache invalidation for `token.tokens`, `token.key_types` or
+//! `token.prefixes`. Statement triggers on those tables (`invalidate_caches`) queue such an
+//! invalidation for every change except the worker's `last_used_at` writes. We chose
+//! Postgres' own invalidation messages over a shared-memory change counter because they are:
+//! - transactional: sent only when the changing transaction commits, locally applied at each
+//!   command boundary and undone on abort, so no backend drops its cache for a change that
+//!   never happens, and the changing session sees its own change at once;
+//! - replayed on hot standbys from the commit record, so a revoke on the primary also
+//!   empties the standbys' caches (a counter in the primary's shared memory would not reach
+//!   them);
+//! - processed by `AcceptInvalidationMessages()`, which costs one shared-memory read when
+//!   nothing is pending; every call makes it first.
+//!
+//! The price: any change empties every backend's cache (not just the changed token's entry),
+//! and so does a VACUUM or ANALYZE of those tables. Revokes and rotations are rare next to
+//! validations, so this is cheap in practice.
+//!
+//! # Snapshots
+//! Reads use `GetLatestSnapshot()`, not the statement's snapshot, so a cache hit and a miss
+//! give the same answer: the latest committed state (plus this transaction's own changes), in
+//! any isolation level. A revoke committed while a REPEATABLE READ transaction runs takes
+//! effect in that transaction's next call. An entry is not cached when it was read from this
+//! transaction's own uncommitted insert (it may roll back), or when an invalidation arrived
+//! during the read.
+//!
+//! The relcache callback only bumps a counter; the cache is emptied at the start of the next
+//! call, never under a caller's feet.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+use crate::cache::{Footprint, TokenCache};
+use crate::guc;
+use crate::hash::TokenHash;
+use crate::verdict::{KeyTypeInfo, Micros, PrefixInfo, Registry, TokenState};
+
+/// A stored token as this backend holds it: the verdict inputs plus the identity columns,
+/// with arrays and jsonb kept as their raw bytes so that returning them costs a memcpy.
+#[derive(Debug)]
+pub struct Stored {
+    pub state: TokenState,
+    pub name: Option<String>,
+    pub scopes_raw: Vec<u8>,
+    pub metadata_raw: Vec<u8>,
+    /// The last `last_used_at` this backend read or queued.
+    pub last_used_at: Cell<Option<Micros>>,
+}
+
+impl AsRef<TokenState> for Stored {
+    fn as_ref(&self) -> &TokenState {
+        &self.state
+    }
+}
+
+impl AsRef<TokenState> for Rc<Stored> {
+    fn as_ref(&self) -> &TokenState {
+        &self.state
+    }
+}
+
+impl Footprint for Stored {
+    fn footprint(&self) -> usize {
+        let s = &self.state;
+        std::mem::size_of::<Stored>()
+            + s.account.capacity()
+            + s.key_type.capacity()
+            + s.environment.capacity()
+            + s.scopes.iter().map(|x| x.capacity() + 24).sum::<usize>()
+            + self.name.as_ref().map_or(0, String::capacity)
+            + self.scopes_raw.capacity()
+            + self.metadata_raw.capacity()
+    }
+}
+
+#[derive(Default)]
+pub struct RegistryCache {
+    prefixes: HashMap<String, PrefixInfo>,
+    key_types: HashMap<String, KeyTypeInfo>,
+}
+
+impl Registry for RegistryCache {
+    fn prefix(&self, prefix: &str) -> Option<&PrefixInfo> {
+        self.prefixes.get(prefix)
+    }
+    fn key_type(&self, name: &str) -> Option<&KeyTypeInfo> {
+        self.key_types.get(name)
+    }
+}
+
+/// Attribute numbers in token.tokens, looked up by name (robust to column order).
+struct TokenAtts {
+    id: usize,
+    token_hash: i16,
+    account: usize,
+    key_type: usize,
+    environment: usize,
+    name: usize,
+    scopes: usize,
+    metadata: usize,
+    expires_at: usize,
+    revoke_after: usize,
+    revoked_at: usize,
+    last_used_at: usize,
+}
+
+/// Where pg_token's objects are in this database.
+pub struct Catalog {
+    tokens: pg_sys::Oid,
+    hash_index: pg_sys::Oid,
+    key_types: pg_sys::Oid,
+    prefixes: pg_sys::Oid,
+    pub identity_desc: pg_sys::TupleDesc,
+    pub verdict_desc: pg_sys::TupleDesc,
+    atts: TokenAtts,
+}
+
+pub struct Backend {
+    generation_seen: u64,
+    catalog: Option<Catalog>,
+    registry: Option<RegistryCache>,
+    pub cache: TokenCache<Stored>,
+}
+
+thread_local! {
+    static BACKEND: RefCell<Backend> = RefCell::new(Backend {
+        generation_seen: 0,
+        catalog: None,
+        registry: None,
+        cache: TokenCache::new(0),
+    });
+    /// Bumped by the relcache callback; compared at the start of each call.
+    static GENERATION: Cell<u64> = const { Cell::new(1) };
+    /// Relations whose invalidation empties our caches: tokens, key_types, prefixes and the
+    /// relations behind the identity and verdict types.
+    static WATCHED: Cell<[u32; 5]> = const { Cell::new([0; 5]) };
+}
+
+pub fn generation() -> u64 {
+    GENERATION.with(Cell::get)
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let watched = WATCHED.with(Cell::get);
+    if relid == pg_sys::InvalidOid || watched.contains(&relid.to_u32()) {
+        GENERATION.with(|g| g.set(g.get() + 1));
+    }
+}
+
+/// Registers the invalidation callback; once per backend, from _PG_init.
+pub fn register_callbacks() {
+    // SAFETY: the documented registration API; the callback never errors or allocates.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0)) };
+}
+
+fn not_installed() -> ! {
+    ereport!(
+        ERROR,
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        "pg_token is not installed in this database",
+        "CREATE EXTENSION pg_token; it must also be in shared_preload_libraries."
+    );
+}
+
+fn relid(ns: pg_sys::Oid, name: &std::ffi::CStr) -> pg_sys::Oid {
+    // SAFETY: a syscache lookup by name.
+    let oid = unsafe { pg_sys::get_relname_relid(name.as_ptr(), ns) };
+    if oid == pg_sys::InvalidOid {
+        not_installed();
+    }
+    oid
+}
+
+fn attnum(rel: pg_sys::Oid, name: &std::ffi::CStr) -> i16 {
+    // SAFETY: a syscache lookup by name.
+    let n = unsafe { pg_sys::get_attnum(rel, name.as_ptr()) };
+    if n <= 0 {
+        not_installed();
+    }
+    n
+}
+
+fn row_desc(ns: pg_sys::Oid, name: &std::ffi::CStr) -> (u32, pg_sys::TupleDesc) {
+    let rel = relid(ns, name);
+    // SAFETY: a composite type's relation has a row type; the copy lives in
+    // TopMemoryContext for as long as this backend keeps the catalog.
+    unsafe {
+        let typ = pg_sys::get_rel_type_id(rel);
+        let old = pg_sys::MemoryContextSwitchTo(pg_sys::TopMemoryContext);
+        let desc = pg_sys::lookup_rowtype_tupdesc_copy(typ, -1);
+        pg_sys::MemoryContextSwitchTo(old);
+        (rel.to_u32(), desc)
+    }
+}
+
+impl Catalog {
+    fn load() -> Catalog {
+        // SAFETY: a syscache lookup by name.
+        let ns = unsafe { pg_sys::get_namespace_oid(c"token".as_ptr(), true) };
+        if ns == pg_sys::InvalidOid {
+            not_installed();
+        }
+        let tokens = relid(ns, c"tokens");
+        let att = |n: &std::ffi::CStr| (attnum(tokens, n) - 1) as usize;
+        let atts = TokenAtts {
+            id: att(c"id"),
+            token_hash: attnum(tokens, c"token_hash"),
+            account: att(c"account"),
+            key_type: att(c"key_type"),
+            environment: att(c"environment"),
+            name: att(c"name"),
+            scopes: att(c"scopes"),
+            metadata: att(c"metadata"),
+            expires_at: att(c"expires_at"),
+            revoke_after: att(c"revoke_after"),
+            revoked_at: att(c"revoked_at"),
+            last_used_at: att(c"last_used_at"),
+        };
+        let key_types = relid(ns, c"key_types");
+        let prefixes = relid(ns, c"prefixes");
+        let (identity_rel, identity_desc) = row_desc(ns, c"identity");
+        let (verdict_rel, verdict_desc) = row_desc(ns, c"verdict");
+        WATCHED.with(|w| {
+            w.set([tokens.to_u32(), key_types.to_u32(), prefixes.to_u32(), identity_rel, verdict_rel])
+        });
+        Catalog {
+            tokens,
+            hash_index: relid(ns, c"tokens_token_hash_key"),
+            key_types,
+            prefixes,
+            identity_desc,
+            verdict_desc,
+            atts,
+        }
+    }
+}
+
+impl Drop for Catalog {
+    fn drop(&mut self) {
+        // SAFETY: both descriptors were copied into TopMemoryContext by `row_desc`.
+        unsafe {
+            pg_sys::FreeTupleDesc(self.identity_desc);
+            pg_sys::FreeTupleDesc(self.verdict_desc);
+        }
+    }
+}
+
+/// A registered snapshot of the latest committed state, released on drop (or by the
+/// resource owner if an error unwinds past us).
+struct LatestSnapshot(pg_sys::Snapshot);
+
+impl LatestSnapshot {
+    fn take() -> Self {
+        // SAFETY: GetLatestSnapshot returns a static snapshot; RegisterSnapshot copies it.
+        LatestSnapshot(unsafe { pg_sys::RegisterSnapshot(pg_sys::GetLatestSnapshot()) })
+    }
+}
+
+impl Drop for LatestSnapshot {
+    fn drop(&mut self) {
+        // SAFETY: registered in `take`.
+        unsafe { pg_sys::UnregisterSnapshot(self.0) };
+    }
+}
+
+/// Bytes of a varlena datum's payload (detoasted), for keeping arrays and jsonb raw.
+unsafe fn varlena_payload(d: pg_sys::Datum) -> Vec<u8> {
+    // SAFETY: the caller passes a non-null varlena datum from a deformed tuple.
+    unsafe {
+        let p = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+        let len = pgrx::varlena::varsize_any_exhdr(p);
+        let data = pgrx::varlena::vardata_any(p).cast::<u8>();
+        std::slice::from_raw_parts(data, len).to_vec()
+    }
+}
+
+fn timestamp(values: &[pg_sys::Datum], nulls: &[bool], i: usize) -> Option<Micros> {
+    (!nulls[i]).then(|| values[i].value() as i64)
+}
+
+fn text(values: &[pg_sys::Datum], nulls: &[bool], i: usize) -> Option<String> {
+    // SAFETY: column i is of type text.
+    unsafe { String::from_datum(values[i], nulls[i]) }
+}
+
+impl Backend {
+    /// Run at the start of every call: receive invalidations and drop what they touched.
+    fn refresh(&mut self) {
+        // SAFETY: may run our callback, which only bumps GENERATION.
+        unsafe { pg_sys::AcceptInvalidationMessages() };
+        let generation = generation();
+        if generation != self.generation_seen {
+            self.cache.clear();
+            self.registry = None;
+            self.catalog = None;
+            self.generation_seen = generation;
+        }
+        let budget = guc::cache_budget_bytes();
+        if budget != self.cache.budget() {
+            self.cache.set_budget(budget);
+        }
+        if self.catalog.is_none() {
+            self.catalog = Some(Catalog::load());
+        }
+    }
+
+    fn load_registry(cat: &Catalog) -> RegistryCache {
+        let mut reg = RegistryCache::default();
+        let snap = LatestSnapshot::take();
+        scan_all(cat.key_types, &snap, |values, nulls| {
+            if let Some(name) = text(values, nulls, 0) {
+                // SAFETY: key_types.can_validate (column 3) is text[] NOT NULL.
+                let can = unsafe { Vec::<String>::from_datum(values[2], nulls[2]) }.unwrap_or_default();
+                reg.key_types.insert(name, KeyTypeInfo { can_validate: can });
+            }
+        });
+        scan_all(cat.prefixes, &snap, |values, nulls| {
+            if let (Some(p), Some(kt), Some(env)) = (text(values, nulls, 0), text(values, nulls, 1), text(values, nulls, 2)) {
+                reg.prefixes.insert(p, PrefixInfo { key_type: kt, environment: env });
+            }
+        });
+        reg
+    }
+
+    /// Finds a stored token by hash: cache first, then one index scan.
+    fn find(cat: &Catalog, cache: &mut TokenCache<Stored>, hash: &TokenHash) -> Option<Rc<Stored>> {
+        if let Some(hit) = cache.get(hash) {
+            return Some(hit);
+        }
+        let before = generation();
+        let (stored, own_uncommitted) = scan_token(cat, hash)?;
+        if own_uncommitted || generation() != before {
+            return Some(Rc::new(stored));
+        }
+        Some(cache.insert(*hash, stored))
+    }
+}
+
+/// Runs `f` with this backend's state, refreshed.
+pub fn with<R>(f: impl FnOnce(&Catalog, &RegistryCache, &mut dyn FnMut(&TokenHash) -> Option<Rc<Stored>>) -> R) -> R {
+    BACKEND.with(|b| {
+        let mut b = b.borrow_mut();
+        b.refresh();
+        let Backend { catalog, registry, cache, .. } = &mut *b;
+        let Some(cat) = catalog.as_ref() else { not_installed() };
+        let reg = registry.get_or_insert_with(|| Backend::load_registry(cat));
+        let mut find = |h: &TokenHash| Backend::find(cat, cache, h);
+        f(cat, reg, &mut find)
+    })
+}
+
+/// The number of entries and bytes in this backend's cache, and its budget.
+pub fn cache_stats() -> (usize, usize, usize) {
+    BACKEND.with(|b| {
+        let mut b = b.borrow_mut();
+        b.refresh();
+        (b.cache.len(), b.cache.bytes(), b.cache.budget())
+    })
+}
+
+/// Seq-scans a small table under `snap`, handing each row's datums to `f`.
+fn scan_all(rel_oid: pg_sys::Oid, snap: &LatestSnapshot, mut f: impl FnMut(&[pg_sys::Datum], &[bool])) {
+    // SAFETY: table_open/systable scans with a registered snapshot; tuples are deformed
+    // with the relation's own descriptor and used before the scan ends.
+    unsafe {
+        let rel = pg_sys::table_open(rel_oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![true; natts];
+        let scan = pg_sys::systable_beginscan(rel, pg_sys::InvalidOid, false, snap.0, 0, std::ptr::null_mut());
+        loop {
+            let tup = pg_sys::systable_getnext(scan);
+            if tup.is_null() {
+                break;
+            }
+            pg_sys::heap_deform_tuple(tup, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            f(&values, &nulls);
+        }
+        pg_sys::systable_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    }
+}
+
+/// One index scan by hash. Returns the row and whether this transaction wrote it.
+fn scan_token(cat: &Catalog, hash: &TokenHash) -> Option<(Stored, bool)> {
+    let snap = LatestSnapshot::take();
+    let a = &cat.atts;
+    // SAFETY: as in `scan_all`, with a btree equality scan key on token_hash (bytea).
+    unsafe {
+        let rel = pg_sys::table_open(cat.tokens, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let key_datum = (&hash[..]).into_datum().unwrap_or(pg_sys::Datum::from(0));
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            a.token_hash,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::Oid::from(pg_sys::F_BYTEAEQ),
+            key_datum,
+        );
+        let scan = pg_sys::systable_beginscan(rel, cat.hash_index, true, snap.0, 1, &mut key);
+        let tup = pg_sys::systable_getnext(scan);
+        let found = if tup.is_null() {
+            None
+        } else {
+            let desc = (*rel).rd_att;
+            let natts = (*desc).natts as usize;
+            let mut values = vec![pg_sys::Datum::from(0); natts];
+            let mut nulls = vec![true; natts];
+            pg_sys::heap_deform_tuple(tup, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            let xmin = pg_sys::HeapTupleHeaderGetXmin((*tup).t_data);
+            let own = pg_sys::TransactionIdIsCurrentTransactionId(xmin);
+            let (v, n) = (&values[..], &nulls[..]);
+            let id = pgrx::Uuid::from_datum(v[a.id], n[a.id]).map(|u| *u.as_bytes()).unwrap_or_default();
+            let scopes = Vec::<String>::from_datum(v[a.scopes], n[a.scopes]).unwrap_or_default();
+            let stored = Stored {
+                state: TokenState {
+                    id,
+                    account: text(v, n, a.account).unwrap_or_default(),
+                    key_type: text(v, n, a.key_type).unwrap_or_default(),
+                    environment: text(v, n, a.environment).unwrap_or_default(),
+                    scopes,
+                    expires_at: timestamp(v, n, a.expires_at),
+                    revoke_after: timestamp(v, n, a.revoke_after),
+                    revoked_at: timestamp(v, n, a.revoked_at),
+                },
+                name: text(v, n, a.name),
+                scopes_raw: if n[a.scopes] { Vec::new() } else { varlena_payload(v[a.scopes]) },
+                metadata_raw: if n[a.metadata] { Vec::new() } else { varlena_payload(v[a.metadata]) },
+                last_used_at: Cell::new(timestamp(v, n, a.last_used_at)),
+            };
+            Some((stored, own))
+        };
+        pg_sys::systable_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        drop(snap);
+        found
+    }
+}
+
+/// A palloc'd varlena built from raw payload bytes (text, arrays, jsonb).
+pub fn varlena_datum(payload: &[u8]) -> pg_sys::Datum {
+    // SAFETY: allocates header + payload in the current memory context and sets the 4-byte
+    // header; the payload bytes were copied from a datum of the same type.
+    unsafe {
+        let total = pg_sys::VARHDRSZ + payload.len();
+        let p = pg_sys::palloc(total).cast::<u8>();
+        pgrx::varlena::set_varsize_4b(p.cast(), total as i32);
+        std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(pg_sys::VARHDRSZ), payload.len());
+        pg_sys::Datum::from(p)
+    }
+}
+
+pub fn text_datum(s: &str) -> pg_sys::Datum {
+    varlena_datum(s.as_bytes())
+}
+
+pub fn uuid_datum(id: &[u8; 16]) -> pg_sys::Datum {
+    // SAFETY: a uuid datum is a pointer to 16 bytes.
+    unsafe {
+        let p = pg_sys::palloc(16).cast::<u8>();
+        std::ptr::copy_nonoverlapping(id.as_ptr(), p, 16);
+        pg_sys::Datum::from(p)
+    }
+}
+
+/// Statement trigger on token.tokens, token.key_types and token.prefixes: queues a relcache
+/// invalidation for the table, which every backend (standbys included) receives when the
+/// transaction commits, and this backend at once.
+#[pg_trigger]
+fn invalidate_caches<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    let relid = trigger.relid()?;
+    // SAFETY: registers a transactional invalidation message for an existing relation.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
+    Ok(None)
+}
