@@ -131,7 +131,7 @@ fn insert_token(
             "INSERT INTO token.tokens (token_hash, hint, prefix, account, key_type, environment, name, scopes, \
              metadata, expires_at, rotated_from) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-                     pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) $10, $11) \
+                     pg_catalog.now() OPERATOR(pg_catalog.+) $10, $11) \
              RETURNING id",
             Some(1),
             &[
@@ -505,6 +505,14 @@ fn create_key_type(
         if let Some(unknown) = unknown {
             let list: Vec<String> = unknown.into_iter().flatten().collect();
             fail(PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT, format!("can_validate names unknown key types: {}", list.join(", ")), None);
+        }
+        if let (Some(d), Some(m)) = (default_ttl, max_ttl) {
+            let longer: Option<bool> = spi(client
+                .select("SELECT $1::pg_catalog.interval OPERATOR(pg_catalog.>) $2::pg_catalog.interval", Some(1), &[d.into(), m.into()])
+                .and_then(|t| t.first().get_one()));
+            if longer == Some(true) {
+                invalid("invalid key type definition: default_ttl must not exceed max_ttl".into());
+            }
         }
         let exists = !spi(client.update(
             "SELECT 1 FROM token.key_types WHERE name OPERATOR(pg_catalog.=) $1 FOR UPDATE",
