@@ -42,8 +42,8 @@ VENV="${PG_TOKEN_VENV:-/opt/pg_token-venv}"
 if [ ! -x "$VENV/bin/python" ]; then
   $SUDO python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c 'import psycopg, matplotlib' 2>/dev/null; then
-  echo "setup: installing psycopg and matplotlib into $VENV"
-  $SUDO "$VENV/bin/pip" install -q 'psycopg[binary]==3.2.*' 'matplotlib==3.9.*'
+if ! "$VENV/bin/python" -c 'import psycopg, matplotlib, pytest' 2>/dev/null; then
+  echo "setup: installing psycopg, matplotlib and pytest into $VENV"
+  $SUDO "$VENV/bin/pip" install -q 'psycopg[binary]==3.2.*' 'matplotlib==3.9.*' 'pytest==8.*'
 fi
 echo "setup: ready"

@@ -42,7 +42,7 @@ pub extern "C-unwind" fn _PG_init() {
 
 #[cfg(any(test, feature = "pg_test"))]
 #[path = "../pgrx-tests/mod.rs"]
-mod tests;
+mod in_database;
 
 /// Settings for `cargo pgrx test`.
 #[cfg(test)]

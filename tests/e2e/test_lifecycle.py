@@ -1,0 +1,126 @@
+"""The whole lifecycle over TCP, as an admin role and an application role would run it."""
+
+import re
+import threading
+
+import psycopg
+import pytest
+
+from conftest import flush, generate, reason_of, refusal
+
+SHAPE = re.compile(r"^e2e-[0-9A-Za-z]{22}[0-9A-Za-z]{6}$")
+
+
+def test_generate_validate_rotate_revoke(db, admin, app):
+    token_id, token = generate(admin, db, "acme", scopes=["read"], name="ci", expires_in="30 days")
+    assert SHAPE.match(token), "prefix + 22 base62 body + 6 base62 checksum"
+
+    # The application validates with a prepared statement, as a driver would.
+    ident = app.execute("SELECT token_id, account, key_type, environment, scopes, name, expires_at IS NOT NULL "
+                        "FROM token.validate_token(%s)", (token,), prepare=True).fetchone()
+    assert ident == (token_id, "acme", "agent", "dev", ["read"], "ci", True)
+
+    # The DBA's view shows the token, its hint and status, never the hash or the token.
+    row = admin.execute("SELECT hint, status, to_jsonb(l) FROM token.token_list l WHERE id = %s", (token_id,)).fetchone()
+    assert row[0] == token[:8] and row[1] == "active"
+    assert "token_hash" not in row[2] and token not in str(row[2])
+
+    new_id, new_token = admin.execute("SELECT token_id, token FROM token.rotate_token(%s)", (token_id,)).fetchone()
+    db.record(new_token)
+    assert new_token != token and new_token.startswith("e2e-")
+    assert reason_of(app, token) is None, "old token still valid during the grace window"
+    assert reason_of(app, new_token) is None
+    assert admin.execute("SELECT status FROM token.token_list WHERE id = %s", (token_id,)).fetchone()[0] == "rotating"
+    same = app.execute("SELECT (SELECT account FROM token.validate_token(%s)) = (SELECT account FROM token.validate_token(%s))",
+                       (token, new_token)).fetchone()[0]
+    assert same
+
+    assert admin.execute("SELECT token.revoke_token(%s, 'leaked in CI log')", (new_id,)).fetchone()[0] is True
+    err = refusal(app, "SELECT * FROM token.validate_token(%s)", (new_token,))
+    assert err.sqlstate == "28000" and "token rejected: revoked" in str(err)
+    assert reason_of(app, token) is None, "revoking the successor left the old one in its grace window"
+    assert admin.execute("SELECT token.revoke_token(%s)", (new_id,)).fetchone()[0] is False, "already revoked"
+
+
+def test_revoke_account_tokens_revokes_every_token_of_the_account(db, admin, app):
+    tokens = [generate(admin, db, "initech")[1] for _ in range(3)]
+    other = generate(admin, db, "umbrella")[1]
+    assert all(reason_of(app, t) is None for t in tokens)
+    assert admin.execute("SELECT token.revoke_account_tokens('initech', 'offboarded')").fetchone()[0] == 3
+    assert [reason_of(app, t) for t in tokens] == ["revoked"] * 3
+    assert reason_of(app, other) is None
+
+
+def test_rotate_own_token_needs_only_the_token(db, admin):
+    _, token = generate(admin, db, "acme")
+    new_id, new_token = admin.execute("SELECT token_id, token FROM token.rotate_own_token(%s, grace => '0 seconds')",
+                                      (token,)).fetchone()
+    db.record(new_token)
+    assert reason_of(admin, token) == "revoked", "no grace: the old token ends at once"
+    assert reason_of(admin, new_token) is None
+    err = refusal(admin, "SELECT * FROM token.rotate_own_token(%s)", ("e2e-not-a-token",))
+    assert err.sqlstate == "28000"
+
+
+def test_last_used_at_is_written_once_per_interval(db, su, admin, app):
+    # The test cluster runs with token.last_used_interval = 1 second.
+    token_id, token = generate(admin, db, "acme")
+    last_used = "SELECT last_used_at FROM token.tokens WHERE id = %s"
+    assert su.execute(last_used, (token_id,)).fetchone()[0] is None
+    app.execute("SELECT token.validate_token(%s)", (token,))
+    flush(su)
+    first = su.execute(last_used, (token_id,)).fetchone()[0]
+    assert first is not None, "a successful validation records last use"
+
+    # A longer interval in this session: many validations, no further write.
+    su.execute("SET token.last_used_interval = 3600")
+    for _ in range(50):
+        su.execute("SELECT token.validate_token(%s)", (token,))
+    flush(su)
+    assert su.execute(last_used, (token_id,)).fetchone()[0] == first
+
+
+def test_validation_never_waits_on_the_token_row_lock(db, su, admin):
+    token_id, token = generate(admin, db, "acme")
+    with db.su() as locker:
+        locker.autocommit = False
+        locker.execute("SELECT 1 FROM token.tokens WHERE id = %s FOR UPDATE", (token_id,))
+        # A validator with a 2 s statement timeout: it would time out if it waited on the lock.
+        with db.su() as v:
+            v.execute("SET statement_timeout = '2s'")
+            v.execute("SET token.last_used_interval = 0")
+            for _ in range(5):
+                assert v.execute("SELECT account FROM token.validate_token(%s)", (token,)).fetchone()[0] == "acme"
+        locker.rollback()
+    flush(su)
+
+
+def test_concurrent_validations_of_one_token_all_succeed(db, admin):
+    _, token = generate(admin, db, "acme")
+    failures = []
+
+    def worker():
+        try:
+            with db.connect("e2e_app", autocommit=True) as c:
+                for _ in range(200):
+                    if c.execute("SELECT account FROM token.validate_token(%s)", (token,), prepare=True).fetchone()[0] != "acme":
+                        failures.append("wrong account")
+        except psycopg.Error as e:
+            failures.append(str(e))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+@pytest.mark.parametrize("scopes, expires_in, sqlstate, needle", [
+    (["delete-everything"], None, "22023", "not allowed"),
+    (["read"], "1000 days", "22023", "maximum TTL"),
+])
+def test_key_type_rules_are_enforced_on_generate(db, admin, scopes, expires_in, sqlstate, needle):
+    err = refusal(admin, "SELECT * FROM token.generate_token('acme', 'agent', scopes => %s, expires_in => %s)",
+                  (scopes, expires_in))
+    assert err.sqlstate == sqlstate and needle in str(err), str(err)
