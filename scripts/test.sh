@@ -59,6 +59,7 @@ step "end-to-end: throwaway cluster on 127.0.0.1:$PGT_PORT"
 # kept out of the log, not merely that nobody logged them.
 bash scripts/cluster.sh start "$PGT_DATA" "$PGT_PORT" \
   "log_statement = 'all'" "log_connections = on" "log_min_error_statement = error" \
+  "log_parameter_max_length = 4096" \
   "token.last_used_interval = 1"
 
 step "end-to-end: Python psycopg (pytest)"
