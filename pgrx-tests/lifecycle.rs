@@ -210,4 +210,25 @@ mod tests {
         assert_fails("SELECT token.create_key_type('y', max_ttl => '-1 day')", "22023", "positive");
         assert_fails("SELECT token.create_key_type('z', default_ttl => '2 days', max_ttl => '1 day')", "22023", "invalid key type definition");
     }
+
+    #[pg_test]
+    fn writers_refuse_read_only_transactions_with_25006() {
+        registry();
+        let t = issue("acme", "agent", "");
+        run("SET LOCAL transaction_read_only = on");
+        for sql in [
+            "SELECT token.generate_token('acme', 'agent')".to_string(),
+            format!("SELECT token.rotate_token('{}')", t.id),
+            format!("SELECT token.rotate_own_token('{}')", t.token),
+            format!("SELECT token.revoke_token('{}')", t.id),
+            "SELECT token.revoke_account_tokens('acme')".to_string(),
+            "SELECT token.create_key_type('ro')".to_string(),
+            "SELECT token.register_prefix('ro-', 'agent', 'dev')".to_string(),
+            "SELECT token.unregister_prefix('tst-')".to_string(),
+            "SELECT token.purge_events()".to_string(),
+        ] {
+            assert_fails(&sql, "25006", "in a read-only transaction");
+        }
+        assert_eq!(reason(&lit(&t.token)), None, "validation still works read-only");
+    }
 }

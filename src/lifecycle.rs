@@ -37,6 +37,23 @@ fn fail(code: PgSqlErrorCode, message: String, hint: Option<&str>) -> ! {
     unreachable!("ERROR does not return")
 }
 
+/// Refuses a writing function in a read-only transaction or on a hot standby with 25006, the
+/// way Postgres refuses INSERT there, before any SPI write could ask for a transaction id
+/// (which on a standby fails as an internal error).
+fn require_writable(function: &str) {
+    // SAFETY: XactReadOnly is a plain backend-local global, set at transaction start (and
+    // forced on during recovery); RecoveryInProgress only reads shared state.
+    let (read_only, standby) = unsafe { (pg_sys::XactReadOnly, pg_sys::RecoveryInProgress()) };
+    if read_only {
+        let hint = standby.then_some("This server is a hot standby; run it on the primary.");
+        fail(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("cannot execute {function}() in a read-only transaction"),
+            hint,
+        );
+    }
+}
+
 fn invalid(message: String) -> ! {
     fail(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, None)
 }
@@ -167,6 +184,7 @@ fn generate_token(
     metadata: default!(Option<JsonB>, "'{}'"),
     prefix: default!(Option<&str>, "NULL"),
 ) -> TableIterator<'static, (name!(token_id, pgrx::Uuid), name!(token, String))> {
+    require_writable("generate_token");
     validate::require_preload();
     let account = required(account, "account");
     let key_type = required(key_type, "key_type");
@@ -369,6 +387,7 @@ fn rotate_token(
     token_id: Option<pgrx::Uuid>,
     grace: default!(Option<Interval>, "'24 hours'"),
 ) -> TableIterator<'static, (name!(token_id, pgrx::Uuid), name!(token, String))> {
+    require_writable("rotate_token");
     validate::require_preload();
     let new = rotate(required(token_id, "token_id"), required(grace, "grace"));
     TableIterator::once((new.id, new.token))
@@ -381,6 +400,7 @@ fn rotate_own_token(
     token: Option<&str>,
     grace: default!(Option<Interval>, "'24 hours'"),
 ) -> TableIterator<'static, (name!(token_id, pgrx::Uuid), name!(token, String))> {
+    require_writable("rotate_own_token");
     let judged = validate::judge_or_raise(Request { token, caller: None, required_scope: None });
     let new = rotate(pgrx::Uuid::from_bytes(judged.token.state.id), required(grace, "grace"));
     TableIterator::once((new.id, new.token))
@@ -391,6 +411,7 @@ fn rotate_own_token(
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn revoke_token(token_id: Option<pgrx::Uuid>, reason: default!(Option<&str>, "NULL")) -> bool {
+    require_writable("revoke_token");
     let token_id = required(token_id, "token_id");
     Spi::connect_mut(|client| {
         let revoked = spi(client.update(
@@ -436,6 +457,7 @@ fn revoke_token(token_id: Option<pgrx::Uuid>, reason: default!(Option<&str>, "NU
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn revoke_account_tokens(account: Option<&str>, reason: default!(Option<&str>, "NULL")) -> i64 {
+    require_writable("revoke_account_tokens");
     let account = required(account, "account");
     let who = events::Client::current();
     let count = Spi::connect_mut(|client| {
@@ -478,6 +500,7 @@ fn create_key_type(
     allowed_scopes: default!(Option<Vec<Option<String>>>, "NULL"),
     replace: default!(bool, false),
 ) {
+    require_writable("create_key_type");
     let name = required(name, "name");
     let ok_name = (1..=63).contains(&name.len())
         && name.as_bytes()[0].is_ascii_lowercase()
@@ -558,6 +581,7 @@ fn create_key_type(
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn register_prefix(prefix: Option<&str>, key_type: Option<&str>, environment: Option<&str>) {
+    require_writable("register_prefix");
     let prefix = required(prefix, "prefix");
     let key_type = required(key_type, "key_type");
     let environment = required(environment, "environment");
@@ -611,6 +635,7 @@ fn register_prefix(prefix: Option<&str>, key_type: Option<&str>, environment: Op
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn unregister_prefix(prefix: Option<&str>) -> bool {
+    require_writable("unregister_prefix");
     let prefix = required(prefix, "prefix");
     Spi::connect_mut(|client| {
         let gone = spi(client.update(
@@ -642,6 +667,7 @@ fn unregister_prefix(prefix: Option<&str>) -> bool {
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn purge_events(older_than: default!(Option<Interval>, "NULL")) -> i64 {
+    require_writable("purge_events");
     let keep = match older_than {
         Some(i) if i.is_negative() => invalid("older_than must not be negative".into()),
         Some(i) => i,
