@@ -76,6 +76,7 @@ LABELS = {
     "pk_lookup": "primary-key lookup of a token row",
     "plain_pgcrypto": "plain SQL + pgcrypto validation (bench/baseline.sql)",
     "validate_hot": "`token.validate_token`, hot set of 1,000 tokens",
+    "validate_hot_narrow": "the same, `SELECT account, scopes` instead of `SELECT *`",
     "validate_uniform": "`token.validate_token`, uniform over all tokens",
     "authenticate_rls": "`token.authenticate` + RLS-filtered select (one transaction)",
     "one_token_4_sessions": "4 sessions validating one token",

@@ -121,6 +121,7 @@ run_pgbench select1 select1.pgbench postgres
 run_pgbench pk_lookup pk_lookup.pgbench postgres
 run_pgbench plain_pgcrypto plain_pgcrypto.pgbench postgres
 run_pgbench validate_hot validate_hot.pgbench postgres
+run_pgbench validate_hot_narrow validate_hot_narrow.pgbench postgres
 run_pgbench validate_uniform validate_uniform.pgbench postgres
 run_pgbench authenticate_rls authenticate_rls.pgbench bench_app
 run_pgbench one_token_4_sessions one_token.pgbench postgres

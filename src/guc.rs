@@ -81,6 +81,22 @@ pub fn environment() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Runs `f` with the configured environment borrowed from the setting's own storage (no copy:
+/// this is on every validation's path), or `None` when unset or empty.
+pub fn with_environment<R>(f: impl FnOnce(Option<&str>) -> R) -> R {
+    // SAFETY: the pointer is the GUC's current value, owned by the GUC machinery and replaced
+    // only when the setting changes (SET, RESET, a reload, the end of a function's SET scope),
+    // none of which can happen while `f` runs: callers only judge tokens in it, no SQL.
+    let raw = unsafe { *ENVIRONMENT.as_ptr() };
+    let value = if raw.is_null() {
+        None
+    } else {
+        // SAFETY: a non-null GUC string value is a valid NUL-terminated C string.
+        unsafe { std::ffi::CStr::from_ptr(raw) }.to_str().ok().filter(|s| !s.is_empty())
+    };
+    f(value)
+}
+
 pub fn cache_budget_bytes() -> usize {
     usize::try_from(CACHE_SIZE_KB.get()).unwrap_or(0) * 1024
 }

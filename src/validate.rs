@@ -41,10 +41,11 @@ pub fn judge(req: Request<'_>) -> (Result<Rc<Stored>, Refusal>, pg_sys::TupleDes
     require_preload();
     // SAFETY: reads the clock.
     let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    let env = guc::environment();
-    let (result, identity_desc, verdict_desc) = store::with(|cat, registry, find| {
-        let ctx = Context { environment: env.as_deref(), now };
-        (verdict::decide(req, ctx, registry, find), cat.identity_desc, cat.verdict_desc)
+    let (result, identity_desc, verdict_desc) = guc::with_environment(|environment| {
+        store::with(|cat, registry, find| {
+            let ctx = Context { environment, now };
+            (verdict::decide(req, ctx, registry, find), cat.identity_desc, cat.verdict_desc)
+        })
     });
     let result = match result {
         Ok(accepted) => {

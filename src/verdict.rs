@@ -10,7 +10,7 @@
 //! This module must never see a token outside the call, log, or build a message containing
 //! more than a prefix and a 4-character hint.
 
-use crate::format::{self, FormatError};
+use crate::format::{self, FormatError, ParsedToken};
 use crate::hash::{token_hash, TokenHash};
 use crate::reason::{self, Reason};
 
@@ -107,65 +107,81 @@ struct Failure {
     detail: String,
 }
 
-fn fail<T>(reason: Reason, detail: String) -> Result<T, Failure> {
-    Err(Failure { reason, detail })
+/// A refusal inside `resolve`, with what was known about the token when it was refused.
+type Refused = (Failure, Subject);
+
+fn fail<T>(reason: Reason, detail: String, subject: Subject) -> Result<T, Refused> {
+    Err((Failure { reason, detail }, subject))
+}
+
+/// What an event may record about a token, from what the checks had learnt so far. Built only
+/// when a refusal needs it, so an accepted token costs no allocation here.
+fn subject_of(parsed: Option<&ParsedToken<'_>>, info: Option<&PrefixInfo>, state: Option<&TokenState>) -> Subject {
+    Subject {
+        prefix: parsed.map(|p| p.prefix.to_owned()),
+        hint: parsed.map(ParsedToken::hint),
+        token_id: state.map(|s| s.id),
+        account: state.map(|s| s.account.clone()),
+        key_type: state.map(|s| &s.key_type).or(info.map(|i| &i.key_type)).cloned(),
+        environment: state.map(|s| &s.environment).or(info.map(|i| &i.environment)).cloned(),
+    }
 }
 
 /// Runs the checks for one token up to and including its stored state. `before_lookup` runs
 /// once the prefix is known and may refuse (the caller-permission rule uses it).
-fn resolve<T, R, F>(
-    token: Option<&str>,
+fn resolve<'t, T, R, F>(
+    token: Option<&'t str>,
     ctx: &Context<'_>,
     registry: &R,
     find: &mut F,
-    subject: &mut Subject,
     before_lookup: impl FnOnce(&PrefixInfo) -> Result<(), Failure>,
-) -> Result<T, Failure>
+) -> Result<(T, ParsedToken<'t>), Refused>
 where
     T: AsRef<TokenState>,
     R: Registry,
     F: FnMut(&TokenHash) -> Option<T>,
 {
     let Some(token) = token else {
-        return fail(Reason::Malformed, "the token is NULL".into());
+        return fail(Reason::Malformed, "the token is NULL".into(), Subject::default());
     };
     let parsed = match format::split(token) {
         Ok(p) => p,
-        Err(e) => return fail(Reason::Malformed, e.describe().into()),
+        Err(e) => return fail(Reason::Malformed, e.describe().into(), Subject::default()),
     };
-    subject.prefix = Some(parsed.prefix.to_owned());
-    let hint = parsed.hint();
-    subject.hint = Some(hint.clone());
     if !parsed.checksum_matches() {
-        return fail(Reason::BadChecksum, format!("token {hint}: {}", FormatError::BadChecksum.describe()));
+        let detail = format!("token {}: {}", parsed.hint(), FormatError::BadChecksum.describe());
+        return fail(Reason::BadChecksum, detail, subject_of(Some(&parsed), None, None));
     }
     let Some(info) = registry.prefix(parsed.prefix) else {
-        return fail(Reason::UnknownPrefix, format!("prefix \"{}\" is not registered", parsed.prefix));
+        let detail = format!("prefix \"{}\" is not registered", parsed.prefix);
+        return fail(Reason::UnknownPrefix, detail, subject_of(Some(&parsed), None, None));
     };
-    subject.key_type = Some(info.key_type.clone());
-    subject.environment = Some(info.environment.clone());
-    before_lookup(info)?;
+    if let Err(f) = before_lookup(info) {
+        return Err((f, subject_of(Some(&parsed), Some(info), None)));
+    }
     if ctx.environment != Some(info.environment.as_str()) {
-        return fail(
-            Reason::EnvironmentMismatch,
-            format!("token {hint} has prefix \"{}\", registered for environment \"{}\"", parsed.prefix, info.environment),
+        let detail = format!(
+            "token {} has prefix \"{}\", registered for environment \"{}\"",
+            parsed.hint(),
+            parsed.prefix,
+            info.environment
         );
+        return fail(Reason::EnvironmentMismatch, detail, subject_of(Some(&parsed), Some(info), None));
     }
     let Some(found) = find(&token_hash(token)) else {
-        return fail(Reason::NotFound, format!("no token matches {hint}"));
+        let detail = format!("no token matches {}", parsed.hint());
+        return fail(Reason::NotFound, detail, subject_of(Some(&parsed), Some(info), None));
     };
     let state = found.as_ref();
-    subject.token_id = Some(state.id);
-    subject.account = Some(state.account.clone());
-    subject.key_type = Some(state.key_type.clone());
-    subject.environment = Some(state.environment.clone());
     if ctx.environment != Some(state.environment.as_str()) {
-        return fail(Reason::EnvironmentMismatch, format!("token {hint} belongs to environment \"{}\"", state.environment));
+        let detail = format!("token {} belongs to environment \"{}\"", parsed.hint(), state.environment);
+        return fail(Reason::EnvironmentMismatch, detail, subject_of(Some(&parsed), Some(info), Some(state)));
     }
     if let Err((reason, what)) = status(state, ctx.now) {
-        return fail(reason, format!("token {hint} {what}"));
+        let detail = format!("token {} {what}", parsed.hint());
+        return fail(reason, detail, subject_of(Some(&parsed), Some(info), Some(state)));
     }
-    Ok(found)
+    Ok((found, parsed))
 }
 
 /// Revocation and expiry against the clock. Checked on every call, cached or not.
@@ -202,29 +218,22 @@ where
         database_environment: ctx.environment.map(str::to_owned),
     };
 
-    let mut caller_subject = None;
     let caller = match req.caller {
         None => None,
-        Some(c) => {
-            let mut s = Subject::default();
-            match resolve(Some(c), &ctx, registry, &mut find, &mut s, |_| Ok(())) {
-                Ok(found) => {
-                    caller_subject = Some(s);
-                    Some(found)
-                }
-                Err(inner) => {
-                    let failure = Failure {
-                        reason: Reason::CallerInvalid,
-                        detail: format!("caller token refused ({}): {}", inner.reason, inner.detail),
-                    };
-                    return Err(refusal(failure, Subject::default(), Some(s)));
-                }
+        Some(c) => match resolve(Some(c), &ctx, registry, &mut find, |_| Ok(())) {
+            Ok(found) => Some(found),
+            Err((inner, s)) => {
+                let failure = Failure {
+                    reason: Reason::CallerInvalid,
+                    detail: format!("caller token refused ({}): {}", inner.reason, inner.detail),
+                };
+                return Err(refusal(failure, Subject::default(), Some(s)));
             }
-        }
+        },
     };
+    let caller_state = caller.as_ref().map(|(c, _)| c.as_ref());
+    let caller_subject = || caller.as_ref().map(|(c, p)| subject_of(Some(p), None, Some(c.as_ref())));
 
-    let mut subject = Subject::default();
-    let caller_state = caller.as_ref().map(|c| c.as_ref());
     let permission = |info: &PrefixInfo| -> Result<(), Failure> {
         let Some(cs) = caller_state else { return Ok(()) };
         let allowed = registry
@@ -233,39 +242,35 @@ where
         if allowed {
             Ok(())
         } else {
-            fail(
-                Reason::CallerNotPermitted,
-                format!("key type \"{}\" may not validate key type \"{}\"", cs.key_type, info.key_type),
-            )
+            Err(Failure {
+                reason: Reason::CallerNotPermitted,
+                detail: format!("key type \"{}\" may not validate key type \"{}\"", cs.key_type, info.key_type),
+            })
         }
     };
-    let found = match resolve(req.token, &ctx, registry, &mut find, &mut subject, permission) {
+    let (found, parsed) = match resolve(req.token, &ctx, registry, &mut find, permission) {
         Ok(found) => found,
-        Err(f) => return Err(refusal(f, subject, caller_subject)),
+        Err((f, subject)) => return Err(refusal(f, subject, caller_subject())),
     };
 
     let state = found.as_ref();
+    let refused_here = |reason: Reason, detail: String| {
+        let f = Failure { reason, detail };
+        Err(refusal(f, subject_of(Some(&parsed), None, Some(state)), caller_subject()))
+    };
     if let Some(cs) = caller_state {
         if cs.account != state.account {
-            let hint = subject.hint.clone().unwrap_or_default();
-            let f = Failure {
-                reason: Reason::CrossAccount,
-                detail: format!("the caller token and token {hint} belong to different accounts"),
-            };
-            return Err(refusal(f, subject, caller_subject));
+            let detail = format!("the caller token and token {} belong to different accounts", parsed.hint());
+            return refused_here(Reason::CrossAccount, detail);
         }
     }
     if let Some(scope) = req.required_scope {
         if !state.scopes.iter().any(|s| s == scope) {
-            let hint = subject.hint.clone().unwrap_or_default();
             let quoted: String = scope.chars().take(MAX_QUOTED_SCOPE).collect();
-            let f = Failure {
-                reason: Reason::InsufficientScope,
-                detail: format!("token {hint} lacks scope \"{quoted}\""),
-            };
-            return Err(refusal(f, subject, caller_subject));
+            return refused_here(Reason::InsufficientScope, format!("token {} lacks scope \"{quoted}\"", parsed.hint()));
         }
     }
+    let caller = caller.map(|(c, _)| c);
     Ok(Accepted { token: found, caller })
 }
 
