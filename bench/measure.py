@@ -78,6 +78,7 @@ LABELS = {
     "validate_hot": "`token.validate_token`, hot set of 1,000 tokens",
     "validate_hot_narrow": "the same, `SELECT account, scopes` instead of `SELECT *`",
     "validate_uniform": "`token.validate_token`, uniform over all tokens",
+    "validate_uniform_no_last_used": "the same with `token.last_used_interval = -1` (no last-use writes)",
     "authenticate_rls": "`token.authenticate` + RLS-filtered select (one transaction)",
     "one_token_4_sessions": "4 sessions validating one token",
     "own_token_4_sessions": "4 sessions validating 4 different tokens",

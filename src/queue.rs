@@ -246,6 +246,7 @@ pub fn push(dboid: pg_sys::Oid, record: &Record) -> Pushed {
             slot.dropped += 1;
             return Pushed::Dropped;
         }
+        let was_empty = slot.head == slot.tail;
         slot.records[(slot.head % QUEUE_LEN as u64) as usize] = *record;
         slot.head += 1;
         match slot.state {
@@ -255,8 +256,14 @@ pub fn push(dboid: pg_sys::Oid, record: &Record) -> Pushed {
             }
             WorkerState::Starting => Pushed::Queued,
             WorkerState::Running => {
-                // SAFETY: the latch belongs to the running worker's PGPROC, in shared memory.
-                unsafe { pg_sys::SetLatch(slot.latch) };
+                // Wake the writer only when the queue was empty: it sleeps only after finding
+                // it empty, and re-reads it after every batch, so later records need no
+                // signal. (Setting a latch the writer waits on costs a syscall; one per
+                // validation was most of a cache miss's cost.)
+                if was_empty {
+                    // SAFETY: the latch belongs to the running worker's PGPROC, in shared memory.
+                    unsafe { pg_sys::SetLatch(slot.latch) };
+                }
                 Pushed::Queued
             }
         }
