@@ -80,9 +80,21 @@ fn is_separator(b: u8) -> bool {
     b == b'_' || b == b'-'
 }
 
+/// `[A-Za-z0-9_-]` as a table: the charset check runs on every validation.
+static TOKEN_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'_' || c == b'-';
+        b += 1;
+    }
+    t
+};
+
 #[inline]
 pub fn is_token_byte(b: u8) -> bool {
-    is_base62(b) || is_separator(b)
+    TOKEN_BYTES[b as usize]
 }
 
 /// Checks the registration rules for a prefix.
@@ -282,6 +294,14 @@ mod tests {
         assert_eq!(&encode_checksum(61), b"00000z");
         assert_eq!(&encode_checksum(62), b"000010");
         assert_ne!(encode_checksum(u32::MAX), encode_checksum(u32::MAX - 1));
+    }
+
+    #[test]
+    fn token_byte_table_is_exactly_the_charset() {
+        for b in 0..=255u8 {
+            let expected = b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
+            assert_eq!(is_token_byte(b), expected, "byte {b}");
+        }
     }
 
     #[test]
