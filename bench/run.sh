@@ -1,137 +1,163 @@
 #!/usr/bin/env bash
 # `make bench`: pg_token against SELECT 1, a primary-key lookup and the plain SQL + pgcrypto
-# validation a user would otherwise write, on a throwaway cluster with 1M tokens, plus the
-# per-validation CPU cost in one statement at several table sizes. Writes
-# bench/results/latest.md (the table) and bench/results/latest.png (the chart).
+# validation a user would otherwise write, on a throwaway cluster with 1M tokens, plus the CPU
+# cost of one validation inside one statement at 10k, 1M and 10M tokens. Prints the table and
+# writes it to bench/results/latest.md, with a chart in bench/results/latest.png. What each
+# row measures: bench/README.md.
 #
-#   BENCH_SECONDS   seconds per pgbench run           (default 20)
-#   BENCH_TOKENS    tokens for the pgbench runs        (default 1000000)
-#   BENCH_SIZES     table sizes for the per-token cost (default 10000,1000000,10000000)
-#   BENCH_LOOKUPS   validations in the one statement   (default 200000)
+#   BENCH_SECONDS        seconds per pgbench run                    (default 30)
+#   BENCH_TOKENS         tokens in the table for the pgbench runs   (default 1000000)
+#   BENCH_SIZES          table sizes for the one-statement cost     (default 10000,1000000,10000000)
+#   BENCH_LOOKUPS        validations in that one statement          (default 200000)
+#   BENCH_SHARED_BUFFERS shared_buffers of the throwaway cluster    (default 6GB, fits 10M tokens)
+#   BENCH_DIR            where the cluster lives (removed on exit)  (default /tmp/pg_token-bench)
+#   BENCH_RESULTS        where latest.md and latest.png go          (default bench/results)
 #
-# pgbench runs -M prepared -c 4 -j 2. Timings are only comparable within one run.
+# A quick run that leaves the committed results alone:
+#   BENCH_SECONDS=5 BENCH_TOKENS=100000 BENCH_SIZES=10000,100000 BENCH_RESULTS=bench/out make bench
+# Needs root, like scripts/setup.sh (the cluster runs as `postgres`; we use its socket).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SECONDS_PER_RUN=${BENCH_SECONDS:-20}
+SECONDS_PER_RUN=${BENCH_SECONDS:-30}
 NTOKENS=${BENCH_TOKENS:-1000000}
 SIZES=${BENCH_SIZES:-10000,1000000,10000000}
 LOOKUPS=${BENCH_LOOKUPS:-200000}
+SHARED_BUFFERS=${BENCH_SHARED_BUFFERS:-6GB}
+DIR=${BENCH_DIR:-/tmp/pg_token-bench}
+RESULTS=${BENCH_RESULTS:-bench/results}
 VENV="${PG_TOKEN_VENV:-/opt/pg_token-venv}"
 PGBIN=/usr/lib/postgresql/15/bin
+OUT=bench/out
+started=$(date +%s)
 
 bash scripts/setup.sh
-# Always (re)install the release build: `cargo pgrx test` leaves a debug build with test
-# objects installed, which would be measured instead.
-bash scripts/install.sh >/dev/null
-make -s -C bench/pg_token_bench install >/dev/null
 
-DIR=/tmp/pg_token-bench
-OUT=bench/out
-mkdir -p "$OUT" bench/results
-[ -f "$DIR/postmaster.pid" ] && bash scripts/cluster.sh stop "$DIR"
+# Measure the release build. `cargo pgrx test` installs a debug build with test objects in
+# the same place, which would be measured instead; then (or if nothing is installed) install.
+libdir=$("$PGBIN/pg_config" --pkglibdir)
+sharedir=$("$PGBIN/pg_config" --sharedir)
+if [ ! -f "$libdir/pg_token.so" ] || [ ! -f "$sharedir/extension/pg_token.control" ]; then
+  echo "bench: pg_token is not installed; installing the release build"
+  bash scripts/install.sh
+elif { command -v readelf >/dev/null && readelf -S --wide "$libdir/pg_token.so" | grep -c ' \.debug_info ' >/dev/null; } \
+     || grep -q 'CREATE SCHEMA IF NOT EXISTS tests' "$sharedir"/extension/pg_token--*.sql; then
+  echo "bench: the installed pg_token is a debug/test build; installing the release build"
+  bash scripts/install.sh
+fi
+version=$(sed -n "s/^default_version = '\(.*\)'/\1/p" "$sharedir/extension/pg_token.control")
+built=$(date -u -r "$libdir/pg_token.so" '+%Y-%m-%d %H:%M UTC')
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git status --porcelain -- src sql Cargo.toml 2>/dev/null)" ]; then commit="$commit + uncommitted changes"; fi
+
+# The throwaway cluster. Never take over a directory another run is using.
+if [ -f "$DIR/postmaster.pid" ] && kill -0 "$(head -1 "$DIR/postmaster.pid")" 2>/dev/null; then
+  echo "bench: a server is running in $DIR; stop it or set BENCH_DIR" >&2
+  exit 1
+fi
 rm -rf "$DIR"
+cleanup() {
+  bash scripts/cluster.sh stop "$DIR" || true
+  rm -rf "$DIR"
+}
+trap cleanup EXIT
 PORT=$(bash scripts/cluster.sh free-port)
-bash scripts/cluster.sh start "$DIR" "$PORT" \
-  "shared_buffers = '6GB'" "max_wal_size = '16GB'" "checkpoint_timeout = '30min'" \
-  "synchronous_commit = off" "autovacuum = off" "max_connections = 30"
-trap 'bash scripts/cluster.sh stop "$DIR"; rm -rf "$DIR"' EXIT
+CONF=("shared_buffers = '$SHARED_BUFFERS'" "max_wal_size = '16GB'" "checkpoint_timeout = '30min'"
+      "autovacuum = off" "jit = off" "max_connections = 20")
+bash scripts/cluster.sh start "$DIR" "$PORT" "${CONF[@]}"
 
-runas=()
-[ "$(id -u)" -eq 0 ] && runas=(runuser -u postgres --)
-psql_su() { "${runas[@]}" "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -U postgres -d bench "$@"; }
-"${runas[@]}" "$PGBIN/createdb" -h "$DIR" -p "$PORT" -U postgres bench
+psql_su() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -U postgres -d bench "$@"; }
+py() { "$VENV/bin/python" bench/bench.py "$@"; }
+"$PGBIN/createdb" -h "$DIR" -p "$PORT" -U postgres bench
+psql_su -f bench/schema.sql -f bench/baseline.sql >/dev/null
 
-psql_su <<'SQL'
-CREATE EXTENSION pg_token;
-CREATE EXTENSION pg_token_bench;
-SELECT token.create_key_type('agent');
-SELECT token.register_prefix('bench_', 'agent', 'dev');
-SQL
-psql_su -f bench/baseline.sql
-
-# Grows token.tokens to $1 rows: the n-th row is bench_token('bench_', n), written the way
-# generate_token writes it (hash, hint, prefix, account, key type, environment).
-grow_to() {
-  local target=$1 have
-  have=$(psql_su -Atc "SELECT count(*) FROM token.tokens")
-  [ "$have" -ge "$target" ] && return
-  echo "bench: loading tokens $((have + 1))..$target"
-  psql_su <<SQL
-SET session_replication_role = replica;  -- skip the key-type FK check per row; checked below
-INSERT INTO token.tokens (id, token_hash, hint, prefix, account, key_type, environment)
-SELECT bench_id(n), sha256(convert_to(t, 'UTF8')), left(t, 10), 'bench_', 'acct' || (n % 100000), 'agent', 'dev'
-  FROM generate_series($((have + 1))::bigint, $target) n, LATERAL bench_token('bench_', n) t;
-RESET session_replication_role;
-VACUUM ANALYZE token.tokens;
-SQL
-  # The fixture must agree with the extension: real tokens, valid checksums, right rows.
-  local check
-  check=$(psql_su -Atc "SELECT bool_and(v.valid AND v.token_id = bench_id(n) AND v.account = 'acct' || (n % 100000))
-                          FROM unnest(ARRAY[1, $target / 2, $target]::bigint[]) n,
-                               LATERAL token.check_token(bench_token('bench_', n)) v")
-  [ "$check" = t ] || { echo "bench: generated tokens do not validate" >&2; exit 1; }
-}
-
-IFS=, read -r -a sizes <<<"$SIZES"
-per_token() {  # the per-validation cost in one statement at table size $1
-  grow_to "$1"
-  "$VENV/bin/python" bench/measure.py per-token --host "$DIR" --port "$PORT" --size "$1" \
-    --lookups "$LOOKUPS" >>"$OUT/per_token.csv"
-}
+mkdir -p "$OUT" "$RESULTS"
 : >"$OUT/per_token.csv"
-# Sizes up to NTOKENS first (the table only grows), then the pgbench suite, then the rest.
-for size in "${sizes[@]}"; do if [ "$size" -le "$NTOKENS" ]; then per_token "$size"; fi; done
-
-# The pgbench suite at NTOKENS.
-grow_to "$NTOKENS"
-psql_su <<SQL
-INSERT INTO plain.api_keys (id, key_hash, account, scopes, expires_at, revoke_after, revoked_at)
-SELECT id, token_hash, account, scopes, expires_at, revoke_after, revoked_at FROM token.tokens
- WHERE NOT EXISTS (SELECT 1 FROM plain.api_keys);
-VACUUM ANALYZE plain.api_keys;
--- authenticate + RLS: 10 rows per account, read by a role the policy applies to.
-CREATE SCHEMA bench;
-CREATE TABLE bench.docs (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, tenant text NOT NULL, body text);
-INSERT INTO bench.docs (tenant, body) SELECT 'acct' || (i % 100000), 'doc ' || i FROM generate_series(1, 1000000) i;
-CREATE INDEX ON bench.docs (tenant);
-ALTER TABLE bench.docs ENABLE ROW LEVEL SECURITY;
-CREATE POLICY tenant_rows ON bench.docs USING (tenant = token.current_account());
-VACUUM ANALYZE bench.docs;
-CREATE ROLE bench_app LOGIN IN ROLE token_validator;
-GRANT USAGE ON SCHEMA bench TO bench_app;
-GRANT SELECT ON bench.docs TO bench_app;
-SQL
-check=$(psql_su -Atc "SELECT (SELECT count(*) FROM plain.validate(bench_token('bench_', 7))) = 1")
-[ "$check" = t ] || { echo "bench: the plain SQL baseline does not validate" >&2; exit 1; }
-
-: >"$OUT/pgbench.csv"
-run_pgbench() {  # name script user [server options]
-  local name=$1 script=$2 user=$3 options=${4:-} log="$OUT/pgbench-$1.log"
-  psql_su -c "CHECKPOINT" >/dev/null
-  "${runas[@]}" env PGOPTIONS="$options" "$PGBIN/pgbench" -h "$DIR" -p "$PORT" -U "$user" -n -M prepared -c 4 -j 2 \
-    -T "$SECONDS_PER_RUN" -D ntokens="$NTOKENS" -f "$ROOT/bench/scripts/$script" bench >"$log" 2>&1 \
-    || { cat "$log" >&2; exit 1; }
-  local tps
-  tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$log")
-  echo "$name,$tps" >>"$OUT/pgbench.csv"
-  printf 'bench: %-28s %12.0f tps\n' "$name" "$tps"
+IFS=, read -r -a sizes <<<"$SIZES"
+per_token() {  # the one-statement cost at table size $1
+  py load --host "$DIR" --port "$PORT" --to "$1"
+  py per-token --host "$DIR" --port "$PORT" --size "$1" --lookups "$LOOKUPS" --csv "$OUT/per_token.csv"
 }
-# Warm the caches the same way for every run: one untimed pass over the tables.
-psql_su -c "SELECT count(*) FROM token.tokens" -c "SELECT count(*) FROM plain.api_keys" >/dev/null
-run_pgbench select1 select1.pgbench postgres
-run_pgbench pk_lookup pk_lookup.pgbench postgres
-run_pgbench plain_pgcrypto plain_pgcrypto.pgbench postgres
-run_pgbench validate_hot validate_hot.pgbench postgres
-run_pgbench validate_hot_narrow validate_hot_narrow.pgbench postgres
-run_pgbench validate_uniform validate_uniform.pgbench postgres
-run_pgbench validate_uniform_no_last_used validate_uniform.pgbench postgres "-c token.last_used_interval=-1"
-run_pgbench authenticate_rls authenticate_rls.pgbench bench_app
-run_pgbench one_token_4_sessions one_token.pgbench postgres
-run_pgbench own_token_4_sessions own_token.pgbench postgres
+# The table only grows: sizes up to NTOKENS, the pgbench suite at NTOKENS, then larger sizes.
+for size in "${sizes[@]}"; do if [ "$size" -le "$NTOKENS" ]; then per_token "$size"; fi; done
+py load --host "$DIR" --port "$PORT" --to "$NTOKENS"
+
+echo "bench: the hot-set function and the baseline table (pgcrypto digest of each token)"
+psql_su >/dev/null <<'SQL'
+-- The hot set, tokens 1..1000, as one inlinable function over a constant name[] (fixed-width
+-- elements, so the subscript costs the same for every n): pgbench can only draw integers,
+-- and this hands a statement the n-th hot token for about the cost of a parameter.
+DO $do$
+DECLARE hot text;
+BEGIN
+  SELECT '{' || string_agg(token, ',' ORDER BY n) || '}' INTO hot FROM bench.plain WHERE n <= 1000;
+  EXECUTE format('CREATE FUNCTION bench.hot(n integer) RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS %L',
+                 format('SELECT (%L::pg_catalog.name[])[n]::text', hot));
+END
+$do$;
+INSERT INTO baseline.api_keys (id, key_hash, account, scopes, expires_at)
+SELECT p.id, public.digest(p.token, 'sha256'), t.account, t.scopes, t.expires_at
+  FROM bench.plain p JOIN token.tokens t USING (id)
+ ORDER BY 2;  -- hash order: the unique index is built by appending
+VACUUM ANALYZE baseline.api_keys;
+SQL
+py check-suite --host "$DIR" --port "$PORT" --tokens "$NTOKENS"
+
+echo "name,tps,latency_ms,touch_written,touch_dropped" >"$OUT/pgbench.csv"
+queue_totals() {  # records the event writer has written and dropped, all time
+  psql_su -Atc "SELECT coalesce(sum(written), 0) || ',' || coalesce(sum(dropped), 0) FROM token.worker_status()"
+}
+run_pgbench() {  # name script user [server options]
+  local name=$1 script=$2 user=$3 options=${4:-} log="$OUT/pgbench-$1.log" before after tps latency
+  # Same start for every run: the event writer idle, no dirty buffers.
+  psql_su -c "SELECT token.flush_events('60 s')" -c "CHECKPOINT" >/dev/null
+  before=$(queue_totals)
+  PGOPTIONS="$options" "$PGBIN/pgbench" -h "$DIR" -p "$PORT" -U "$user" -n -M prepared -c 4 -j 2 \
+    -T "$SECONDS_PER_RUN" -D ntokens="$NTOKENS" -f "$ROOT/bench/scripts/$script.pgbench" bench >"$log" 2>&1 \
+    || { cat "$log" >&2; exit 1; }
+  grep -q '^number of failed transactions: 0 ' "$log" || { cat "$log" >&2; exit 1; }
+  psql_su -c "SELECT token.flush_events('60 s')" >/dev/null
+  after=$(queue_totals)
+  tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$log")
+  latency=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' "$log")
+  echo "$name,$tps,$latency,$((${after%,*} - ${before%,*})),$((${after#*,} - ${before#*,}))" >>"$OUT/pgbench.csv"
+  printf 'bench: %-26s %9.0f tps\n' "$name" "$tps"
+}
+# Every table and index the runs read, in shared buffers: no run pays for a first read.
+psql_su >/dev/null <<'SQL'
+CREATE EXTENSION pg_prewarm;
+SELECT pg_prewarm(c.oid) FROM pg_class c
+ WHERE c.relnamespace IN ('token'::regnamespace, 'bench'::regnamespace, 'baseline'::regnamespace)
+   AND c.relkind IN ('r', 'i');
+SQL
+run_pgbench select1 select1 postgres
+run_pgbench pick_hot pick_hot postgres
+run_pgbench hash_hot hash_hot postgres
+run_pgbench pick_uniform pick_uniform postgres
+run_pgbench pk_lookup pk_lookup postgres
+run_pgbench baseline_hot baseline_hot postgres
+run_pgbench baseline_uniform baseline_uniform postgres
+run_pgbench validate_hot validate_hot postgres
+run_pgbench validate_hot_narrow validate_hot_narrow postgres
+run_pgbench validate_uniform_no_touch validate_uniform postgres "-c token.last_used_interval=-1"
+run_pgbench validate_uniform validate_uniform postgres
+run_pgbench one_token one_token postgres
+run_pgbench four_tokens four_tokens postgres
+run_pgbench authenticate_rls authenticate_rls bench_app
+
 for size in "${sizes[@]}"; do if [ "$size" -gt "$NTOKENS" ]; then per_token "$size"; fi; done
 
-"$VENV/bin/python" bench/measure.py report --pgbench "$OUT/pgbench.csv" --per-token "$OUT/per_token.csv" \
-  --seconds "$SECONDS_PER_RUN" --tokens "$NTOKENS" --lookups "$LOOKUPS" \
-  --md bench/results/latest.md --png bench/results/latest.png
-cat bench/results/latest.md
+cache_kb=$(psql_su -Atc "SHOW token.cache_size")
+cache_bytes=$(psql_su -Atc "SELECT budget FROM token.cache_stats()")
+settings=(
+  "Cluster: ${CONF[*]}; fsync = off (scripts/cluster.sh). Tables are VACUUM ANALYZEd after loading; autovacuum off so that it cannot run during a measurement."
+  "pgbench over the Unix socket as \`postgres\` (superuser), except the RLS row: \`bench_app\`, a login role in \`token_validator\` that does not own \`bench.docs\`. A CHECKPOINT and \`token.flush_events()\` before each run."
+  "pgbench rows use pg_token's defaults: \`token.cache_size\` = $cache_kb per backend, \`token.last_used_interval\` = 60 s, except where the row says otherwise."
+  "Hot set: after its first pass each backend's cache holds all 1,000 tokens, so validations are cache hits and a token's last use is queued at most once a minute per backend."
+  "One statement: \`token.cache_size\` = 1GB (hit) or 0 (miss) and \`token.last_used_interval\` = -1, set in that session only."
+)
+py report --pgbench "$OUT/pgbench.csv" --per-token "$OUT/per_token.csv" --seconds "$SECONDS_PER_RUN" \
+  --tokens "$NTOKENS" --lookups "$LOOKUPS" --cache-bytes "$cache_bytes" --version "$version, release build installed $built; repository at $commit" \
+  --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
+cat "$RESULTS/latest.md"
+echo "bench: done in $(( ($(date +%s) - started) / 60 )) min; $RESULTS/latest.md and latest.png"
