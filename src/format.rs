@@ -140,7 +140,7 @@ pub fn hint(prefix: &str, body: &str) -> String {
 
 /// Parses and checks a token's structure and checksum. Length is checked first, so a huge
 /// input costs nothing more than reading its length.
-pub fn parse(token: &str) -> Result<ParsedToken<'_>, FormatError> {
+pub fn parse<T: AsRef<[u8]> + ?Sized>(token: &T) -> Result<ParsedToken<'_>, FormatError> {
     let parsed = split(token)?;
     if !parsed.checksum_matches() {
         return Err(FormatError::BadChecksum);
@@ -148,9 +148,11 @@ pub fn parse(token: &str) -> Result<ParsedToken<'_>, FormatError> {
     Ok(parsed)
 }
 
-/// Checks a token's structure only (everything but the checksum).
-pub fn split(token: &str) -> Result<ParsedToken<'_>, FormatError> {
-    let bytes = token.as_bytes();
+/// Checks a token's structure only (everything but the checksum). Takes bytes: the edge hands
+/// over a text argument as it arrived, whatever the database encoding, and anything outside
+/// `[A-Za-z0-9_-]` is `BadCharset` here rather than a conversion error there.
+pub fn split<T: AsRef<[u8]> + ?Sized>(token: &T) -> Result<ParsedToken<'_>, FormatError> {
+    let bytes = token.as_ref();
     if bytes.is_empty() {
         return Err(FormatError::Empty);
     }
@@ -160,6 +162,8 @@ pub fn split(token: &str) -> Result<ParsedToken<'_>, FormatError> {
     if !bytes.iter().all(|&b| is_token_byte(b)) {
         return Err(FormatError::BadCharset);
     }
+    // Only ASCII is left, so this cannot fail; it is not unwrapped all the same.
+    let token = std::str::from_utf8(bytes).map_err(|_| FormatError::BadCharset)?;
     let sep = bytes.iter().rposition(|&b| is_separator(b)).ok_or(FormatError::NoPrefix)?;
     let (prefix, rest) = token.split_at(sep + 1);
     if validate_prefix(prefix).is_err() {
@@ -278,6 +282,8 @@ mod tests {
         assert_eq!(parse(&"x".repeat(10 * 1024 * 1024)), Err(FormatError::TooLong));
         assert_eq!(parse("cf-abc'; DROP TABLE x;--"), Err(FormatError::BadCharset));
         assert_eq!(parse("cf-é"), Err(FormatError::BadCharset));
+        // Bytes that are not UTF-8 at all (a SQL_ASCII database passes them through).
+        assert_eq!(parse(&b"cf-k7R9fQw2VDp3Zx4mN8tJ1s\xff\xfe00000"[..]), Err(FormatError::BadCharset));
         assert_eq!(parse("abcdefghijklmnopqrstuvwxyz0123"), Err(FormatError::NoPrefix));
         assert_eq!(parse(&format!("{}-{}", "a".repeat(40), "b".repeat(28))), Err(FormatError::BadPrefix));
         assert_eq!(parse("cf-abc"), Err(FormatError::WrongLength));

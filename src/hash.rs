@@ -9,8 +9,8 @@ pub const HASH_LEN: usize = 32;
 
 pub type TokenHash = [u8; HASH_LEN];
 
-pub fn token_hash(token: &str) -> TokenHash {
-    Sha256::digest(token.as_bytes()).into()
+pub fn token_hash<T: AsRef<[u8]> + ?Sized>(token: &T) -> TokenHash {
+    Sha256::digest(token.as_ref()).into()
 }
 
 #[cfg(test)]

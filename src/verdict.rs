@@ -47,10 +47,12 @@ pub struct TokenState {
     pub revoked_at: Option<Micros>,
 }
 
+/// What is presented. Tokens are bytes as they arrived (any encoding, any content): judging
+/// them is this module's job, so nothing upstream converts or rejects them.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Request<'a> {
-    pub token: Option<&'a str>,
-    pub caller: Option<&'a str>,
+    pub token: Option<&'a [u8]>,
+    pub caller: Option<&'a [u8]>,
     pub required_scope: Option<&'a str>,
 }
 
@@ -130,7 +132,7 @@ fn subject_of(parsed: Option<&ParsedToken<'_>>, info: Option<&PrefixInfo>, state
 /// Runs the checks for one token up to and including its stored state. `before_lookup` runs
 /// once the prefix is known and may refuse (the caller-permission rule uses it).
 fn resolve<'t, T, R, F>(
-    token: Option<&'t str>,
+    token: Option<&'t [u8]>,
     ctx: &Context<'_>,
     registry: &R,
     find: &mut F,
@@ -354,7 +356,7 @@ mod tests {
     }
 
     fn presented(t: &str) -> Request<'_> {
-        Request { token: Some(t), ..Request::default() }
+        Request { token: Some(t.as_bytes()), ..Request::default() }
     }
 
     #[test]
@@ -419,20 +421,20 @@ mod tests {
         let other = w.issue("cf-", "iiiiiiiiiiiiiiiiiiiiii", "globex", |_| {});
         let dead_mid = w.issue("mid_", "jjjjjjjjjjjjjjjjjjjjjj", "acme", |s| s.revoked_at = Some(0));
 
-        let ok = w.decide(Request { token: Some(&agent), caller: Some(&mid), required_scope: None }, Some("dev"), NOW);
+        let ok = w.decide(Request { token: Some(agent.as_bytes()), caller: Some(mid.as_bytes()), required_scope: None }, Some("dev"), NOW);
         assert!(ok.expect("same account").caller.is_some());
 
-        let r = w.decide(Request { token: Some(&other), caller: Some(&mid), required_scope: None }, Some("dev"), NOW);
+        let r = w.decide(Request { token: Some(other.as_bytes()), caller: Some(mid.as_bytes()), required_scope: None }, Some("dev"), NOW);
         assert_eq!(r.expect_err("refused").reason, Reason::CrossAccount);
 
         // An agent may not validate anything; refused before the presented token is looked up.
         let before = w.lookups;
-        let r = w.decide(Request { token: Some(&mid), caller: Some(&agent), required_scope: None }, Some("dev"), NOW);
+        let r = w.decide(Request { token: Some(mid.as_bytes()), caller: Some(agent.as_bytes()), required_scope: None }, Some("dev"), NOW);
         assert_eq!(r.expect_err("refused").reason, Reason::CallerNotPermitted);
         assert_eq!(w.lookups, before + 1, "only the caller was looked up");
 
         let before = w.lookups;
-        let r = w.decide(Request { token: Some(&agent), caller: Some(&dead_mid), required_scope: None }, Some("dev"), NOW)
+        let r = w.decide(Request { token: Some(agent.as_bytes()), caller: Some(dead_mid.as_bytes()), required_scope: None }, Some("dev"), NOW)
             .expect_err("refused");
         assert_eq!(r.reason, Reason::CallerInvalid);
         assert!(r.detail.contains("revoked"), "{}", r.detail);
@@ -443,9 +445,9 @@ mod tests {
     fn required_scope() {
         let mut w = World::new();
         let t = w.issue("cf-", "kkkkkkkkkkkkkkkkkkkkkk", "acme", |_| {});
-        assert!(w.decide(Request { token: Some(&t), caller: None, required_scope: Some("read") }, Some("dev"), NOW).is_ok());
+        assert!(w.decide(Request { token: Some(t.as_bytes()), caller: None, required_scope: Some("read") }, Some("dev"), NOW).is_ok());
         assert_eq!(
-            w.reason(Request { token: Some(&t), caller: None, required_scope: Some("write") }),
+            w.reason(Request { token: Some(t.as_bytes()), caller: None, required_scope: Some("write") }),
             Some(Reason::InsufficientScope)
         );
     }
