@@ -1,5 +1,18 @@
 -- pg_token: tables, types, views and roles. Loaded before any function is created.
 --
+-- pg_token reads and writes text as UTF-8 (account ids, scopes, names); refuse any other
+-- database encoding up front rather than fail on the first non-ASCII value.
+DO $encoding$
+BEGIN
+    IF pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.<>) 'UTF8' THEN
+        RAISE EXCEPTION 'pg_token requires a UTF8 database'
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = pg_catalog.format('This database''s encoding is %s.', pg_catalog.getdatabaseencoding()),
+                  HINT = 'Create the database with ENCODING ''UTF8''.';
+    END IF;
+END
+$encoding$;
+--
 -- Nothing here is readable by PUBLIC. Applications validate through functions granted to
 -- token_validator; DBAs manage through functions granted to token_admin and read the
 -- token_list view and the events table.
@@ -46,7 +59,10 @@ CREATE TABLE token.tokens (
     revoked_reason  text,
     last_used_at    timestamptz,
     rotated_from    uuid REFERENCES token.tokens (id) ON DELETE SET NULL,
-    CONSTRAINT tokens_token_hash_key UNIQUE (token_hash)
+    -- Unique through a hash index: validation looks a token up by its hash and nothing else,
+    -- and a hash index finds it in one bucket page however large the table grows, where a
+    -- B-tree over 32-byte keys gains a level each time the table grows a few hundredfold.
+    CONSTRAINT tokens_token_hash_excl EXCLUDE USING hash (token_hash WITH OPERATOR(pg_catalog.=))
 ) WITH (fillfactor = 90);  -- room for HOT updates of last_used_at
 CREATE INDEX tokens_account_idx ON token.tokens (account);
 CREATE INDEX tokens_rotated_from_idx ON token.tokens (rotated_from) WHERE rotated_from IS NOT NULL;

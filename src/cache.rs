@@ -13,9 +13,19 @@ use std::rc::Rc;
 
 use crate::hash::TokenHash;
 
-/// Approximate heap bytes an entry holds, for the budget.
+/// Heap bytes an entry holds, for the budget: the sum of `heap_chunk` over its allocations.
 pub trait Footprint {
     fn footprint(&self) -> usize;
+}
+
+/// What an allocation of `n` bytes really takes from the heap: glibc malloc adds an 8-byte
+/// header, rounds to 16 and hands out at least 32. Counting requested bytes instead
+/// undercounts small allocations by half or more.
+pub fn heap_chunk(n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    ((n + 8 + 15) & !15).max(32)
 }
 
 /// Keys are SHA-256 outputs, already uniform: the first 8 bytes are a perfect hash value, so
@@ -55,8 +65,9 @@ struct Slot<V> {
     bytes: usize,
 }
 
-/// Bookkeeping per entry beyond the value itself (slot, map entry, Rc header).
-const OVERHEAD: usize = 32 + 48 + 16 + 16;
+/// Bookkeeping per entry beyond the value itself: its slot (56 bytes, in a vector that may be
+/// up to twice as long as needed) and its map bucket (40 bytes at a load of at most 7/8).
+pub const OVERHEAD: usize = 2 * 56 + 48;
 
 pub struct TokenCache<V> {
     index: HashMap<Key, usize, BuildHasherDefault<PassThrough>>,
@@ -64,18 +75,33 @@ pub struct TokenCache<V> {
     hand: usize,
     bytes: usize,
     budget: usize,
+    /// Lookups that found an entry, and that did not, since the cache was made.
+    hits: u64,
+    misses: u64,
 }
 
 impl<V: Footprint> TokenCache<V> {
     pub fn new(budget: usize) -> Self {
-        TokenCache { index: HashMap::default(), slots: Vec::new(), hand: 0, bytes: 0, budget }
+        TokenCache { index: HashMap::default(), slots: Vec::new(), hand: 0, bytes: 0, budget, hits: 0, misses: 0 }
     }
 
-    pub fn get(&self, key: &TokenHash) -> Option<Rc<V>> {
-        let &i = self.index.get(&Key(*key))?;
+    pub fn get(&mut self, key: &TokenHash) -> Option<Rc<V>> {
+        let Some(&i) = self.index.get(&Key(*key)) else {
+            self.misses += 1;
+            return None;
+        };
+        self.hits += 1;
         let slot = &self.slots[i];
         slot.referenced.set(true);
         Some(Rc::clone(&slot.value))
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits
+    }
+
+    pub fn misses(&self) -> u64 {
+        self.misses
     }
 
     /// Inserts or replaces, and hands the value back shared. An entry larger than the whole
@@ -219,6 +245,28 @@ mod tests {
         c.insert(key(3), Blob(10));
         c.clear();
         assert!(c.is_empty() && c.bytes() == 0);
+    }
+
+    #[test]
+    fn heap_chunks_are_rounded_like_malloc() {
+        assert_eq!(heap_chunk(0), 0);
+        assert_eq!(heap_chunk(1), 32);
+        assert_eq!(heap_chunk(24), 32);
+        assert_eq!(heap_chunk(25), 48);
+        assert_eq!(heap_chunk(200), 208);
+    }
+
+    #[test]
+    fn lookups_are_counted_as_hits_and_misses() {
+        let mut c = TokenCache::new(10_000);
+        assert!(c.get(&key(1)).is_none());
+        c.insert(key(1), Blob(10));
+        assert!(c.get(&key(1)).is_some());
+        assert!(c.get(&key(1)).is_some());
+        assert!(c.get(&key(2)).is_none());
+        assert_eq!((c.hits(), c.misses()), (2, 2));
+        c.clear();
+        assert_eq!((c.hits(), c.misses()), (2, 2), "clearing keeps the counts");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use pgrx::prelude::*;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 use crate::guc;
-use crate::queue::{self, FixedStr, Kind, Pushed, Record};
+use crate::queue::{self, FixedStr, Pushed, Record, Touch};
 use crate::reason::Reason;
 use crate::verdict::{Refusal, Subject};
 use crate::worker;
@@ -81,7 +81,6 @@ pub fn refused(refusal: &Refusal) {
     }
     let s = &refusal.subject;
     let record = Record {
-        kind: Kind::Refused,
         reason: refusal.reason as u8,
         // SAFETY: reads the clock.
         at: unsafe { pg_sys::GetCurrentTimestamp() },
@@ -97,22 +96,25 @@ pub fn refused(refusal: &Refusal) {
         db_user: FixedStr::new(client.db_user.as_deref()),
         detail: FixedStr::new(Some(&refusal.detail)),
     };
-    enqueue(&record);
+    // SAFETY: MyDatabaseId is set for every backend connected to a database.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    start_writer_if_asked(db, queue::push_event(db, &record));
 }
 
-/// Queues a `last_used_at` update. Never waits, never fails the validation.
-pub fn touched(token_id: [u8; 16], at: i64) {
+/// Queues a `last_used_at` update, applied unless the row was used within `interval_s`
+/// seconds before `at`. Never waits, never fails the validation.
+pub fn touched(token_id: [u8; 16], at: i64, interval_s: i32) {
     // SAFETY: reads process-global state.
     if unsafe { pg_sys::RecoveryInProgress() } {
         return;
     }
-    enqueue(&Record::touch(token_id, at));
-}
-
-fn enqueue(record: &Record) {
     // SAFETY: MyDatabaseId is set for every backend connected to a database.
     let db = unsafe { pg_sys::MyDatabaseId };
-    match queue::push(db, record) {
+    start_writer_if_asked(db, queue::push_touch(db, &Touch { token_id, at, interval_s }));
+}
+
+fn start_writer_if_asked(db: pg_sys::Oid, pushed: Pushed) {
+    match pushed {
         Pushed::QueuedStartWorker(slot) => worker::start(slot, db),
         Pushed::Queued | Pushed::Dropped | Pushed::Unavailable => {}
     }

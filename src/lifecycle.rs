@@ -401,8 +401,8 @@ fn rotate_own_token(
     grace: default!(Option<Interval>, "'24 hours'"),
 ) -> TableIterator<'static, (name!(token_id, pgrx::Uuid), name!(token, String))> {
     require_writable("rotate_own_token");
-    let judged = validate::judge_or_raise(Request { token, caller: None, required_scope: None });
-    let new = rotate(pgrx::Uuid::from_bytes(judged.token.state.id), required(grace, "grace"));
+    let judged = validate::judge_or_raise(Request { token: token.map(str::as_bytes), caller: None, required_scope: None });
+    let new = rotate(pgrx::Uuid::from_bytes(judged.state.id), required(grace, "grace"));
     TableIterator::once((new.id, new.token))
 }
 
@@ -725,16 +725,20 @@ fn flush_events(timeout: default!(Option<Interval>, "'10 seconds'")) -> bool {
     }
 }
 
-/// The event writers: one row per database slot in use.
+/// The event writers: one row per database slot in use, with the refusal events and last-use
+/// updates queued now, and written and dropped since the slot was claimed.
 #[pg_extern(volatile, parallel_unsafe)]
 fn worker_status() -> TableIterator<
     'static,
     (
         name!(database, Option<String>),
         name!(worker_pid, Option<i32>),
-        name!(queued, i64),
-        name!(written, i64),
-        name!(dropped, i64),
+        name!(events_queued, i64),
+        name!(events_written, i64),
+        name!(events_dropped, i64),
+        name!(touches_queued, i64),
+        name!(touches_written, i64),
+        name!(touches_dropped, i64),
     ),
 > {
     let rows: Vec<_> = queue::status()
@@ -746,7 +750,8 @@ fn worker_status() -> TableIterator<
                 (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
             };
             let n = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
-            (name, s.worker_pid, n(s.queued), n(s.written), n(s.dropped))
+            let (e, t) = (s.events, s.touches);
+            (name, s.worker_pid, n(e.queued), n(e.written), n(e.dropped), n(t.queued), n(t.written), n(t.dropped))
         })
         .collect();
     TableIterator::new(rows)

@@ -2,13 +2,17 @@
 //!
 //! A backend that refuses a token must leave a trace even if its transaction then rolls back,
 //! and a successful validation must update `last_used_at` without writing or waiting on a row
-//! lock. Both needs are met the same way: the backend copies a fixed-size `Record` into a ring
+//! lock. Both needs are met the same way: the backend copies a fixed-size record into a ring
 //! for its database, outside any transaction, and a background worker connected to that
 //! database writes the records in its own transactions.
 //!
-//! Each database using pg_token claims one of `MAX_DATABASES` slots. A slot's ring holds
-//! `QUEUE_LEN` records; when full, new records are dropped and counted (the event is still in
-//! the server log). The queue lives in shared memory requested at postmaster start, so
+//! Each database using pg_token claims one of `MAX_DATABASES` slots. A slot has two rings:
+//! refusal events (`Record`, `QUEUE_LEN` of them), written promptly, and last-use updates
+//! (`Touch`, 32 bytes, `TOUCH_LEN` of them), which the writer lets accumulate for up to
+//! `TOUCH_DELAY` so that one transaction applies thousands (a last-use time is only kept to
+//! the `token.last_used_interval` anyway). When a ring is full, new records are dropped and
+//! counted (a refusal is still in the server log; a last use is queued again at the next use
+//! after the interval). The queue lives in shared memory requested at postmaster start, so
 //! pg_token must be in `shared_preload_libraries`.
 //!
 //! Never put a token in a record: records hold prefixes and 4-character hints only.
@@ -20,7 +24,16 @@ use std::ptr;
 use pgrx::pg_sys;
 
 pub const MAX_DATABASES: usize = 8;
+/// Refusal events queued per database.
 pub const QUEUE_LEN: usize = 1024;
+/// Last-use updates queued per database.
+pub const TOUCH_LEN: usize = 8192;
+/// Refusal events written per writer transaction.
+pub const BATCH: usize = 512;
+/// Last-use updates written per writer transaction; the writer is woken when this many wait.
+pub const TOUCH_BATCH: usize = 2048;
+/// How long the writer lets last-use updates accumulate before writing them.
+pub const TOUCH_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 const SHMEM_NAME: &CStr = c"pg_token";
 
 /// A string of at most `N` bytes, cut at a character boundary.
@@ -54,19 +67,10 @@ impl<const N: usize> FixedStr<N> {
     }
 }
 
-#[repr(u8)]
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Kind {
-    /// A successful validation: set `last_used_at` of `token_id`.
-    Touch = 1,
-    /// A refused validation: insert an event row.
-    Refused = 2,
-}
-
+/// A refused validation, to be inserted into token.events.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Record {
-    pub kind: Kind,
     pub reason: u8,
     pub at: i64,
     pub token_id: Option<[u8; 16]>,
@@ -82,24 +86,61 @@ pub struct Record {
     pub detail: FixedStr<200>,
 }
 
-impl Record {
-    pub fn touch(token_id: [u8; 16], at: i64) -> Record {
-        Record {
-            kind: Kind::Touch,
-            reason: 0,
-            at,
-            token_id: Some(token_id),
-            caller_token_id: None,
-            backend_pid: 0,
-            account: FixedStr::EMPTY,
-            prefix: FixedStr::EMPTY,
-            hint: FixedStr::EMPTY,
-            environment: FixedStr::EMPTY,
-            client_addr: FixedStr::EMPTY,
-            application_name: FixedStr::EMPTY,
-            db_user: FixedStr::EMPTY,
-            detail: FixedStr::EMPTY,
+/// A successful validation: set `last_used_at` of `token_id` to `at`, unless the row was used
+/// less than `interval_s` seconds before `at` (the validating session's setting).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Touch {
+    pub token_id: [u8; 16],
+    pub at: i64,
+    pub interval_s: i32,
+}
+
+/// A ring of `N` records addressed by ever-growing sequence numbers: `head` is the next to
+/// write, `tail` the next to read. The writer moves `tail` only after the records are
+/// committed, so `tail` is also "written so far".
+#[repr(C)]
+struct Ring<T: Copy, const N: usize> {
+    head: u64,
+    tail: u64,
+    dropped: u64,
+    items: [T; N],
+}
+
+impl<T: Copy, const N: usize> Ring<T, N> {
+    fn len(&self) -> usize {
+        (self.head - self.tail) as usize
+    }
+
+    /// Appends; returns the length before, or None (counted as dropped) when full.
+    fn push(&mut self, item: &T) -> Option<usize> {
+        let len = self.len();
+        if len >= N {
+            self.dropped += 1;
+            return None;
         }
+        self.items[(self.head % N as u64) as usize] = *item;
+        self.head += 1;
+        Some(len)
+    }
+
+    /// Copies up to `max` records from the tail without consuming them.
+    fn peek(&self, out: &mut Vec<T>, max: usize) {
+        out.clear();
+        for seq in self.tail..self.tail + self.len().min(max) as u64 {
+            out.push(self.items[(seq % N as u64) as usize]);
+        }
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.tail += (n.min(self.len())) as u64;
+    }
+
+    /// Drops up to `n` records from the tail, counting them as dropped.
+    fn discard(&mut self, n: usize) {
+        let n = n.min(self.len());
+        self.tail += n as u64;
+        self.dropped += n as u64;
     }
 }
 
@@ -117,14 +158,18 @@ struct Slot {
     state: WorkerState,
     worker_pid: i32,
     latch: *mut pg_sys::Latch,
-    /// Sequence numbers: `head` is the next to write, `tail` the next to read. The worker
-    /// moves `tail` only after the records are committed, so `tail` is also "written".
-    head: u64,
-    tail: u64,
-    dropped: u64,
-    /// Consecutive abnormal worker exits; after three, the batch at the tail is discarded.
+    /// Consecutive abnormal worker exits; after three, the batches at the tails are discarded.
     failures: u32,
-    records: [Record; QUEUE_LEN],
+    /// Someone is waiting in flush_events(): write last-use updates without delay.
+    flush_requested: bool,
+    events: Ring<Record, QUEUE_LEN>,
+    touches: Ring<Touch, TOUCH_LEN>,
+}
+
+impl Slot {
+    fn is_empty(&self) -> bool {
+        self.events.len() == 0 && self.touches.len() == 0
+    }
 }
 
 #[repr(C)]
@@ -229,26 +274,34 @@ fn slot_for(shared: &mut Shared, dboid: pg_sys::Oid, claim: bool) -> Option<usiz
     let i = shared
         .slots
         .iter()
-        .position(|s| s.state == WorkerState::Stopped && (s.head == s.tail || s.failures >= 3))?;
+        .position(|s| s.state == WorkerState::Stopped && (s.is_empty() || s.failures >= 3))?;
     let s = &mut shared.slots[i];
-    s.dropped += s.head - s.tail;
-    s.tail = s.head;
+    s.events.discard(QUEUE_LEN);
+    s.touches.discard(TOUCH_LEN);
     s.dboid = dboid;
     s.failures = 0;
+    s.flush_requested = false;
     Some(i)
 }
 
-pub fn push(dboid: pg_sys::Oid, record: &Record) -> Pushed {
+/// Queues a refusal event; the writer is woken when the ring was empty (it re-reads the rings
+/// after every batch, so later records need no signal).
+pub fn push_event(dboid: pg_sys::Oid, record: &Record) -> Pushed {
+    push(dboid, |slot| slot.events.push(record).map(|before| before == 0))
+}
+
+/// Queues a last-use update; the writer is woken when the ring was empty (to start its delay)
+/// and when a whole batch is waiting.
+pub fn push_touch(dboid: pg_sys::Oid, touch: &Touch) -> Pushed {
+    push(dboid, |slot| slot.touches.push(touch).map(|before| before == 0 || before + 1 == TOUCH_BATCH))
+}
+
+/// `append` returns whether the writer should be woken, or None when the ring was full.
+fn push(dboid: pg_sys::Oid, append: impl FnOnce(&mut Slot) -> Option<bool>) -> Pushed {
     locked(|shared| {
         let Some(i) = slot_for(shared, dboid, true) else { return Pushed::Dropped };
         let slot = &mut shared.slots[i];
-        if slot.head - slot.tail >= QUEUE_LEN as u64 {
-            slot.dropped += 1;
-            return Pushed::Dropped;
-        }
-        let was_empty = slot.head == slot.tail;
-        slot.records[(slot.head % QUEUE_LEN as u64) as usize] = *record;
-        slot.head += 1;
+        let Some(wake) = append(slot) else { return Pushed::Dropped };
         match slot.state {
             WorkerState::Stopped => {
                 slot.state = WorkerState::Starting;
@@ -256,11 +309,8 @@ pub fn push(dboid: pg_sys::Oid, record: &Record) -> Pushed {
             }
             WorkerState::Starting => Pushed::Queued,
             WorkerState::Running => {
-                // Wake the writer only when the queue was empty: it sleeps only after finding
-                // it empty, and re-reads it after every batch, so later records need no
-                // signal. (Setting a latch the writer waits on costs a syscall; one per
-                // validation was most of a cache miss's cost.)
-                if was_empty {
+                // Setting a latch the writer waits on costs a syscall: only when needed.
+                if wake {
                     // SAFETY: the latch belongs to the running worker's PGPROC, in shared memory.
                     unsafe { pg_sys::SetLatch(slot.latch) };
                 }
@@ -271,13 +321,14 @@ pub fn push(dboid: pg_sys::Oid, record: &Record) -> Pushed {
     .unwrap_or(Pushed::Unavailable)
 }
 
-/// Asks a running writer to wake up, or reports that one must be started.
+/// Asks a running writer to write everything now, or reports that one must be started.
 pub fn nudge(dboid: pg_sys::Oid) -> Option<usize> {
     locked(|shared| {
         let i = slot_for(shared, dboid, false)?;
         let slot = &mut shared.slots[i];
+        slot.flush_requested = !slot.is_empty();
         match slot.state {
-            WorkerState::Stopped if slot.head > slot.tail => {
+            WorkerState::Stopped if !slot.is_empty() => {
                 slot.state = WorkerState::Starting;
                 Some(i)
             }
@@ -297,25 +348,44 @@ pub fn start_failed(slot: usize) {
     locked(|shared| shared.slots[slot].state = WorkerState::Stopped);
 }
 
-/// The head sequence number for a database: everything queued so far.
-pub fn head(dboid: pg_sys::Oid) -> Option<u64> {
-    locked(|shared| slot_for(shared, dboid, false).map(|i| shared.slots[i].head)).flatten()
+/// Where a database's rings are: (events, touches) head sequence numbers.
+pub type Marks = (u64, u64);
+
+/// The head sequence numbers for a database: everything queued so far.
+pub fn head(dboid: pg_sys::Oid) -> Option<Marks> {
+    locked(|shared| slot_for(shared, dboid, false).map(|i| (shared.slots[i].events.head, shared.slots[i].touches.head))).flatten()
 }
 
-/// Whether everything up to `seq` has been committed by the writer.
-pub fn written_up_to(dboid: pg_sys::Oid, seq: u64) -> bool {
-    locked(|shared| slot_for(shared, dboid, false).is_none_or(|i| shared.slots[i].tail >= seq)).unwrap_or(true)
+/// Whether everything up to `marks` has been committed by the writer.
+pub fn written_up_to(dboid: pg_sys::Oid, marks: Marks) -> bool {
+    locked(|shared| {
+        slot_for(shared, dboid, false).is_none_or(|i| {
+            let s = &shared.slots[i];
+            s.events.tail >= marks.0 && s.touches.tail >= marks.1
+        })
+    })
+    .unwrap_or(true)
 }
 
-pub struct SlotStatus {
-    pub database: pg_sys::Oid,
-    pub worker_pid: Option<i32>,
+/// Counts of one ring: queued now, written and dropped since the slot was claimed.
+#[derive(Clone, Copy)]
+pub struct RingStatus {
     pub queued: u64,
     pub written: u64,
     pub dropped: u64,
 }
 
+pub struct SlotStatus {
+    pub database: pg_sys::Oid,
+    pub worker_pid: Option<i32>,
+    pub events: RingStatus,
+    pub touches: RingStatus,
+}
+
 pub fn status() -> Vec<SlotStatus> {
+    fn ring<T: Copy, const N: usize>(r: &Ring<T, N>) -> RingStatus {
+        RingStatus { queued: r.len() as u64, written: r.tail, dropped: r.dropped }
+    }
     locked(|shared| {
         shared
             .slots
@@ -324,9 +394,8 @@ pub fn status() -> Vec<SlotStatus> {
             .map(|s| SlotStatus {
                 database: s.dboid,
                 worker_pid: (s.state == WorkerState::Running).then_some(s.worker_pid),
-                queued: s.head - s.tail,
-                written: s.tail,
-                dropped: s.dropped,
+                events: ring(&s.events),
+                touches: ring(&s.touches),
             })
             .collect()
     })
@@ -336,7 +405,8 @@ pub fn status() -> Vec<SlotStatus> {
 // ---- The worker's side ----
 
 /// Called by the writer once connected: takes ownership of the slot. Returns its database and
-/// whether the previous writers failed repeatedly (the caller then skips the batch at the tail).
+/// whether the previous writers failed repeatedly (the batches at the tails are then discarded:
+/// something in them cannot be written).
 pub fn worker_attach(slot: usize) -> Option<(pg_sys::Oid, bool)> {
     locked(|shared| {
         let s = shared.slots.get_mut(slot)?;
@@ -348,9 +418,8 @@ pub fn worker_attach(slot: usize) -> Option<(pg_sys::Oid, bool)> {
         }
         let poisoned = s.failures >= 3;
         if poisoned {
-            let skip = (s.head - s.tail).min(BATCH as u64);
-            s.tail += skip;
-            s.dropped += skip;
+            s.events.discard(BATCH);
+            s.touches.discard(TOUCH_BATCH);
             s.failures = 0;
         }
         Some((s.dboid, poisoned))
@@ -362,27 +431,28 @@ pub fn worker_database(slot: usize) -> Option<pg_sys::Oid> {
     locked(|shared| shared.slots.get(slot).map(|s| s.dboid)).flatten()
 }
 
-/// Records taken per transaction.
-pub const BATCH: usize = 512;
-
-/// Copies up to `BATCH` records from the tail without consuming them.
-pub fn worker_peek(slot: usize, out: &mut Vec<Record>) {
-    out.clear();
+/// Copies up to `BATCH` events and `TOUCH_BATCH` last-use updates from the tails without
+/// consuming them; returns whether a flush was requested.
+pub fn worker_peek(slot: usize, events: &mut Vec<Record>, touches: &mut Vec<Touch>) -> bool {
     locked(|shared| {
         let s = &shared.slots[slot];
-        let n = (s.head - s.tail).min(BATCH as u64);
-        for seq in s.tail..s.tail + n {
-            out.push(s.records[(seq % QUEUE_LEN as u64) as usize]);
-        }
-    });
+        s.events.peek(events, BATCH);
+        s.touches.peek(touches, TOUCH_BATCH);
+        s.flush_requested
+    })
+    .unwrap_or(false)
 }
 
-/// Consumes `n` records after they were committed.
-pub fn worker_consumed(slot: usize, n: usize) {
+/// Consumes records after they were committed.
+pub fn worker_consumed(slot: usize, events: usize, touches: usize) {
     locked(|shared| {
         let s = &mut shared.slots[slot];
-        s.tail += n as u64;
+        s.events.consume(events);
+        s.touches.consume(touches);
         s.failures = 0;
+        if s.is_empty() {
+            s.flush_requested = false;
+        }
     });
 }
 
@@ -390,7 +460,7 @@ pub fn worker_consumed(slot: usize, n: usize) {
 pub fn worker_try_detach(slot: usize) -> bool {
     locked(|shared| {
         let s = &mut shared.slots[slot];
-        if s.head != s.tail {
+        if !s.is_empty() {
             return false;
         }
         s.state = WorkerState::Stopped;
@@ -417,4 +487,46 @@ pub fn worker_exited(slot: usize, abnormal: bool) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring<const N: usize>() -> Box<Ring<u32, N>> {
+        Box::new(Ring { head: 0, tail: 0, dropped: 0, items: [0; N] })
+    }
+
+    #[test]
+    fn a_ring_hands_records_back_in_order_and_drops_when_full() {
+        let mut r = ring::<4>();
+        assert_eq!(r.push(&1), Some(0), "the writer is told the ring was empty");
+        assert_eq!(r.push(&2), Some(1));
+        let mut out = Vec::new();
+        r.peek(&mut out, 10);
+        assert_eq!(out, [1, 2]);
+        assert_eq!(r.len(), 2, "peeking consumes nothing");
+        r.consume(1);
+        for x in 3..=5 {
+            assert!(r.push(&x).is_some());
+        }
+        assert_eq!(r.push(&6), None, "a full ring refuses");
+        assert_eq!(r.dropped, 1);
+        r.peek(&mut out, 3);
+        assert_eq!(out, [2, 3, 4], "wraps around, oldest first, at most max");
+        r.consume(10);
+        assert_eq!((r.len(), r.tail), (0, 5), "consuming stops at the head");
+    }
+
+    #[test]
+    fn discarding_counts_as_dropped() {
+        let mut r = ring::<8>();
+        for x in 0..5 {
+            r.push(&x);
+        }
+        r.discard(3);
+        assert_eq!((r.len(), r.dropped), (2, 3));
+        r.discard(100);
+        assert_eq!((r.len(), r.dropped), (0, 5));
+    }
 }

@@ -18,9 +18,8 @@ use std::rc::Rc;
 use pgrx::prelude::*;
 
 use crate::account;
-use crate::store::{self, Stored};
-use crate::validate::{self, identity_values, row};
-use crate::verdict::Request;
+use crate::store::Stored;
+use crate::validate;
 
 thread_local! {
     /// (transaction nesting level, identity); the last entry is the current identity.
@@ -79,21 +78,23 @@ pub fn register_callbacks() {
     }
 }
 
-/// Validates like validate_token and binds the identity to the current transaction.
-#[pg_extern(volatile, parallel_unsafe)]
-fn authenticate(
-    token: Option<&str>,
-    caller_token: default!(Option<&str>, "NULL"),
-    required_scope: default!(Option<&str>, "NULL"),
-) -> pgrx::composite_type!('static, "identity") {
-    let judged = validate::judge_or_raise(Request { token, caller: caller_token, required_scope });
+validate::v1_function_info!(pg_finfo_pg_token_authenticate);
+/// `token.authenticate(token, caller_token, required_scope) -> token.identity`: validates like
+/// validate_token and binds the identity to the current transaction (replacing one bound
+/// earlier at this nesting level).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pg_token_authenticate(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: called by Postgres as declared in sql/validation.sql.
+    let req = unsafe { validate::request(fcinfo) };
+    let token = validate::judge_or_raise(req);
     let level = nest_level();
     STACK.with(|s| {
         let mut s = s.borrow_mut();
         s.retain(|(l, _)| *l != level);
-        s.push((level, Rc::clone(&judged.token)));
+        s.push((level, Rc::clone(&token)));
     });
-    row(judged.identity_desc, identity_values(&judged.token))
+    token.identity_datum()
 }
 
 #[pg_extern(stable, parallel_restricted)]
@@ -135,10 +136,18 @@ fn has_scope(scope: Option<&str>) -> bool {
     }
 }
 
-/// The whole identity of the current transaction, or NULL.
-#[pg_extern(stable, parallel_restricted)]
-fn current_identity() -> Option<pgrx::composite_type!('static, "identity")> {
-    let id = current()?;
-    let desc = store::with(|cat, _, _| cat.identity_desc);
-    Some(row(desc, identity_values(&id)))
+validate::v1_function_info!(pg_finfo_pg_token_current_identity);
+/// `token.current_identity() -> token.identity`: the whole identity of the current
+/// transaction, or NULL.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pg_token_current_identity(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    match current() {
+        Some(id) => id.identity_datum(),
+        None => {
+            // SAFETY: the live call's fcinfo, as declared in sql/validation.sql.
+            unsafe { (*fcinfo).isnull = true };
+            pg_sys::Datum::from(0)
+        }
+    }
 }

@@ -31,7 +31,7 @@
 //! The relcache callback only bumps a counter; the cache is emptied at the start of the next
 //! call, never under a caller's feet.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -39,21 +39,68 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
-use crate::cache::{Footprint, TokenCache};
+use crate::cache::{heap_chunk, Footprint, TokenCache};
 use crate::guc;
 use crate::hash::TokenHash;
 use crate::verdict::{KeyTypeInfo, Micros, PrefixInfo, Registry, TokenState};
 
-/// A stored token as this backend holds it: the verdict inputs plus the identity columns,
-/// with arrays and jsonb kept as their raw bytes so that returning them costs a memcpy.
+/// A stored token as this backend holds it: the verdict inputs, and the identity row already
+/// built as a composite datum, so that returning it costs one palloc and a memcpy.
 #[derive(Debug)]
 pub struct Stored {
     pub state: TokenState,
-    pub name: Option<String>,
-    pub scopes_raw: Vec<u8>,
-    pub metadata_raw: Vec<u8>,
+    /// The `token.identity` row as a flat composite datum (header included), built once from
+    /// the table row when the token is read.
+    identity: DatumBytes,
+    /// The `token.verdict` row of an accepted token, built on the first check_token.
+    verdict: OnceCell<DatumBytes>,
     /// The last `last_used_at` this backend read or queued.
     pub last_used_at: Cell<Option<Micros>>,
+}
+
+impl Stored {
+    /// The identity row, copied into the current memory context.
+    pub fn identity_datum(&self) -> pg_sys::Datum {
+        palloc_copy(self.identity.as_bytes())
+    }
+
+    /// The verdict row of this accepted token, copied into the current memory context.
+    pub fn verdict_datum(&self, cat: &Catalog) -> pg_sys::Datum {
+        let bytes = self.verdict.get_or_init(|| {
+            // SAFETY: `identity` is a composite datum of the identity type, which `cat` holds
+            // the descriptor of (both are dropped together when the type changes).
+            let values = unsafe { deform_composite(self.identity.as_bytes(), cat.identity_desc) };
+            let head = [(pg_sys::Datum::from(true), false), (pg_sys::Datum::from(0), true)];
+            form_composite(cat.verdict_desc, head.into_iter().chain(values))
+        });
+        palloc_copy(bytes.as_bytes())
+    }
+}
+
+/// A datum's bytes in 8-byte-aligned storage: Postgres reads the columns of a tuple at
+/// aligned offsets from its start.
+#[derive(Debug)]
+pub struct DatumBytes {
+    words: Box<[u64]>,
+    len: usize,
+}
+
+impl DatumBytes {
+    fn new(bytes: &[u8]) -> DatumBytes {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)].into_boxed_slice();
+        // SAFETY: `words` has room for at least `bytes.len()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), words.as_mut_ptr().cast::<u8>(), bytes.len()) };
+        DatumBytes { words, len: bytes.len() }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes of `words` were written in `new`.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    fn footprint(&self) -> usize {
+        self.words.len() * 8
+    }
 }
 
 impl AsRef<TokenState> for Stored {
@@ -69,16 +116,19 @@ impl AsRef<TokenState> for Rc<Stored> {
 }
 
 impl Footprint for Stored {
+    /// Every allocation an entry owns, as malloc sizes it, with room reserved for the verdict
+    /// row a check_token builds later (the identity row plus two columns).
     fn footprint(&self) -> usize {
         let s = &self.state;
-        std::mem::size_of::<Stored>()
-            + s.account.capacity()
-            + s.key_type.capacity()
-            + s.environment.capacity()
-            + s.scopes.iter().map(|x| x.capacity() + 24).sum::<usize>()
-            + self.name.as_ref().map_or(0, String::capacity)
-            + self.scopes_raw.capacity()
-            + self.metadata_raw.capacity()
+        let text = |x: &String| heap_chunk(x.capacity());
+        heap_chunk(16 + std::mem::size_of::<Stored>()) // the Rc allocation
+            + text(&s.account)
+            + text(&s.key_type)
+            + text(&s.environment)
+            + heap_chunk(s.scopes.capacity() * std::mem::size_of::<String>())
+            + s.scopes.iter().map(text).sum::<usize>()
+            + heap_chunk(self.identity.footprint())
+            + heap_chunk(self.identity.footprint() + 16)
     }
 }
 
@@ -235,7 +285,7 @@ impl Catalog {
         });
         Catalog {
             tokens,
-            hash_index: relid(ns, c"tokens_token_hash_key"),
+            hash_index: relid(ns, c"tokens_token_hash_excl"),
             key_types,
             prefixes,
             identity_desc,
@@ -270,17 +320,6 @@ impl Drop for LatestSnapshot {
     fn drop(&mut self) {
         // SAFETY: registered in `take`.
         unsafe { pg_sys::UnregisterSnapshot(self.0) };
-    }
-}
-
-/// Bytes of a varlena datum's payload (detoasted), for keeping arrays and jsonb raw.
-unsafe fn varlena_payload(d: pg_sys::Datum) -> Vec<u8> {
-    // SAFETY: the caller passes a non-null varlena datum from a deformed tuple.
-    unsafe {
-        let p = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
-        let len = pgrx::varlena::varsize_any_exhdr(p);
-        let data = pgrx::varlena::vardata_any(p).cast::<u8>();
-        std::slice::from_raw_parts(data, len).to_vec()
     }
 }
 
@@ -359,12 +398,37 @@ pub fn with<R>(f: impl FnOnce(&Catalog, &RegistryCache, &mut dyn FnMut(&TokenHas
     })
 }
 
-/// The number of entries and bytes in this backend's cache, and its budget.
-pub fn cache_stats() -> (usize, usize, usize) {
+/// Runs `f` with this backend's catalog, without processing invalidations first: for use
+/// right after `with`, when nothing has run since that could have changed it.
+pub fn catalog<R>(f: impl FnOnce(&Catalog) -> R) -> R {
+    BACKEND.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.catalog.is_none() {
+            b.refresh();
+        }
+        match b.catalog.as_ref() {
+            Some(cat) => f(cat),
+            None => not_installed(),
+        }
+    })
+}
+
+pub struct CacheStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub budget: u64,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+/// This backend's cache: its size, budget, and the hits and misses counted since it started.
+pub fn cache_stats() -> CacheStats {
     BACKEND.with(|b| {
         let mut b = b.borrow_mut();
         b.refresh();
-        (b.cache.len(), b.cache.bytes(), b.cache.budget())
+        let c = &b.cache;
+        let n = |x: usize| x as u64;
+        CacheStats { entries: n(c.len()), bytes: n(c.bytes()), budget: n(c.budget()), hits: c.hits(), misses: c.misses() }
     })
 }
 
@@ -392,37 +456,52 @@ fn scan_all(rel_oid: pg_sys::Oid, snap: &LatestSnapshot, mut f: impl FnMut(&[pg_
     }
 }
 
-/// One index scan by hash. Returns the row and whether this transaction wrote it.
+/// One scan of the hash index on token_hash. Returns the row and whether this transaction
+/// wrote it. A hash index returns every entry whose hash code matches, so each candidate row's
+/// token_hash is compared with ours (a real match is the first candidate all but always).
 fn scan_token(cat: &Catalog, hash: &TokenHash) -> Option<(Stored, bool)> {
     let snap = LatestSnapshot::take();
     let a = &cat.atts;
-    // SAFETY: as in `scan_all`, with a btree equality scan key on token_hash (bytea).
+    // SAFETY: the relation and index are opened and closed here, under AccessShareLock (held
+    // to the end of the transaction); the scan uses a registered snapshot. A candidate's
+    // datums point into the pinned page and are copied (into Rust values and the identity
+    // datum) before the slot moves on or is dropped.
     unsafe {
         let rel = pg_sys::table_open(cat.tokens, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let index = pg_sys::index_open(cat.hash_index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let key_datum = (&hash[..]).into_datum().unwrap_or(pg_sys::Datum::from(0));
         let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
         pg_sys::ScanKeyInit(
             &mut key,
-            a.token_hash,
-            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            1, // the index's first (only) column
+            pg_sys::HTEqualStrategyNumber as pg_sys::StrategyNumber,
             pg_sys::Oid::from(pg_sys::F_BYTEAEQ),
             key_datum,
         );
-        let scan = pg_sys::systable_beginscan(rel, cat.hash_index, true, snap.0, 1, &mut key);
-        let tup = pg_sys::systable_getnext(scan);
-        let found = if tup.is_null() {
-            None
-        } else {
-            let desc = (*rel).rd_att;
-            let natts = (*desc).natts as usize;
-            let mut values = vec![pg_sys::Datum::from(0); natts];
-            let mut nulls = vec![true; natts];
+        let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
+        let scan = pg_sys::index_beginscan(rel, index, snap.0, 1, 0);
+        pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![true; natts];
+        let mut found = None;
+        while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+            let mut should_free = false;
+            let tup = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
             pg_sys::heap_deform_tuple(tup, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            let (v, n) = (&values[..], &nulls[..]);
+            let h = usize::try_from(a.token_hash - 1).unwrap_or(0);
+            if n[h] || pgrx::varlena::varlena_to_byte_slice(v[h].cast_mut_ptr()) != &hash[..] {
+                continue; // same hash code, another token
+            }
             let xmin = pg_sys::HeapTupleHeaderGetXmin((*tup).t_data);
             let own = pg_sys::TransactionIdIsCurrentTransactionId(xmin);
-            let (v, n) = (&values[..], &nulls[..]);
             let id = pgrx::Uuid::from_datum(v[a.id], n[a.id]).map(|u| *u.as_bytes()).unwrap_or_default();
             let scopes = Vec::<String>::from_datum(v[a.scopes], n[a.scopes]).unwrap_or_default();
+            // token.identity, in its column order.
+            let identity = [a.id, a.account, a.key_type, a.environment, a.scopes, a.name, a.expires_at, a.revoke_after, a.metadata]
+                .map(|i| (v[i], n[i]));
             let stored = Stored {
                 state: TokenState {
                     id,
@@ -434,42 +513,79 @@ fn scan_token(cat: &Catalog, hash: &TokenHash) -> Option<(Stored, bool)> {
                     revoke_after: timestamp(v, n, a.revoke_after),
                     revoked_at: timestamp(v, n, a.revoked_at),
                 },
-                name: text(v, n, a.name),
-                scopes_raw: if n[a.scopes] { Vec::new() } else { varlena_payload(v[a.scopes]) },
-                metadata_raw: if n[a.metadata] { Vec::new() } else { varlena_payload(v[a.metadata]) },
+                identity: form_composite(cat.identity_desc, identity),
+                verdict: OnceCell::new(),
                 last_used_at: Cell::new(timestamp(v, n, a.last_used_at)),
             };
-            Some((stored, own))
-        };
-        pg_sys::systable_endscan(scan);
+            found = Some((stored, own));
+            break;
+        }
+        pg_sys::index_endscan(scan);
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         drop(snap);
         found
     }
 }
 
-/// A palloc'd varlena built from raw payload bytes (text, arrays, jsonb).
-pub fn varlena_datum(payload: &[u8]) -> pg_sys::Datum {
-    // SAFETY: allocates header + payload in the current memory context and sets the 4-byte
-    // header; the payload bytes were copied from a datum of the same type.
+/// Builds a row of `desc` as a flat composite datum (external TOAST values inlined, as a
+/// composite datum requires) and keeps its bytes.
+pub fn form_composite(desc: pg_sys::TupleDesc, columns: impl IntoIterator<Item = (pg_sys::Datum, bool)>) -> DatumBytes {
+    let (mut values, mut nulls): (Vec<pg_sys::Datum>, Vec<bool>) = columns.into_iter().unzip();
+    // SAFETY: `desc` is a live descriptor; callers pass one (value, isnull) per column of it,
+    // of the column's type. heap_copy_tuple_as_datum returns a palloc'd varlena whose length
+    // is its varlena header; both pallocs are freed once copied.
     unsafe {
-        let total = pg_sys::VARHDRSZ + payload.len();
-        let p = pg_sys::palloc(total).cast::<u8>();
-        pgrx::varlena::set_varsize_4b(p.cast(), total as i32);
-        std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(pg_sys::VARHDRSZ), payload.len());
+        if values.len() != (*desc).natts as usize {
+            ereport!(ERROR, PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, "pg_token: row type has changed; reconnect");
+        }
+        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        let datum = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
+        let ptr = datum.cast_mut_ptr::<pg_sys::varlena>();
+        let bytes = DatumBytes::new(std::slice::from_raw_parts(ptr.cast::<u8>(), pgrx::varlena::varsize_4b(ptr)));
+        pg_sys::pfree(ptr.cast());
+        pg_sys::heap_freetuple(tuple);
+        bytes
+    }
+}
+
+/// The (value, isnull) pairs of a composite datum built by `form_composite` for `desc`. The
+/// values point into `bytes`.
+unsafe fn deform_composite(bytes: &[u8], desc: pg_sys::TupleDesc) -> Vec<(pg_sys::Datum, bool)> {
+    // SAFETY: `bytes` is a whole composite datum of `desc`'s type (see the caller).
+    unsafe {
+        let natts = (*desc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![true; natts];
+        let mut tuple: pg_sys::HeapTupleData = std::mem::zeroed();
+        tuple.t_len = bytes.len() as u32;
+        tuple.t_data = bytes.as_ptr().cast_mut().cast();
+        pg_sys::heap_deform_tuple(&mut tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        values.into_iter().zip(nulls).collect()
+    }
+}
+
+/// A palloc'd copy of a datum kept as bytes.
+pub fn palloc_copy(bytes: &[u8]) -> pg_sys::Datum {
+    // SAFETY: palloc returns at least `len` writable bytes (or raises); the bytes are a whole
+    // varlena datum, so the copy is one too.
+    unsafe {
+        let p = pg_sys::palloc(bytes.len()).cast::<u8>();
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
         pg_sys::Datum::from(p)
     }
 }
 
+/// A palloc'd text datum.
 pub fn text_datum(s: &str) -> pg_sys::Datum {
-    varlena_datum(s.as_bytes())
-}
-
-pub fn uuid_datum(id: &[u8; 16]) -> pg_sys::Datum {
-    // SAFETY: a uuid datum is a pointer to 16 bytes.
+    // SAFETY: allocates header + payload in the current memory context and sets the 4-byte
+    // header.
     unsafe {
-        let p = pg_sys::palloc(16).cast::<u8>();
-        std::ptr::copy_nonoverlapping(id.as_ptr(), p, 16);
+        let total = pg_sys::VARHDRSZ + s.len();
+        let p = pg_sys::palloc(total).cast::<u8>();
+        pgrx::varlena::set_varsize_4b(p.cast(), total as i32);
+        std::ptr::copy_nonoverlapping(s.as_ptr(), p.add(pg_sys::VARHDRSZ), s.len());
         pg_sys::Datum::from(p)
     }
 }

@@ -1,14 +1,21 @@
 //! The SQL entry points that judge tokens: `validate_token` (raises on refusal),
 //! `check_token` (returns the verdict as a row) and `hash_token`. Adapters only: they call
 //! `verdict::decide` through `store`, record refusals through `events`, queue `last_used_at`
-//! updates, and turn the result into a row. Refusals raise SQLSTATE 28000 with the reason
-//! word in the message; the token never appears in anything they produce.
+//! updates, and hand back the row. Refusals raise SQLSTATE 28000 with the reason word in the
+//! message; the token never appears in anything they produce.
+//!
+//! `validate_token`, `check_token` and `authenticate` are plain V1 C functions declared in
+//! `sql/validation.sql` rather than `#[pg_extern]`s, for two reasons. Their token arguments are
+//! read as the bytes that arrived, so hostile input in any database encoding is judged
+//! (`malformed`) instead of failing a UTF-8 conversion. And an accepted token's row is returned
+//! as the prebuilt datum its cache entry holds: the hit path makes two calls into Postgres
+//! (process invalidations, palloc the result) and builds no tuple.
 
 use std::rc::Rc;
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use pgrx::{PgLogLevel, PgSqlErrorCode, PgTupleDesc};
+use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 use crate::events;
 use crate::format::MAX_TOKEN_BYTES;
@@ -16,13 +23,21 @@ use crate::guc;
 use crate::queue;
 use crate::reason::Reason;
 use crate::store::{self, Stored};
-use crate::verdict::{self, Context, Refusal, Request};
+use crate::verdict::{self, Context, Micros, Refusal, Request};
 
-/// An accepted token and the descriptor to build its identity row with.
-pub struct Judged {
-    pub token: Rc<Stored>,
-    pub identity_desc: pg_sys::TupleDesc,
+pgrx::extension_sql_file!("../sql/validation.sql", name = "validation", requires = ["bootstrap"]);
+
+/// Declares the Postgres V1 calling convention for a hand-written C function.
+macro_rules! v1_function_info {
+    ($finfo:ident) => {
+        #[unsafe(no_mangle)]
+        pub extern "C" fn $finfo() -> &'static ::pgrx::pg_sys::Pg_finfo_record {
+            static V1: ::pgrx::pg_sys::Pg_finfo_record = ::pgrx::pg_sys::Pg_finfo_record { api_version: 1 };
+            &V1
+        }
+    };
 }
+pub(crate) use v1_function_info;
 
 pub fn require_preload() {
     if !queue::available() {
@@ -35,19 +50,25 @@ pub fn require_preload() {
     }
 }
 
+/// Microseconds since 2000-01-01 UTC: what `GetCurrentTimestamp()` returns, from the same
+/// clock (CLOCK_REALTIME), read without a guarded call into Postgres.
+pub fn now() -> Micros {
+    const UNIX_TO_POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX) - UNIX_TO_POSTGRES_EPOCH_US,
+        Err(_) => i64::MIN, // a clock before 1970: every deadline is in the future
+    }
+}
+
 /// Judges a request; records the refusal (never raises for it). Raises only for faults that
 /// are not about the token (pg_token not installed or not preloaded).
-pub fn judge(req: Request<'_>) -> (Result<Rc<Stored>, Refusal>, pg_sys::TupleDesc, pg_sys::TupleDesc) {
+pub fn judge(req: Request<'_>) -> Result<Rc<Stored>, Refusal> {
     require_preload();
-    // SAFETY: reads the clock.
-    let now = unsafe { pg_sys::GetCurrentTimestamp() };
-    let (result, identity_desc, verdict_desc) = guc::with_environment(|environment| {
-        store::with(|cat, registry, find| {
-            let ctx = Context { environment, now };
-            (verdict::decide(req, ctx, registry, find), cat.identity_desc, cat.verdict_desc)
-        })
+    let now = now();
+    let result = guc::with_environment(|environment| {
+        store::with(|_, registry, find| verdict::decide(req, Context { environment, now }, registry, find))
     });
-    let result = match result {
+    match result {
         Ok(accepted) => {
             touch(&accepted.token, now);
             if let Some(caller) = &accepted.caller {
@@ -59,15 +80,14 @@ pub fn judge(req: Request<'_>) -> (Result<Rc<Stored>, Refusal>, pg_sys::TupleDes
             events::refused(&refusal);
             Err(refusal)
         }
-    };
-    (result, identity_desc, verdict_desc)
+    }
 }
 
 /// Judges and raises on refusal.
-pub fn judge_or_raise(req: Request<'_>) -> Judged {
+pub fn judge_or_raise(req: Request<'_>) -> Rc<Stored> {
     match judge(req) {
-        (Ok(token), identity_desc, _) => Judged { token, identity_desc },
-        (Err(refusal), ..) => raise(&refusal),
+        Ok(token) => token,
+        Err(refusal) => raise(&refusal),
     }
 }
 
@@ -82,78 +102,95 @@ pub fn raise(refusal: &Refusal) -> ! {
     unreachable!("ERROR does not return")
 }
 
-/// Queues a last_used_at update when this backend has not seen one within the interval.
-fn touch(stored: &Stored, now: i64) {
+/// Queues a last_used_at update when this backend has not seen one within the interval. The
+/// writer applies it only if the row's own last_used_at is that old too, so the interval
+/// holds per token across all backends.
+fn touch(stored: &Stored, now: Micros) {
     let interval = guc::LAST_USED_INTERVAL.get();
     if interval < 0 {
         return;
     }
-    let due = stored.last_used_at.get().is_none_or(|t| now - t >= i64::from(interval) * 1_000_000);
+    let interval_us = i64::from(interval) * 1_000_000;
+    let due = stored.last_used_at.get().is_none_or(|t| now.saturating_sub(t) >= interval_us);
     if due {
         stored.last_used_at.set(Some(now));
-        events::touched(stored.state.id, now);
+        events::touched(stored.state.id, now, interval);
     }
 }
 
-/// The values of a `token.identity` row, in column order.
-pub fn identity_values(s: &Stored) -> [Option<pg_sys::Datum>; 9] {
-    let st = &s.state;
-    let ts = |t: Option<i64>| t.map(pg_sys::Datum::from);
-    [
-        Some(store::uuid_datum(&st.id)),
-        Some(store::text_datum(&st.account)),
-        Some(store::text_datum(&st.key_type)),
-        Some(store::text_datum(&st.environment)),
-        (!s.scopes_raw.is_empty()).then(|| store::varlena_datum(&s.scopes_raw)),
-        s.name.as_deref().map(store::text_datum),
-        ts(st.expires_at),
-        ts(st.revoke_after),
-        (!s.metadata_raw.is_empty()).then(|| store::varlena_datum(&s.metadata_raw)),
-    ]
+/// Argument `i` of a V1 call as the bytes that arrived, or `None` for SQL NULL. Compressed or
+/// out-of-line values (only a table column can hand us one) are detoasted first.
+///
+/// # Safety
+/// `fcinfo` is the live call's, and argument `i`, if present, is of a varlena type.
+pub unsafe fn text_arg<'a>(fcinfo: pg_sys::FunctionCallInfo, i: usize) -> Option<&'a [u8]> {
+    // SAFETY: per the contract; the bytes live in the call's memory context, which outlives
+    // the call that borrows them.
+    unsafe {
+        let fc = &*fcinfo;
+        if i >= usize::try_from(fc.nargs).unwrap_or(0) {
+            return None;
+        }
+        let arg = *fc.args.as_ptr().add(i);
+        if arg.isnull {
+            return None;
+        }
+        let mut p = arg.value.cast_mut_ptr::<pg_sys::varlena>();
+        if pgrx::varlena::varatt_is_1b_e(p) || pgrx::varlena::varatt_is_4b_c(p) {
+            p = pg_sys::pg_detoast_datum_packed(p);
+        }
+        Some(pgrx::varlena::varlena_to_byte_slice(p))
+    }
 }
 
-pub fn row<I: IntoIterator<Item = Option<pg_sys::Datum>>>(desc: pg_sys::TupleDesc, values: I) -> pgrx::composite_type!('static, "identity") {
-    // SAFETY: `desc` is the catalog's copy of the row type (TopMemoryContext, not refcounted)
-    // and `values` match its columns in order and type.
-    let tuple = unsafe { PgHeapTuple::from_datums(PgTupleDesc::from_pg_unchecked(desc), values) };
-    match tuple {
-        Ok(t) => t,
-        Err(e) => {
-            ereport!(ERROR, PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("pg_token could not build a result row: {e}"));
+/// The `(token, caller_token, required_scope)` arguments of validate_token, check_token and
+/// authenticate.
+///
+/// # Safety
+/// `fcinfo` is the live call of one of those functions.
+pub unsafe fn request<'a>(fcinfo: pg_sys::FunctionCallInfo) -> Request<'a> {
+    // SAFETY: all three arguments are text.
+    unsafe {
+        Request {
+            token: text_arg(fcinfo, 0),
+            caller: text_arg(fcinfo, 1),
+            // Text in a UTF8 database is UTF-8 (pg_token is only installed in one); anything
+            // else could name no scope a token carries, and "" is no valid scope.
+            required_scope: text_arg(fcinfo, 2).map(|b| std::str::from_utf8(b).unwrap_or("")),
         }
     }
 }
 
-/// Validates a token and returns its identity, or raises SQLSTATE 28000 naming the reason.
-#[pg_extern(volatile, parallel_unsafe)]
-fn validate_token(
-    token: Option<&str>,
-    caller_token: default!(Option<&str>, "NULL"),
-    required_scope: default!(Option<&str>, "NULL"),
-) -> pgrx::composite_type!('static, "identity") {
-    let judged = judge_or_raise(Request { token, caller: caller_token, required_scope });
-    row(judged.identity_desc, identity_values(&judged.token))
+v1_function_info!(pg_finfo_pg_token_validate_token);
+/// `token.validate_token(token, caller_token, required_scope) -> token.identity`: the identity,
+/// or SQLSTATE 28000 naming the reason.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pg_token_validate_token(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: called by Postgres as declared in sql/validation.sql.
+    let req = unsafe { request(fcinfo) };
+    judge_or_raise(req).identity_datum()
 }
 
-/// The same verdict as validate_token, as a row: (valid, reason, identity columns...).
-/// Never raises for a refused token; the identity columns are NULL unless valid.
-#[pg_extern(volatile, parallel_unsafe)]
-fn check_token(
-    token: Option<&str>,
-    caller_token: default!(Option<&str>, "NULL"),
-    required_scope: default!(Option<&str>, "NULL"),
-) -> pgrx::composite_type!('static, "verdict") {
-    let (result, _, verdict_desc) = judge(Request { token, caller: caller_token, required_scope });
-    match result {
-        Ok(stored) => {
-            let head = [Some(true.into_datum().unwrap_or(pg_sys::Datum::from(0))), None];
-            row(verdict_desc, head.into_iter().chain(identity_values(&stored)))
-        }
+v1_function_info!(pg_finfo_pg_token_check_token);
+/// `token.check_token(token, caller_token, required_scope) -> token.verdict`: the same
+/// decision as a row `(valid, reason, identity columns...)`; never raises for a refusal.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pg_token_check_token(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: called by Postgres as declared in sql/validation.sql.
+    let req = unsafe { request(fcinfo) };
+    let result = judge(req);
+    // The catalog judge() just refreshed: nothing has run since that could change it.
+    store::catalog(|cat| match result {
+        Ok(stored) => stored.verdict_datum(cat),
         Err(refusal) => {
-            let head = [Some(false.into_datum().unwrap_or(pg_sys::Datum::from(0))), Some(store::text_datum(refusal.reason.as_str()))];
-            row(verdict_desc, head.into_iter().chain(std::iter::repeat_n(None, 9)))
+            let reason = store::text_datum(refusal.reason.as_str());
+            let head = [(pg_sys::Datum::from(false), false), (reason, false)];
+            let rest = std::iter::repeat_n((pg_sys::Datum::from(0), true), 9);
+            store::palloc_copy(store::form_composite(cat.verdict_desc, head.into_iter().chain(rest)).as_bytes())
         }
-    }
+    })
 }
 
 /// SHA-256 of a token: what token.tokens stores. Inputs over 256 bytes are refused.
@@ -176,11 +213,15 @@ fn reasons() -> TableIterator<'static, (name!(reason, &'static str), name!(expla
     TableIterator::new(Reason::ALL.iter().map(|r| (r.as_str(), r.explain())))
 }
 
-/// This backend's validation cache: entries, bytes used, and the byte budget.
+/// This backend's validation cache: entries, bytes used, the byte budget, and the hits and
+/// misses counted since the backend started.
 #[pg_extern(volatile, parallel_restricted)]
-fn cache_stats() -> TableIterator<'static, (name!(entries, i64), name!(bytes, i64), name!(budget, i64))> {
+fn cache_stats() -> TableIterator<
+    'static,
+    (name!(entries, i64), name!(bytes, i64), name!(budget, i64), name!(hits, i64), name!(misses, i64)),
+> {
     require_preload();
-    let (entries, bytes, budget) = store::cache_stats();
-    let n = |x: usize| i64::try_from(x).unwrap_or(i64::MAX);
-    TableIterator::once((n(entries), n(bytes), n(budget)))
+    let s = store::cache_stats();
+    let n = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
+    TableIterator::once((n(s.entries), n(s.bytes), n(s.budget), n(s.hits), n(s.misses)))
 }

@@ -1,7 +1,9 @@
 //! The event writer: a background worker, one per database with queued records, started on
 //! demand by the first record and gone after `token.worker_idle_timeout` of quiet (so that it
-//! never holds up DROP DATABASE for long). It writes refusal events and `last_used_at`
-//! updates in its own transactions, and purges events past `token.event_retention`.
+//! never holds up DROP DATABASE for long). It writes refusal events as soon as they arrive and
+//! `last_used_at` updates in batches (after `queue::TOUCH_DELAY`, when a batch is full, or when
+//! someone waits in flush_events), each in its own transaction through a plan prepared once,
+//! and purges events past `token.event_retention`.
 //!
 //! It must never wait on a row lock held by someone else (it skips locked rows: a missed
 //! `last_used_at` update is harmless, a stalled queue is not) and never see a token.
@@ -11,10 +13,12 @@ use std::time::{Duration, Instant};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{PgBuiltInOids, PgOid};
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 use crate::guc;
-use crate::queue::{self, Kind, Record, BATCH};
+use crate::queue::{self, Record, Touch, TOUCH_BATCH, TOUCH_DELAY};
 use crate::reason::Reason;
 
 const PURGE_EVERY: Duration = Duration::from_secs(600);
@@ -99,21 +103,44 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
         );
     }
 
-    let mut batch: Vec<Record> = Vec::with_capacity(BATCH);
+    let mut events: Vec<Record> = Vec::with_capacity(queue::BATCH);
+    let mut touches: Vec<Touch> = Vec::with_capacity(TOUCH_BATCH);
+    let mut plans = Plans::default();
     let mut idle_since = Instant::now();
+    // When the oldest last-use update still queued was first seen.
+    let mut touches_since: Option<Instant> = None;
     let mut last_purge: Option<Instant> = None;
     loop {
         if BackgroundWorker::sighup_received() {
             // SAFETY: the documented way for a worker to reload its configuration.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        queue::worker_peek(slot, &mut batch);
-        if !batch.is_empty() {
-            BackgroundWorker::transaction(|| write_batch(&batch));
-            queue::worker_consumed(slot, batch.len());
-            idle_since = Instant::now();
+        let flush = queue::worker_peek(slot, &mut events, &mut touches);
+        if !events.is_empty() || !touches.is_empty() {
+            let first = *touches_since.get_or_insert_with(Instant::now);
+            let touches_due = flush || touches.len() >= TOUCH_BATCH || first.elapsed() >= TOUCH_DELAY;
+            let write_touches = touches_due && !touches.is_empty();
+            if !events.is_empty() || write_touches {
+                let touches = if write_touches { &touches[..] } else { &[][..] };
+                // An error ends this process (the next record starts a new writer), so plans
+                // left half-made by one are never seen again.
+                let mut plans = std::panic::AssertUnwindSafe(&mut plans);
+                let events = &events[..];
+                BackgroundWorker::transaction(move || write_batch(&mut **plans, events, touches));
+                queue::worker_consumed(slot, events.len(), touches.len());
+                if write_touches {
+                    touches_since = None;
+                }
+                idle_since = Instant::now();
+                continue;
+            }
+            // Only last-use updates, not due yet: let more accumulate.
+            if !BackgroundWorker::wait_latch(Some(TOUCH_DELAY.saturating_sub(first.elapsed()))) {
+                return; // SIGTERM or postmaster death; whatever is queued waits for the next writer
+            }
             continue;
         }
+        touches_since = None;
         if last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
             BackgroundWorker::transaction(purge_expired_events);
             last_purge = Some(Instant::now());
@@ -150,73 +177,114 @@ fn tstz(at: i64) -> Option<TimestampWithTimeZone> {
     unsafe { TimestampWithTimeZone::from_datum(pg_sys::Datum::from(at), false) }
 }
 
-fn write_batch(batch: &[Record]) {
+/// The writer's two statements, prepared on first use and kept for the life of the process.
+#[derive(Default)]
+struct Plans {
+    insert_events: Option<OwnedPreparedStatement>,
+    apply_touches: Option<OwnedPreparedStatement>,
+}
+
+const INSERT_EVENTS: &str = "INSERT INTO token.events (occurred_at, event, reason, token_id, caller_token_id, account, prefix, \
+     hint, environment, detail, client_addr, application_name, db_user, backend_pid) \
+     SELECT u.at, 'refused', u.reason, u.token_id, u.caller_token_id, u.account, u.prefix, u.hint, \
+            u.environment, u.detail, u.client_addr, u.application_name, u.db_user, u.pid \
+     FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.timestamptz[]), pg_catalog.unnest($2::pg_catalog.text[]), \
+          pg_catalog.unnest($3::pg_catalog.uuid[]), pg_catalog.unnest($4::pg_catalog.uuid[]), \
+          pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6::pg_catalog.text[]), \
+          pg_catalog.unnest($7::pg_catalog.text[]), pg_catalog.unnest($8::pg_catalog.text[]), \
+          pg_catalog.unnest($9::pg_catalog.text[]), pg_catalog.unnest($10::pg_catalog.text[]), \
+          pg_catalog.unnest($11::pg_catalog.text[]), pg_catalog.unnest($12::pg_catalog.text[]), \
+          pg_catalog.unnest($13::pg_catalog.int4[])) \
+          AS u(at, reason, token_id, caller_token_id, account, prefix, hint, environment, detail, \
+               client_addr, application_name, db_user, pid)";
+
+/// One row per token: the latest use, applied unless the row's last_used_at is within the
+/// interval before it (the smallest interval any of the validating sessions asked for). So
+/// last_used_at moves at most once per interval per token, however many backends queued it,
+/// and never backwards. SKIP LOCKED: never wait on (or deadlock with) an admin transaction
+/// holding a row; that token's update is simply skipped.
+const APPLY_TOUCHES: &str = "WITH v AS ( \
+         SELECT u.id, pg_catalog.max(u.at) AS at, pg_catalog.min(u.secs) AS secs \
+           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]), pg_catalog.unnest($2::pg_catalog.timestamptz[]), \
+                           pg_catalog.unnest($3::pg_catalog.int4[])) AS u(id, at, secs) \
+          GROUP BY u.id), \
+     due AS ( \
+         SELECT t.id, v.at FROM token.tokens t JOIN v ON t.id OPERATOR(pg_catalog.=) v.id \
+          WHERE t.last_used_at IS NULL \
+             OR t.last_used_at OPERATOR(pg_catalog.<=) \
+                (v.at OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => v.secs::pg_catalog.float8)) \
+            FOR NO KEY UPDATE OF t SKIP LOCKED) \
+     UPDATE token.tokens t SET last_used_at = due.at FROM due WHERE t.id OPERATOR(pg_catalog.=) due.id";
+
+fn prepared<'p>(
+    client: &pgrx::spi::SpiClient<'_>,
+    plan: &'p mut Option<OwnedPreparedStatement>,
+    sql: &str,
+    args: &[PgBuiltInOids],
+) -> Option<&'p OwnedPreparedStatement> {
+    if plan.is_none() {
+        let args: Vec<PgOid> = args.iter().map(|&o| PgOid::BuiltIn(o)).collect();
+        match client.prepare_mut(sql, &args) {
+            Ok(p) => *plan = Some(p.keep()),
+            Err(e) => error!("pg_token writer could not prepare a statement: {e}"),
+        }
+    }
+    plan.as_ref()
+}
+
+fn write_batch(plans: &mut Plans, events: &[Record], touches: &[Touch]) {
     Spi::connect_mut(|client| {
         if !extension_installed(client) {
-            return; // dropped meanwhile: nothing to write into, the records are consumed
+            // Dropped meanwhile: nothing to write into, the records are consumed. The plans
+            // name its tables, so make new ones should it come back.
+            *plans = Plans::default();
+            return;
         }
-        let events: Vec<&Record> = batch.iter().filter(|r| r.kind == Kind::Refused).collect();
-        let touches: Vec<&Record> = batch.iter().filter(|r| r.kind == Kind::Touch).collect();
         if !events.is_empty() {
-            let col = |f: &dyn Fn(&Record) -> Option<String>| -> Vec<Option<String>> { events.iter().map(|r| f(r)).collect() };
+            let col = |f: &dyn Fn(&Record) -> Option<String>| -> Vec<Option<String>> { events.iter().map(f).collect() };
             let at: Vec<Option<TimestampWithTimeZone>> = events.iter().map(|r| tstz(r.at)).collect();
             let reason = col(&|r| Reason::from_u8(r.reason).map(|x| x.as_str().to_owned()));
             let token_id: Vec<Option<pgrx::Uuid>> = events.iter().map(|r| uuid(&r.token_id)).collect();
             let caller_id: Vec<Option<pgrx::Uuid>> = events.iter().map(|r| uuid(&r.caller_token_id)).collect();
             let pid: Vec<Option<i32>> = events.iter().map(|r| Some(r.backend_pid)).collect();
-            let result = client.update(
-                "INSERT INTO token.events (occurred_at, event, reason, token_id, caller_token_id, account, prefix, \
-                 hint, environment, detail, client_addr, application_name, db_user, backend_pid) \
-                 SELECT u.at, 'refused', u.reason, u.token_id, u.caller_token_id, u.account, u.prefix, u.hint, \
-                        u.environment, u.detail, u.client_addr, u.application_name, u.db_user, u.pid \
-                 FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.timestamptz[]), pg_catalog.unnest($2::pg_catalog.text[]), \
-                      pg_catalog.unnest($3::pg_catalog.uuid[]), pg_catalog.unnest($4::pg_catalog.uuid[]), \
-                      pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6::pg_catalog.text[]), \
-                      pg_catalog.unnest($7::pg_catalog.text[]), pg_catalog.unnest($8::pg_catalog.text[]), \
-                      pg_catalog.unnest($9::pg_catalog.text[]), pg_catalog.unnest($10::pg_catalog.text[]), \
-                      pg_catalog.unnest($11::pg_catalog.text[]), pg_catalog.unnest($12::pg_catalog.text[]), \
-                      pg_catalog.unnest($13::pg_catalog.int4[])) \
-                      AS u(at, reason, token_id, caller_token_id, account, prefix, hint, environment, detail, \
-                           client_addr, application_name, db_user, pid)",
-                None,
-                &[
-                    at.into(),
-                    reason.into(),
-                    token_id.into(),
-                    caller_id.into(),
-                    col(&|r| r.account.get().map(str::to_owned)).into(),
-                    col(&|r| r.prefix.get().map(str::to_owned)).into(),
-                    col(&|r| r.hint.get().map(str::to_owned)).into(),
-                    col(&|r| r.environment.get().map(str::to_owned)).into(),
-                    col(&|r| r.detail.get().map(str::to_owned)).into(),
-                    col(&|r| r.client_addr.get().map(str::to_owned)).into(),
-                    col(&|r| r.application_name.get().map(str::to_owned)).into(),
-                    col(&|r| r.db_user.get().map(str::to_owned)).into(),
-                    pid.into(),
-                ],
+            let args = [
+                at.into(),
+                reason.into(),
+                token_id.into(),
+                caller_id.into(),
+                col(&|r| r.account.get().map(str::to_owned)).into(),
+                col(&|r| r.prefix.get().map(str::to_owned)).into(),
+                col(&|r| r.hint.get().map(str::to_owned)).into(),
+                col(&|r| r.environment.get().map(str::to_owned)).into(),
+                col(&|r| r.detail.get().map(str::to_owned)).into(),
+                col(&|r| r.client_addr.get().map(str::to_owned)).into(),
+                col(&|r| r.application_name.get().map(str::to_owned)).into(),
+                col(&|r| r.db_user.get().map(str::to_owned)).into(),
+                pid.into(),
+            ];
+            let (times, texts, uuids, ints) = (
+                PgBuiltInOids::TIMESTAMPTZARRAYOID,
+                PgBuiltInOids::TEXTARRAYOID,
+                PgBuiltInOids::UUIDARRAYOID,
+                PgBuiltInOids::INT4ARRAYOID,
             );
-            if let Err(e) = result {
-                error!("pg_token writer could not insert events: {e}");
+            let types = [times, texts, uuids, uuids, texts, texts, texts, texts, texts, texts, texts, texts, ints];
+            if let Some(plan) = prepared(client, &mut plans.insert_events, INSERT_EVENTS, &types) {
+                if let Err(e) = client.update(plan, None, &args) {
+                    error!("pg_token writer could not insert events: {e}");
+                }
             }
         }
         if !touches.is_empty() {
-            let ids: Vec<Option<pgrx::Uuid>> = touches.iter().map(|r| uuid(&r.token_id)).collect();
-            let at: Vec<Option<TimestampWithTimeZone>> = touches.iter().map(|r| tstz(r.at)).collect();
-            // SKIP LOCKED: never wait on (or deadlock with) an admin transaction holding a row.
-            let result = client.update(
-                "WITH v AS (SELECT u.id, pg_catalog.max(u.at) AS at \
-                            FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]), \
-                                            pg_catalog.unnest($2::pg_catalog.timestamptz[])) AS u(id, at) \
-                            GROUP BY u.id), \
-                      due AS (SELECT t.id, v.at FROM token.tokens t JOIN v ON t.id OPERATOR(pg_catalog.=) v.id \
-                              WHERE t.last_used_at IS NULL OR t.last_used_at OPERATOR(pg_catalog.<) v.at \
-                              FOR NO KEY UPDATE OF t SKIP LOCKED) \
-                 UPDATE token.tokens t SET last_used_at = due.at FROM due WHERE t.id OPERATOR(pg_catalog.=) due.id",
-                None,
-                &[ids.into(), at.into()],
-            );
-            if let Err(e) = result {
-                error!("pg_token writer could not update last_used_at: {e}");
+            let ids: Vec<Option<pgrx::Uuid>> = touches.iter().map(|t| Some(pgrx::Uuid::from_bytes(t.token_id))).collect();
+            let at: Vec<Option<TimestampWithTimeZone>> = touches.iter().map(|t| tstz(t.at)).collect();
+            let secs: Vec<Option<i32>> = touches.iter().map(|t| Some(t.interval_s)).collect();
+            let args = [ids.into(), at.into(), secs.into()];
+            let types = [PgBuiltInOids::UUIDARRAYOID, PgBuiltInOids::TIMESTAMPTZARRAYOID, PgBuiltInOids::INT4ARRAYOID];
+            if let Some(plan) = prepared(client, &mut plans.apply_touches, APPLY_TOUCHES, &types) {
+                if let Err(e) = client.update(plan, None, &args) {
+                    error!("pg_token writer could not update last_used_at: {e}");
+                }
             }
         }
     });

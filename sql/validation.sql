@@ -1,0 +1,41 @@
+-- pg_token: the validation entry points, hand-declared because they are plain V1 C functions
+-- (src/validate.rs, src/session.rs explain why). Not STRICT: a NULL token is judged
+-- (malformed) and recorded like any other refusal. VOLATILE: a verdict depends on the clock
+-- and on the latest committed state, and a validation queues a last-use update.
+
+CREATE FUNCTION token.validate_token(
+    token           text,
+    caller_token    text DEFAULT NULL,
+    required_scope  text DEFAULT NULL
+) RETURNS token.identity
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pg_token_validate_token';
+COMMENT ON FUNCTION token.validate_token(text, text, text) IS
+    'The token''s identity, or SQLSTATE 28000 naming the reason it is refused';
+
+CREATE FUNCTION token.check_token(
+    token           text,
+    caller_token    text DEFAULT NULL,
+    required_scope  text DEFAULT NULL
+) RETURNS token.verdict
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pg_token_check_token';
+COMMENT ON FUNCTION token.check_token(text, text, text) IS
+    'The same decision as validate_token, as a row (valid, reason, identity); never raises for a refusal';
+
+CREATE FUNCTION token.authenticate(
+    token           text,
+    caller_token    text DEFAULT NULL,
+    required_scope  text DEFAULT NULL
+) RETURNS token.identity
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pg_token_authenticate';
+COMMENT ON FUNCTION token.authenticate(text, text, text) IS
+    'validate_token, then binds the identity to the current transaction for row-level security';
+
+-- PARALLEL RESTRICTED: parallel workers do not share the backend memory the identity is in.
+CREATE FUNCTION token.current_identity() RETURNS token.identity
+    LANGUAGE c STABLE PARALLEL RESTRICTED
+    AS 'MODULE_PATHNAME', 'pg_token_current_identity';
+COMMENT ON FUNCTION token.current_identity() IS
+    'The identity bound by token.authenticate in this transaction, or NULL';
