@@ -67,9 +67,20 @@ current_scopes,current_token_id,has_scope,hash_token,reasons");
     fn writer_status_and_cache_stats_report() {
         reason("'tst-'");
         assert_eq!(one::<bool>("SELECT token.flush_events('5 seconds')"), Some(true));
-        assert_eq!(one::<i64>("SELECT queued FROM token.worker_status() WHERE database = current_database()"), Some(0));
-        assert!(one::<i64>("SELECT written FROM token.worker_status() WHERE database = current_database()").unwrap_or(0) >= 1);
+        let status = "FROM token.worker_status() WHERE database = current_database()";
+        assert_eq!(one::<i64>(&format!("SELECT events_queued + touches_queued {status}")), Some(0));
+        assert!(one::<i64>(&format!("SELECT events_written {status}")).unwrap_or(0) >= 1);
         run("SET LOCAL token.cache_size = '64kB'");
         assert_eq!(one::<i64>("SELECT budget FROM token.cache_stats()"), Some(64 * 1024));
+        // A token this transaction inserted is never cached (the insert may roll back), so two
+        // validations of it are two misses.
+        registry();
+        let t = issue("acct-stats", "agent", "");
+        let before = one::<i64>("SELECT misses FROM token.cache_stats()").unwrap_or(-1);
+        for _ in 0..2 {
+            run(&format!("SELECT token.validate_token('{}')", t.token));
+        }
+        assert_eq!(one::<i64>("SELECT misses FROM token.cache_stats()"), Some(before + 2));
+        assert_eq!(one::<i64>("SELECT entries FROM token.cache_stats()"), Some(0));
     }
 }

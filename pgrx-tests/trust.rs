@@ -203,4 +203,75 @@ mod tests {
         assert_eq!(rotated, Some(true), "the grace deadline came from the real clock");
         assert_eq!(one::<i64>("SELECT count(*) FROM evil.tokens"), Some(0));
     }
+
+    /// The pinned search_path is one defence; schema-qualifying every object in the SQL of the
+    /// SECURITY DEFINER functions is the other, and this checks it alone: with the pin taken
+    /// off (in this test's transaction only), every table, operator and clock function an
+    /// unqualified name could reach is a shadow that would visibly change the outcome.
+    #[pg_test]
+    fn definer_functions_qualify_every_object_without_their_pinned_path() {
+        registry();
+        let bystander = issue("bystander", "agent", "");
+        run("CREATE SCHEMA evil");
+        for ddl in [
+            "CREATE TABLE evil.tokens (LIKE token.tokens)",
+            "CREATE TABLE evil.key_types (LIKE token.key_types)",
+            "CREATE TABLE evil.prefixes (LIKE token.prefixes)",
+            "CREATE TABLE evil.events (LIKE token.events)",
+            "CREATE FUNCTION evil.now() RETURNS timestamptz LANGUAGE sql AS $$ SELECT '1999-01-01'::timestamptz $$",
+            "CREATE FUNCTION evil.clock_timestamp() RETURNS timestamptz LANGUAGE sql AS $$ SELECT '1999-01-01'::timestamptz $$",
+        ] {
+            run(ddl);
+        }
+        for ty in ["bytea", "text", "uuid", "timestamptz", "interval"] {
+            for (op, result) in [("=", "true"), ("<>", "false"), ("<", "true"), ("<=", "true"), (">", "true"), (">=", "true")] {
+                let f = format!("evil.op_{}_{}", ty, op.bytes().map(|b| b.to_string()).collect::<Vec<_>>().join("_"));
+                run(&format!("CREATE FUNCTION {f}({ty}, {ty}) RETURNS boolean LANGUAGE sql AS 'SELECT {result}'"));
+                run(&format!("CREATE OPERATOR evil.{op} (LEFTARG = {ty}, RIGHTARG = {ty}, FUNCTION = {f})"));
+            }
+        }
+        run("DO $$ DECLARE f regprocedure; BEGIN \
+               FOR f IN SELECT p.oid FROM pg_proc p WHERE p.pronamespace = 'token'::regnamespace AND p.prosecdef LOOP \
+                 EXECUTE format('ALTER FUNCTION %s RESET search_path', f); \
+               END LOOP; END $$");
+        assert_eq!(one::<i64>("SELECT count(*) FROM pg_proc WHERE pronamespace = 'token'::regnamespace AND prosecdef AND proconfig IS NOT NULL"), Some(0));
+        // Each call runs under the hostile path; each check under a safe one (the shadows would
+        // fool the checks too).
+        let hostile = |sql: &str| {
+            run("SET LOCAL search_path = evil, pg_catalog, token, public");
+            run(sql);
+            run("SET LOCAL search_path = pg_catalog, token, public");
+        };
+        let hostile_one = |sql: &str| {
+            run("SET LOCAL search_path = evil, pg_catalog, token, public");
+            let r = one::<String>(&format!("SELECT ({sql})::text"));
+            run("SET LOCAL search_path = pg_catalog, token, public");
+            r
+        };
+        hostile("SELECT token.create_key_type('qualified', max_ttl => '30 days')");
+        hostile("SELECT token.register_prefix('qual-', 'qualified', 'dev')");
+        let t = issue("q-acct", "qualified", "expires_in => '1 day'");
+        assert_eq!(reason(&lit(&t.token)), None);
+        let successor = hostile_one(&format!("SELECT token FROM token.rotate_token('{}')", t.id)).unwrap_or_default();
+        assert_eq!(one::<bool>(&format!("SELECT revoke_after > now() AND expires_at > now() FROM token.tokens WHERE id = '{}'", t.id)), Some(true));
+        assert_eq!(reason(&lit(&successor)), None);
+        hostile(&format!("SELECT token.rotate_own_token({}, grace => '0 seconds')", lit(&successor)));
+        assert_eq!(reason(&lit(&successor)).as_deref(), Some("revoked"), "the real clock ended the grace window");
+        let other = issue("q-acct", "qualified", "");
+        assert_eq!(hostile_one(&format!("SELECT token.revoke_token('{}')", other.id)).as_deref(), Some("true"));
+        assert_eq!(reason(&lit(&bystander.token)), None, "revoke_token revoked one token");
+        // t and its successor (rotated, not yet revoked) and the successor's successor.
+        assert_eq!(hostile_one("SELECT token.revoke_account_tokens('q-acct')").as_deref(), Some("3"), "q-acct's three unrevoked tokens");
+        assert_eq!(reason(&lit(&bystander.token)), None, "revoke_account_tokens kept to its account");
+        assert_eq!(hostile_one("SELECT token.unregister_prefix('qual-')").as_deref(), Some("true"));
+        assert_eq!(one::<i64>("SELECT count(*) FROM token.prefixes WHERE prefix LIKE 'tst%'"), Some(4), "one prefix removed");
+        run("INSERT INTO token.events (occurred_at, event, detail) VALUES (now() - interval '100 days', 'refused', 'old')");
+        assert_eq!(hostile_one("SELECT token.purge_events(interval '30 days')").as_deref(), Some("1"), "only the old event");
+        assert_eq!(
+            one::<i64>("SELECT (SELECT count(*) FROM evil.tokens) + (SELECT count(*) FROM evil.key_types) \
+                        + (SELECT count(*) FROM evil.prefixes) + (SELECT count(*) FROM evil.events)"),
+            Some(0)
+        );
+        assert!(one::<i64>("SELECT count(*) FROM token.events WHERE event IN ('generated', 'rotated', 'revoked')").unwrap_or(0) >= 4);
+    }
 }

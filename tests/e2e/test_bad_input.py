@@ -22,7 +22,8 @@ CASES = [
     ("truncated", lambda t: t[:-1], "malformed"),
     ("one extra char", lambda t: t + "x", "malformed"),
     ("wrong checksum", flip_last, "bad_checksum"),
-    ("unknown prefix", lambda t: "zz-" + t[len("e2e-"):-6] + "AAAAAA", "bad_checksum"),
+    ("unknown prefix", lambda t: compose("zz-", t[len("e2e-"):-6]), "unknown_prefix"),
+    ("unknown prefix, checksum not recomputed", lambda t: "zz-" + t[len("e2e-"):], "bad_checksum"),
 ]
 
 

@@ -25,6 +25,8 @@ def test_dump_and_restore_keep_every_verdict(db, su, admin, app):
     verdicts = {t: reason_of(app, t) for t in (live, dead, rotated)}
     assert verdicts == {live: None, dead: "revoked", rotated: None}
 
+    # Pending last-use updates land before the dump, not in the middle of the comparison.
+    assert su.execute("SELECT token.flush_events()").fetchone()[0]
     dump = db.run / "e2e.dump"
     restored = f"{DB}_restored"
     as_postgres([f"{PGBIN}/pg_dump", "-Fc", "-f", str(dump), DB], db)
@@ -38,8 +40,10 @@ def test_dump_and_restore_keep_every_verdict(db, su, admin, app):
         assert ident == (live_id, ["read"], {"team": "ops"})
     with db.su(restored) as r:
         def snapshot(conn):
+            # Every column but last_used_at: validating in either database moves it (by design,
+            # through the writer, at its own pace), and it decides no verdict.
             return conn.execute(
-                "SELECT (SELECT array_agg(t ORDER BY t.id)::text FROM token.tokens t), "
+                "SELECT (SELECT array_agg(to_jsonb(t) - 'last_used_at' ORDER BY t.id)::text FROM token.tokens t), "
                 "(SELECT array_agg(k ORDER BY k.name)::text FROM token.key_types k), "
                 "(SELECT array_agg(p ORDER BY p.prefix)::text FROM token.prefixes p), "
                 "(SELECT count(*) FROM token.events)").fetchone()

@@ -31,17 +31,46 @@ def test_refusal_survives_the_callers_rollback(db, su, admin):
 
 
 def test_every_refusal_reason_is_recorded_without_the_token(db, su, admin):
-    _, token = generate(admin, db, "acme")
-    prod_like = "e2eprd-" + token[len("e2e-"):]
+    """One refusal of each of the eleven reasons, from the application over TCP: each leaves
+    an event row with its reason, and no row holds any of the tokens involved."""
+    _, token = generate(admin, db, "acme", scopes=["read"])
+    revoked_id, revoked = generate(admin, db, "acme")
+    admin.execute("SELECT token.revoke_token(%s)", (revoked_id,))
+    expired_id, expired = generate(admin, db, "acme")
+    su.execute("UPDATE token.tokens SET expires_at = now() - interval '1 minute' WHERE id = %s", (expired_id,))
+    _, mid_acme = generate(admin, db, "acme", key_type="mid")
+    _, agent_globex = generate(admin, db, "globex")
+    never_issued = compose("e2e-", "N" * 22)
+    cases = [  # (token, caller, required scope) -> reason
+        ((None, None, None), "malformed"),
+        ((token[:-1], None, None), "malformed"),
+        ((flip_last(token), None, None), "bad_checksum"),
+        ((compose("zz-", "Z" * 22), None, None), "unknown_prefix"),
+        ((compose("e2eprd-", "P" * 22), None, None), "environment_mismatch"),
+        ((never_issued, None, None), "not_found"),
+        ((revoked, None, None), "revoked"),
+        ((expired, None, None), "expired"),
+        ((token, "e2e-garbage", None), "caller_invalid"),
+        ((mid_acme, token, None), "caller_not_permitted"),
+        ((agent_globex, mid_acme, None), "cross_account"),
+        ((token, None, "write"), "insufficient_scope"),
+    ]
     marker = f"reasons-{uuid.uuid4()}"
     with db.connect("e2e_app", application_name=marker, autocommit=True) as app:
-        for bad in [None, "", token[:-1], token[:-1] + ("B" if token[-1] == "A" else "A"), prod_like]:
-            app.execute("SELECT token.check_token(%s)", (bad,))
+        for args, _ in cases:
+            app.execute("SELECT token.check_token(%s, %s, %s)", args)
     flush(su)
     rows = events_for(su, marker)
-    assert [r[1] for r in rows] == ["malformed", "malformed", "malformed", "bad_checksum", "bad_checksum"]
+    assert [r[1] for r in rows] == [reason for _, reason in cases]
+    assert {r[1] for r in rows} == {r for (r,) in su.execute("SELECT reason FROM token.reasons()")}, "every reason"
+    secrets = [token, revoked, expired, mid_acme, agent_globex, never_issued]
     for r in rows:
-        assert token not in repr(r) and token[4:] not in repr(r)
+        assert r[0] == "refused" and r[9] == "e2e_app"
+        assert not any(t in repr(r) or t[-28:] in repr(r) for t in secrets), r
+
+
+def flip_last(token):
+    return token[:-1] + ("B" if token[-1] == "A" else "A")
 
 
 def test_environment_mismatch_and_cross_account_are_recorded(db, su, admin, env):
@@ -79,6 +108,23 @@ def test_lifecycle_events_are_recorded_in_the_admins_transaction(db, su, admin):
     rows = events_for(su, marker)
     assert [(r[0], r[2]) for r in rows] == [("generated", token_id), ("rotated", token_id), ("revoked", new_id)]
     assert all(r[9] == "e2e_admin" and r[7] == "127.0.0.1" for r in rows)
+    # Each is also a LOG line, with the token's id and hint and never the token.
+    log = (db.data / "server.log").read_text(errors="replace")
+    for event, tid in (("generated", token_id), ("rotated", token_id), ("revoked", new_id)):
+        assert f"pg_token: {event} " in log and f"token_id={tid}" in log, event
+    assert new not in log
+
+
+def test_registry_changes_are_recorded(db, su):
+    marker = f"registry-{uuid.uuid4()}"
+    with db.su(application_name=marker) as s:
+        s.execute("SELECT token.create_key_type('evtype')")
+        s.execute("SELECT token.create_key_type('evtype', description => 'again', replace => true)")
+        s.execute("SELECT token.register_prefix('e2eev-', 'evtype', 'dev')")
+        assert s.execute("SELECT token.unregister_prefix('e2eev-')").fetchone()[0] is True
+    rows = events_for(su, marker)
+    assert [r[0] for r in rows] == ["key_type_created", "key_type_replaced", "prefix_registered", "prefix_unregistered"]
+    assert [r[4] for r in rows[2:]] == ["e2eev-", "e2eev-"]
 
 
 def test_purge_is_bounded_by_retention(db, su):

@@ -2,6 +2,7 @@
 
 import re
 import threading
+import time
 
 import psycopg
 import pytest
@@ -78,6 +79,25 @@ def test_last_used_at_is_written_once_per_interval(db, su, admin, app):
         su.execute("SELECT token.validate_token(%s)", (token,))
     flush(su)
     assert su.execute(last_used, (token_id,)).fetchone()[0] == first
+
+
+def test_last_used_at_moves_once_per_interval_across_sessions(db, su, admin):
+    """Each backend throttles its own touches; the writer holds the interval per token: a
+    second session's touch, queued within the interval of the last write, changes nothing."""
+    token_id, token = generate(admin, db, "acme")
+    row = "SELECT last_used_at, xmin::text FROM token.tokens WHERE id = %s"
+    with db.connect("e2e_app", autocommit=True) as a, db.connect("e2e_app", autocommit=True) as b:
+        for s in (a, b):  # both sessions cache the token and queue its first use
+            s.execute("SELECT token.validate_token(%s)", (token,))
+        flush(su)
+        time.sleep(1.2)  # past the test cluster's 1 s interval: both sessions are due again
+        a.execute("SELECT token.validate_token(%s)", (token,))
+        flush(su)
+        after_a = su.execute(row, (token_id,)).fetchone()
+        b.execute("SELECT token.validate_token(%s)", (token,))
+        flush(su)
+        after_b = su.execute(row, (token_id,)).fetchone()
+    assert after_b == after_a, "b's touch, within 1 s of a's write, must not move last_used_at again"
 
 
 def test_validation_never_waits_on_the_token_row_lock(db, su, admin):

@@ -10,6 +10,10 @@ DENIED = [
     ("read the token list", "SELECT count(*) FROM token.token_list"),
     ("read events", "SELECT count(*) FROM token.events"),
     ("read key types", "SELECT count(*) FROM token.key_types"),
+    ("read prefixes", "SELECT count(*) FROM token.prefixes"),
+    ("unregister prefix", "SELECT token.unregister_prefix('e2e-')"),
+    ("flush events", "SELECT token.flush_events()"),
+    ("writer status", "SELECT * FROM token.worker_status()"),
     ("write tokens", "UPDATE token.tokens SET revoked_at = NULL"),
     ("generate", "SELECT token.generate_token('acme', 'agent')"),
     ("rotate", "SELECT token.rotate_token(gen_random_uuid())"),
@@ -29,17 +33,29 @@ def test_validator_is_denied(db, app, what, sql):
     assert err.sqlstate == "42501", f"{what}: {err.sqlstate} {err}"
 
 
-@pytest.mark.parametrize("sql", [
-    "SET token.environment = 'prod'",
-    "SELECT set_config('token.environment', 'prod', false)",
-    "SET token.cache_size = '1GB'",
-    "SET token.last_used_interval = 0",
-    "SET token.log_events = off",
+@pytest.mark.parametrize("sql, sqlstate", [
+    # Superuser-only settings: insufficient_privilege.
+    ("SET token.environment = 'prod'", "42501"),
+    ("SELECT set_config('token.environment', 'prod', false)", "42501"),
+    ("SET token.cache_size = '1GB'", "42501"),
+    ("SET token.last_used_interval = 0", "42501"),
+    ("SET token.log_events = off", "42501"),
+    ("ALTER ROLE e2e_app SET token.environment = 'prod'", "42501"),
+    ("ALTER SYSTEM SET token.environment = 'prod'", "42501"),
+    # Server-wide settings (postgresql.conf and a reload): no session can SET them at all.
+    ("SET token.event_retention = 0", "55P02"),
+    ("SET token.worker_idle_timeout = '1h'", "55P02"),
 ])
-def test_validator_cannot_change_settings(db, app, sql):
+def test_validator_cannot_change_settings(db, app, sql, sqlstate):
     err = refusal(app, sql)
-    assert err.sqlstate == "42501", f"{sql}: {err.sqlstate} {err}"
+    assert err.sqlstate == sqlstate, f"{sql}: {err.sqlstate} {err}"
     assert app.execute("SHOW token.environment").fetchone()[0] == "dev"
+
+
+def test_every_token_setting_is_covered_above(app):
+    names = {r[0] for r in app.execute("SELECT name FROM pg_settings WHERE name LIKE 'token.%'")}
+    assert names == {"token.environment", "token.cache_size", "token.last_used_interval", "token.log_events",
+                     "token.event_retention", "token.worker_idle_timeout"}
 
 
 def test_validator_validates(db, admin, app):

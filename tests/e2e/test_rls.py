@@ -138,6 +138,48 @@ def test_settings_cannot_forge_an_identity(db, admin, tenant, attempt):
     tenant.rollback()
 
 
+# Every function in schema token the application role may execute, and a call of each. The
+# first assertion below keeps this list honest: a function granted to token_validator later
+# must be added here.
+CALLABLE = {
+    "authenticate": "SELECT token.authenticate(%(globex)s)",  # a second identity, in a savepoint
+    "validate_token": "SELECT token.validate_token(%(globex)s)",
+    "check_token": "SELECT token.check_token(%(globex)s)",
+    "hash_token": "SELECT token.hash_token(%(globex)s)",
+    "reasons": "SELECT count(*) FROM token.reasons()",
+    "cache_stats": "SELECT * FROM token.cache_stats()",
+    "current_account": "SELECT token.current_account()",
+    "current_account_uuid": "SELECT token.current_account_uuid()",
+    "current_account_bigint": "SELECT token.current_account_bigint()",
+    "current_token_id": "SELECT token.current_token_id()",
+    "current_key_type": "SELECT token.current_key_type()",
+    "current_scopes": "SELECT token.current_scopes()",
+    "has_scope": "SELECT token.has_scope('write')",
+    "current_identity": "SELECT token.current_identity()",
+}
+
+
+def test_no_function_the_application_may_call_changes_its_identity(db, admin, tenant):
+    callable_ = {r[0] for r in tenant.execute(
+        "SELECT p.proname FROM pg_proc p WHERE p.pronamespace = 'token'::regnamespace "
+        "AND has_function_privilege(p.oid, 'EXECUTE')")}
+    assert callable_ == set(CALLABLE), callable_ ^ set(CALLABLE)
+    _, acme = generate(admin, db, "acme", scopes=["read"])
+    _, globex = generate(admin, db, "globex", scopes=["read", "write"])
+    tenant.execute("SELECT token.authenticate(%s)", (acme,))
+    for name, sql in CALLABLE.items():
+        tenant.execute("SAVEPOINT s")
+        tenant.execute(sql, {"globex": globex})
+        if name == "authenticate":
+            assert tenant.execute("SELECT token.current_account()").fetchone()[0] == "globex"
+            tenant.execute("ROLLBACK TO SAVEPOINT s")  # undoes it, as for any savepoint
+        else:
+            tenant.execute("RELEASE SAVEPOINT s")
+        assert tenant.execute("SELECT token.current_account()").fetchone()[0] == "acme", name
+        assert names(tenant) == ["acme-billing", "acme-website"], name
+    tenant.rollback()
+
+
 def test_uuid_and_bigint_accounts_use_typed_accessors(db, admin, tenant):
     _, by_uuid = generate(admin, db, ACME_UUID, scopes=["read"])
     _, by_bigint = generate(admin, db, "1001", scopes=["read"])
