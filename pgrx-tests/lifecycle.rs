@@ -181,6 +181,9 @@ mod tests {
         registry();
         assert_fails("SELECT token.register_prefix('tst-', 'agent', 'dev')", "42710", "already registered");
         assert_fails("SELECT token.register_prefix('tst-x-', 'agent', 'dev')", "22023", "overlaps registered prefix \"tst-\"");
+        // And the other way round: a shorter prefix that a registered one starts with.
+        run("SELECT token.register_prefix('longer-prefix_', 'agent', 'dev')");
+        assert_fails("SELECT token.register_prefix('longer-', 'agent', 'dev')", "22023", "overlaps registered prefix \"longer-prefix_\"");
         assert_fails("SELECT token.register_prefix('ts', 'agent', 'dev')", "22023", "must end in");
         assert_fails("SELECT token.register_prefix('t', 'agent', 'dev')", "22023", "2 to 32");
         assert_fails("SELECT token.register_prefix('a b-', 'agent', 'dev')", "22023", "may contain only");

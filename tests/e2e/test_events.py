@@ -1,6 +1,7 @@
 """Security events: every refusal and lifecycle step is recorded, refusals even when the
 caller's transaction rolls back, and each also goes to the server log."""
 
+import time
 import uuid
 
 from conftest import compose, flush, generate, refusal
@@ -132,3 +133,21 @@ def test_purge_is_bounded_by_retention(db, su):
                "VALUES (now() - interval '400 days', 'refused', 'purge-me')")
     assert su.execute("SELECT token.purge_events()").fetchone()[0] >= 1
     assert su.execute("SELECT count(*) FROM token.events WHERE application_name = 'purge-me'").fetchone()[0] == 0
+
+
+def test_the_writer_purges_past_retention_on_its_own(db, su):
+    """token.event_retention (90 days here) is applied by the writer itself, each time it
+    starts and every 10 minutes, without anyone calling purge_events()."""
+    su.execute("INSERT INTO token.events (occurred_at, event, application_name) "
+               "VALUES (now() - interval '400 days', 'refused', 'auto-purge-me')")
+    status = "SELECT worker_pid FROM token.worker_status() WHERE database = current_database()"
+    deadline = time.monotonic() + 15
+    while (row := su.execute(status).fetchone()) and row[0] is not None:  # let the writer go idle and exit
+        assert time.monotonic() < deadline, "the writer did not exit after token.worker_idle_timeout"
+        time.sleep(0.2)
+    su.execute("SELECT token.check_token('e2e-not-a-token')")  # a refusal starts a fresh writer
+    flush(su)
+    deadline = time.monotonic() + 15
+    while su.execute("SELECT count(*) FROM token.events WHERE application_name = 'auto-purge-me'").fetchone()[0]:
+        assert time.monotonic() < deadline, "the writer did not purge an event past token.event_retention"
+        time.sleep(0.2)
