@@ -5,7 +5,8 @@
 # writes it to bench/results/latest.md, with a chart in bench/results/latest.png. What each
 # row measures: bench/README.md.
 #
-#   BENCH_SECONDS        seconds per pgbench run                    (default 30)
+#   BENCH_SECONDS        seconds per pgbench run                    (default 8)
+#   BENCH_ROUNDS         rounds over all workloads (median reported) (default 5)
 #   BENCH_TOKENS         tokens in the table for the pgbench runs   (default 1000000)
 #   BENCH_SIZES          table sizes for the one-statement cost     (default 10000,1000000,10000000)
 #   BENCH_LOOKUPS        validations in that one statement          (default 200000)
@@ -19,7 +20,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SECONDS_PER_RUN=${BENCH_SECONDS:-30}
+SECONDS_PER_RUN=${BENCH_SECONDS:-8}
+ROUNDS=${BENCH_ROUNDS:-5}
 NTOKENS=${BENCH_TOKENS:-1000000}
 SIZES=${BENCH_SIZES:-10000,1000000,10000000}
 LOOKUPS=${BENCH_LOOKUPS:-200000}
@@ -103,9 +105,9 @@ VACUUM ANALYZE baseline.api_keys;
 SQL
 py check-suite --host "$DIR" --port "$PORT" --tokens "$NTOKENS"
 
-echo "name,tps,latency_ms,touch_written,touch_dropped" >"$OUT/pgbench.csv"
-queue_totals() {  # records the event writer has written and dropped, all time
-  psql_su -Atc "SELECT coalesce(sum(written), 0) || ',' || coalesce(sum(dropped), 0) FROM token.worker_status()"
+echo "round,name,tps,latency_ms,touch_written,touch_dropped" >"$OUT/pgbench.csv"
+queue_totals() {  # last-use updates the event writer has written and dropped, all time
+  psql_su -Atc "SELECT coalesce(sum(touches_written), 0) || ',' || coalesce(sum(touches_dropped), 0) FROM token.worker_status()"
 }
 run_pgbench() {  # name script user [server options]
   local name=$1 script=$2 user=$3 options=${4:-} log="$OUT/pgbench-$1.log" before after tps latency
@@ -120,8 +122,8 @@ run_pgbench() {  # name script user [server options]
   after=$(queue_totals)
   tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$log")
   latency=$(sed -n 's/^latency average = \([0-9.]*\) ms/\1/p' "$log")
-  echo "$name,$tps,$latency,$((${after%,*} - ${before%,*})),$((${after#*,} - ${before#*,}))" >>"$OUT/pgbench.csv"
-  printf 'bench: %-26s %9.0f tps\n' "$name" "$tps"
+  echo "$round,$name,$tps,$latency,$((${after%,*} - ${before%,*})),$((${after#*,} - ${before#*,}))" >>"$OUT/pgbench.csv"
+  printf 'bench: round %d/%d %-26s %9.0f tps\n' "$round" "$ROUNDS" "$name" "$tps"
 }
 # Every table and index the runs read, in shared buffers: no run pays for a first read.
 psql_su >/dev/null <<'SQL'
@@ -130,20 +132,25 @@ SELECT pg_prewarm(c.oid) FROM pg_class c
  WHERE c.relnamespace IN ('token'::regnamespace, 'bench'::regnamespace, 'baseline'::regnamespace)
    AND c.relkind IN ('r', 'i');
 SQL
-run_pgbench select1 select1 postgres
-run_pgbench pick_hot pick_hot postgres
-run_pgbench hash_hot hash_hot postgres
-run_pgbench pick_uniform pick_uniform postgres
-run_pgbench pk_lookup pk_lookup postgres
-run_pgbench baseline_hot baseline_hot postgres
-run_pgbench baseline_uniform baseline_uniform postgres
-run_pgbench validate_hot validate_hot postgres
-run_pgbench validate_hot_narrow validate_hot_narrow postgres
-run_pgbench validate_uniform_no_touch validate_uniform postgres "-c token.last_used_interval=-1"
-run_pgbench validate_uniform validate_uniform postgres
-run_pgbench one_token one_token postgres
-run_pgbench four_tokens four_tokens postgres
-run_pgbench authenticate_rls authenticate_rls bench_app
+# The machine is shared and drifts: every workload runs once per round, rounds interleave
+# them, and the report takes each workload's median over the rounds.
+for round in $(seq 1 "$ROUNDS"); do
+  run_pgbench select1 select1 postgres
+  run_pgbench pick_hot pick_hot postgres
+  run_pgbench hash_hot hash_hot postgres
+  run_pgbench identity_constant identity_constant postgres
+  run_pgbench pick_uniform pick_uniform postgres
+  run_pgbench pk_lookup pk_lookup postgres
+  run_pgbench baseline_hot baseline_hot postgres
+  run_pgbench baseline_uniform baseline_uniform postgres
+  run_pgbench validate_hot validate_hot postgres
+  run_pgbench validate_hot_narrow validate_hot_narrow postgres
+  run_pgbench validate_uniform_no_touch validate_uniform postgres "-c token.last_used_interval=-1"
+  run_pgbench validate_uniform validate_uniform postgres
+  run_pgbench one_token one_token postgres
+  run_pgbench four_tokens four_tokens postgres
+  run_pgbench authenticate_rls authenticate_rls bench_app
+done
 
 for size in "${sizes[@]}"; do if [ "$size" -gt "$NTOKENS" ]; then per_token "$size"; fi; done
 
@@ -156,7 +163,7 @@ settings=(
   "Hot set: after its first pass each backend's cache holds all 1,000 tokens, so validations are cache hits and a token's last use is queued at most once a minute per backend."
   "One statement: \`token.cache_size\` = 1GB (hit) or 0 (miss) and \`token.last_used_interval\` = -1, set in that session only."
 )
-py report --pgbench "$OUT/pgbench.csv" --per-token "$OUT/per_token.csv" --seconds "$SECONDS_PER_RUN" \
+py report --pgbench "$OUT/pgbench.csv" --per-token "$OUT/per_token.csv" --seconds "$SECONDS_PER_RUN" --rounds "$ROUNDS" \
   --tokens "$NTOKENS" --lookups "$LOOKUPS" --cache-bytes "$cache_bytes" --version "$version, release build installed $built; repository at $commit" \
   --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
 cat "$RESULTS/latest.md"
