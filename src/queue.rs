@@ -34,6 +34,9 @@ pub const BATCH: usize = 512;
 pub const TOUCH_BATCH: usize = 2048;
 /// How long the writer lets last-use updates accumulate before writing them.
 pub const TOUCH_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+/// A writer registered this long ago that never attached is taken for lost (the postmaster
+/// could not start it) and replaced by the next record.
+const STARTING_TIMEOUT_US: i64 = 60_000_000;
 const SHMEM_NAME: &CStr = c"pg_token";
 
 /// A string of at most `N` bytes, cut at a character boundary.
@@ -136,6 +139,13 @@ impl<T: Copy, const N: usize> Ring<T, N> {
         self.tail += (n.min(self.len())) as u64;
     }
 
+    /// Starts the counts again (for a slot passed to another database).
+    fn reset(&mut self) {
+        self.head = 0;
+        self.tail = 0;
+        self.dropped = 0;
+    }
+
     /// Drops up to `n` records from the tail, counting them as dropped.
     fn discard(&mut self, n: usize) {
         let n = n.min(self.len());
@@ -152,16 +162,31 @@ pub enum WorkerState {
     Running = 2,
 }
 
+/// What the writer is writing, so that an abnormal exit is charged to the right ring.
+#[repr(u8)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Idle = 0,
+    Events = 1,
+    Touches = 2,
+}
+
 #[repr(C)]
 struct Slot {
     dboid: pg_sys::Oid,
     state: WorkerState,
     worker_pid: i32,
     latch: *mut pg_sys::Latch,
-    /// Consecutive abnormal worker exits; after three, the batches at the tails are discarded.
-    failures: u32,
-    /// Someone is waiting in flush_events(): write last-use updates without delay.
-    flush_requested: bool,
+    /// When the current writer was registered (state Starting), in microseconds.
+    starting_since: i64,
+    phase: Phase,
+    /// Consecutive abnormal writer exits while writing each ring; after three, that ring's
+    /// batch at the tail is discarded (something in it cannot be written).
+    event_failures: u32,
+    touch_failures: u32,
+    /// flush_events() is waiting for the last-use updates up to this sequence number: write
+    /// them without delay until then.
+    flush_touches_until: u64,
     events: Ring<Record, QUEUE_LEN>,
     touches: Ring<Touch, TOUCH_LEN>,
 }
@@ -169,6 +194,26 @@ struct Slot {
 impl Slot {
     fn is_empty(&self) -> bool {
         self.events.len() == 0 && self.touches.len() == 0
+    }
+
+    fn poisoned(&self) -> bool {
+        self.event_failures >= 3 || self.touch_failures >= 3
+    }
+
+    /// Marks the slot as having a writer on its way; the caller registers one.
+    fn starting(&mut self) {
+        self.state = WorkerState::Starting;
+        self.starting_since = crate::validate::now();
+    }
+
+    /// Whether a writer must be registered: none is running or on its way, or the one on its
+    /// way has not attached for too long.
+    fn needs_writer(&self) -> bool {
+        match self.state {
+            WorkerState::Stopped => true,
+            WorkerState::Starting => crate::validate::now().saturating_sub(self.starting_since) > STARTING_TIMEOUT_US,
+            WorkerState::Running => false,
+        }
     }
 }
 
@@ -274,13 +319,15 @@ fn slot_for(shared: &mut Shared, dboid: pg_sys::Oid, claim: bool) -> Option<usiz
     let i = shared
         .slots
         .iter()
-        .position(|s| s.state == WorkerState::Stopped && (s.is_empty() || s.failures >= 3))?;
+        .position(|s| s.state == WorkerState::Stopped && (s.is_empty() || s.poisoned()))?;
     let s = &mut shared.slots[i];
-    s.events.discard(QUEUE_LEN);
-    s.touches.discard(TOUCH_LEN);
+    s.events.reset();
+    s.touches.reset();
     s.dboid = dboid;
-    s.failures = 0;
-    s.flush_requested = false;
+    s.event_failures = 0;
+    s.touch_failures = 0;
+    s.flush_touches_until = 0;
+    s.phase = Phase::Idle;
     Some(i)
 }
 
@@ -302,12 +349,12 @@ fn push(dboid: pg_sys::Oid, append: impl FnOnce(&mut Slot) -> Option<bool>) -> P
         let Some(i) = slot_for(shared, dboid, true) else { return Pushed::Dropped };
         let slot = &mut shared.slots[i];
         let Some(wake) = append(slot) else { return Pushed::Dropped };
+        if slot.needs_writer() {
+            slot.starting();
+            return Pushed::QueuedStartWorker(i);
+        }
         match slot.state {
-            WorkerState::Stopped => {
-                slot.state = WorkerState::Starting;
-                Pushed::QueuedStartWorker(i)
-            }
-            WorkerState::Starting => Pushed::Queued,
+            WorkerState::Stopped | WorkerState::Starting => Pushed::Queued,
             WorkerState::Running => {
                 // Setting a latch the writer waits on costs a syscall: only when needed.
                 if wake {
@@ -326,12 +373,15 @@ pub fn nudge(dboid: pg_sys::Oid) -> Option<usize> {
     locked(|shared| {
         let i = slot_for(shared, dboid, false)?;
         let slot = &mut shared.slots[i];
-        slot.flush_requested = !slot.is_empty();
+        slot.flush_touches_until = slot.flush_touches_until.max(slot.touches.head);
+        if slot.is_empty() {
+            return None;
+        }
+        if slot.needs_writer() {
+            slot.starting();
+            return Some(i);
+        }
         match slot.state {
-            WorkerState::Stopped if !slot.is_empty() => {
-                slot.state = WorkerState::Starting;
-                Some(i)
-            }
             WorkerState::Running => {
                 // SAFETY: as in `push`.
                 unsafe { pg_sys::SetLatch(slot.latch) };
@@ -404,25 +454,34 @@ pub fn status() -> Vec<SlotStatus> {
 
 // ---- The worker's side ----
 
-/// Called by the writer once connected: takes ownership of the slot. Returns its database and
-/// whether the previous writers failed repeatedly (the batches at the tails are then discarded:
-/// something in them cannot be written).
+/// Called by the writer once connected: takes ownership of the slot, unless another writer
+/// already has it (one registered later, when this one seemed lost). Returns its database and
+/// whether batches were discarded because earlier writers kept failing on them.
 pub fn worker_attach(slot: usize) -> Option<(pg_sys::Oid, bool)> {
     locked(|shared| {
         let s = shared.slots.get_mut(slot)?;
+        if s.state != WorkerState::Starting {
+            return None;
+        }
         s.state = WorkerState::Running;
         // SAFETY: MyProcPid and MyLatch are this process's own, valid for its lifetime.
         unsafe {
             s.worker_pid = pg_sys::MyProcPid;
             s.latch = pg_sys::MyLatch;
         }
-        let poisoned = s.failures >= 3;
-        if poisoned {
+        s.phase = Phase::Idle;
+        let mut discarded = false;
+        if s.event_failures >= 3 {
             s.events.discard(BATCH);
-            s.touches.discard(TOUCH_BATCH);
-            s.failures = 0;
+            s.event_failures = 0;
+            discarded = true;
         }
-        Some((s.dboid, poisoned))
+        if s.touch_failures >= 3 {
+            s.touches.discard(TOUCH_BATCH);
+            s.touch_failures = 0;
+            discarded = true;
+        }
+        Some((s.dboid, discarded))
     })
     .flatten()
 }
@@ -431,28 +490,50 @@ pub fn worker_database(slot: usize) -> Option<pg_sys::Oid> {
     locked(|shared| shared.slots.get(slot).map(|s| s.dboid)).flatten()
 }
 
-/// Copies up to `BATCH` events and `TOUCH_BATCH` last-use updates from the tails without
-/// consuming them; returns whether a flush was requested.
-pub fn worker_peek(slot: usize, events: &mut Vec<Record>, touches: &mut Vec<Touch>) -> bool {
+/// What waits: (refusal events, last-use updates, whether someone waits for those updates).
+pub fn worker_counts(slot: usize) -> (usize, usize, bool) {
     locked(|shared| {
         let s = &shared.slots[slot];
-        s.events.peek(events, BATCH);
-        s.touches.peek(touches, TOUCH_BATCH);
-        s.flush_requested
+        (s.events.len(), s.touches.len(), s.touches.tail < s.flush_touches_until)
     })
-    .unwrap_or(false)
+    .unwrap_or((0, 0, false))
 }
 
-/// Consumes records after they were committed.
-pub fn worker_consumed(slot: usize, events: usize, touches: usize) {
+/// Copies up to `BATCH` events from the tail, without consuming them, and records that the
+/// writer is now writing events.
+pub fn worker_peek_events(slot: usize, out: &mut Vec<Record>) {
     locked(|shared| {
         let s = &mut shared.slots[slot];
-        s.events.consume(events);
-        s.touches.consume(touches);
-        s.failures = 0;
-        if s.is_empty() {
-            s.flush_requested = false;
+        s.events.peek(out, BATCH);
+        s.phase = Phase::Events;
+    });
+}
+
+/// The same for up to `TOUCH_BATCH` last-use updates.
+pub fn worker_peek_touches(slot: usize, out: &mut Vec<Touch>) {
+    locked(|shared| {
+        let s = &mut shared.slots[slot];
+        s.touches.peek(out, TOUCH_BATCH);
+        s.phase = Phase::Touches;
+    });
+}
+
+/// Consumes the records the writer just committed (those it peeked last).
+pub fn worker_consumed(slot: usize, n: usize) {
+    locked(|shared| {
+        let s = &mut shared.slots[slot];
+        match s.phase {
+            Phase::Events => {
+                s.events.consume(n);
+                s.event_failures = 0;
+            }
+            Phase::Touches => {
+                s.touches.consume(n);
+                s.touch_failures = 0;
+            }
+            Phase::Idle => {}
         }
+        s.phase = Phase::Idle;
     });
 }
 
@@ -482,8 +563,13 @@ pub fn worker_exited(slot: usize, abnormal: bool) {
                 s.state = WorkerState::Stopped;
                 s.latch = ptr::null_mut();
                 if abnormal {
-                    s.failures += 1;
+                    match s.phase {
+                        Phase::Events => s.event_failures += 1,
+                        Phase::Touches => s.touch_failures += 1,
+                        Phase::Idle => {}
+                    }
                 }
+                s.phase = Phase::Idle;
             }
         }
     });

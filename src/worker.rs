@@ -79,27 +79,30 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let Some(db) = queue::worker_database(slot) else { return };
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
-    // SAFETY: plain GUC assignments for this process's own transactions.
-    unsafe {
-        pg_sys::SetConfigOption(
-            c"default_transaction_read_only".as_ptr(),
-            c"off".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
-        pg_sys::SetConfigOption(
-            c"application_name".as_ptr(),
-            c"pg_token writer".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
+    // The writer's own session settings, whatever the cluster's defaults: read committed (so
+    // a row updated and committed by an admin mid-batch is skipped or re-read, never a
+    // serialization failure), writable, no statement timeout, and a bounded wait for table
+    // locks (a CREATE INDEX or ALTER TABLE on token.tokens fails one batch instead of
+    // stalling the queue behind it).
+    for (name, value) in [
+        (c"default_transaction_read_only", c"off"),
+        (c"default_transaction_isolation", c"read committed"),
+        (c"statement_timeout", c"0"),
+        (c"lock_timeout", c"10s"),
+        (c"application_name", c"pg_token writer"),
+    ] {
+        // SAFETY: plain GUC assignments for this process's own transactions.
+        unsafe {
+            pg_sys::SetConfigOption(name.as_ptr(), value.as_ptr(), pg_sys::GucContext::PGC_SUSET, pg_sys::GucSource::PGC_S_OVERRIDE);
+        }
     }
     let Some((_, discarded)) = queue::worker_attach(slot) else { return };
     if discarded {
         ereport!(
             PgLogLevel::WARNING,
             PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
-            "pg_token discarded a batch of queued events after three failed attempts to write it"
+            "pg_token discarded a batch of queued records after three failed attempts to write it",
+            "worker_status() counts them as dropped; refusals are still in the server log."
         );
     }
 
@@ -111,32 +114,38 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
     let mut touches_since: Option<Instant> = None;
     let mut last_purge: Option<Instant> = None;
     loop {
+        // Checked on every turn, not only while waiting: under a steady stream of work the
+        // writer may never wait.
+        if BackgroundWorker::sigterm_received() {
+            return; // whatever is queued waits for the next writer
+        }
         if BackgroundWorker::sighup_received() {
             // SAFETY: the documented way for a worker to reload its configuration.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        let flush = queue::worker_peek(slot, &mut events, &mut touches);
-        if !events.is_empty() || !touches.is_empty() {
+        let (queued_events, queued_touches, flush) = queue::worker_counts(slot);
+        // Refusal events first and at once, each batch in its own transaction, so a batch of
+        // last-use updates that cannot be written never costs an event.
+        if queued_events > 0 {
+            queue::worker_peek_events(slot, &mut events);
+            write(&mut plans, |plans| write_events(plans, &events));
+            queue::worker_consumed(slot, events.len());
+            idle_since = Instant::now();
+            continue;
+        }
+        if queued_touches > 0 {
             let first = *touches_since.get_or_insert_with(Instant::now);
-            let touches_due = flush || touches.len() >= TOUCH_BATCH || first.elapsed() >= TOUCH_DELAY;
-            let write_touches = touches_due && !touches.is_empty();
-            if !events.is_empty() || write_touches {
-                let touches = if write_touches { &touches[..] } else { &[][..] };
-                // An error ends this process (the next record starts a new writer), so plans
-                // left half-made by one are never seen again.
-                let mut plans = std::panic::AssertUnwindSafe(&mut plans);
-                let events = &events[..];
-                BackgroundWorker::transaction(move || write_batch(&mut **plans, events, touches));
-                queue::worker_consumed(slot, events.len(), touches.len());
-                if write_touches {
-                    touches_since = None;
-                }
+            if flush || queued_touches >= TOUCH_BATCH || first.elapsed() >= TOUCH_DELAY {
+                queue::worker_peek_touches(slot, &mut touches);
+                write(&mut plans, |plans| write_touches(plans, &touches));
+                queue::worker_consumed(slot, touches.len());
+                touches_since = None;
                 idle_since = Instant::now();
                 continue;
             }
-            // Only last-use updates, not due yet: let more accumulate.
-            if !BackgroundWorker::wait_latch(Some(TOUCH_DELAY.saturating_sub(first.elapsed()))) {
-                return; // SIGTERM or postmaster death; whatever is queued waits for the next writer
+            // Let more gather; woken early by events, a full batch or a flush request.
+            if !BackgroundWorker::wait_latch(Some(at_least_1ms(TOUCH_DELAY.saturating_sub(first.elapsed())))) {
+                return;
             }
             continue;
         }
@@ -155,10 +164,22 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
             }
             continue;
         }
-        if !BackgroundWorker::wait_latch(Some(idle_limit - idle)) {
+        if !BackgroundWorker::wait_latch(Some(at_least_1ms(idle_limit - idle))) {
             return; // SIGTERM or postmaster death; whatever is queued waits for the next writer
         }
     }
+}
+
+/// WaitLatch takes whole milliseconds: a shorter wait would round to none and spin.
+fn at_least_1ms(d: Duration) -> Duration {
+    d.max(Duration::from_millis(1))
+}
+
+/// Runs `f` in its own transaction. An error ends this process (the next record starts a new
+/// writer, and the slot charges the failure to the ring being written), so plans left
+/// half-made by one are never seen again.
+fn write(plans: &mut Plans, f: impl FnOnce(&mut Plans)) {
+    BackgroundWorker::transaction(std::panic::AssertUnwindSafe(move || f(plans)));
 }
 
 fn extension_installed(client: &pgrx::spi::SpiClient<'_>) -> bool {
@@ -232,59 +253,70 @@ fn prepared<'p>(
     plan.as_ref()
 }
 
-fn write_batch(plans: &mut Plans, events: &[Record], touches: &[Touch]) {
+/// Whether the extension is still there to write into; if not (dropped meanwhile), the
+/// records are consumed unwritten and the plans, which name its tables, are forgotten.
+fn still_installed(client: &pgrx::spi::SpiClient<'_>, plans: &mut Plans) -> bool {
+    if extension_installed(client) {
+        return true;
+    }
+    *plans = Plans::default();
+    false
+}
+
+fn write_events(plans: &mut Plans, events: &[Record]) {
     Spi::connect_mut(|client| {
-        if !extension_installed(client) {
-            // Dropped meanwhile: nothing to write into, the records are consumed. The plans
-            // name its tables, so make new ones should it come back.
-            *plans = Plans::default();
+        if events.is_empty() || !still_installed(client, plans) {
             return;
         }
-        if !events.is_empty() {
-            let col = |f: &dyn Fn(&Record) -> Option<String>| -> Vec<Option<String>> { events.iter().map(f).collect() };
-            let at: Vec<Option<TimestampWithTimeZone>> = events.iter().map(|r| tstz(r.at)).collect();
-            let reason = col(&|r| Reason::from_u8(r.reason).map(|x| x.as_str().to_owned()));
-            let token_id: Vec<Option<pgrx::Uuid>> = events.iter().map(|r| uuid(&r.token_id)).collect();
-            let caller_id: Vec<Option<pgrx::Uuid>> = events.iter().map(|r| uuid(&r.caller_token_id)).collect();
-            let pid: Vec<Option<i32>> = events.iter().map(|r| Some(r.backend_pid)).collect();
-            let args = [
-                at.into(),
-                reason.into(),
-                token_id.into(),
-                caller_id.into(),
-                col(&|r| r.account.get().map(str::to_owned)).into(),
-                col(&|r| r.prefix.get().map(str::to_owned)).into(),
-                col(&|r| r.hint.get().map(str::to_owned)).into(),
-                col(&|r| r.environment.get().map(str::to_owned)).into(),
-                col(&|r| r.detail.get().map(str::to_owned)).into(),
-                col(&|r| r.client_addr.get().map(str::to_owned)).into(),
-                col(&|r| r.application_name.get().map(str::to_owned)).into(),
-                col(&|r| r.db_user.get().map(str::to_owned)).into(),
-                pid.into(),
-            ];
-            let (times, texts, uuids, ints) = (
-                PgBuiltInOids::TIMESTAMPTZARRAYOID,
-                PgBuiltInOids::TEXTARRAYOID,
-                PgBuiltInOids::UUIDARRAYOID,
-                PgBuiltInOids::INT4ARRAYOID,
-            );
-            let types = [times, texts, uuids, uuids, texts, texts, texts, texts, texts, texts, texts, texts, ints];
-            if let Some(plan) = prepared(client, &mut plans.insert_events, INSERT_EVENTS, &types) {
-                if let Err(e) = client.update(plan, None, &args) {
-                    error!("pg_token writer could not insert events: {e}");
-                }
+        let col = |f: &dyn Fn(&Record) -> Option<String>| -> Vec<Option<String>> { events.iter().map(f).collect() };
+        let at: Vec<Option<TimestampWithTimeZone>> = events.iter().map(|r| tstz(r.at)).collect();
+        let reason = col(&|r| Reason::from_u8(r.reason).map(|x| x.as_str().to_owned()));
+        let token_id: Vec<Option<pgrx::Uuid>> = events.iter().map(|r| uuid(&r.token_id)).collect();
+        let caller_id: Vec<Option<pgrx::Uuid>> = events.iter().map(|r| uuid(&r.caller_token_id)).collect();
+        let pid: Vec<Option<i32>> = events.iter().map(|r| Some(r.backend_pid)).collect();
+        let args = [
+            at.into(),
+            reason.into(),
+            token_id.into(),
+            caller_id.into(),
+            col(&|r| r.account.get().map(str::to_owned)).into(),
+            col(&|r| r.prefix.get().map(str::to_owned)).into(),
+            col(&|r| r.hint.get().map(str::to_owned)).into(),
+            col(&|r| r.environment.get().map(str::to_owned)).into(),
+            col(&|r| r.detail.get().map(str::to_owned)).into(),
+            col(&|r| r.client_addr.get().map(str::to_owned)).into(),
+            col(&|r| r.application_name.get().map(str::to_owned)).into(),
+            col(&|r| r.db_user.get().map(str::to_owned)).into(),
+            pid.into(),
+        ];
+        let (times, texts, uuids, ints) = (
+            PgBuiltInOids::TIMESTAMPTZARRAYOID,
+            PgBuiltInOids::TEXTARRAYOID,
+            PgBuiltInOids::UUIDARRAYOID,
+            PgBuiltInOids::INT4ARRAYOID,
+        );
+        let types = [times, texts, uuids, uuids, texts, texts, texts, texts, texts, texts, texts, texts, ints];
+        if let Some(plan) = prepared(client, &mut plans.insert_events, INSERT_EVENTS, &types) {
+            if let Err(e) = client.update(plan, None, &args) {
+                error!("pg_token writer could not insert events: {e}");
             }
         }
-        if !touches.is_empty() {
-            let ids: Vec<Option<pgrx::Uuid>> = touches.iter().map(|t| Some(pgrx::Uuid::from_bytes(t.token_id))).collect();
-            let at: Vec<Option<TimestampWithTimeZone>> = touches.iter().map(|t| tstz(t.at)).collect();
-            let secs: Vec<Option<i32>> = touches.iter().map(|t| Some(t.interval_s)).collect();
-            let args = [ids.into(), at.into(), secs.into()];
-            let types = [PgBuiltInOids::UUIDARRAYOID, PgBuiltInOids::TIMESTAMPTZARRAYOID, PgBuiltInOids::INT4ARRAYOID];
-            if let Some(plan) = prepared(client, &mut plans.apply_touches, APPLY_TOUCHES, &types) {
-                if let Err(e) = client.update(plan, None, &args) {
-                    error!("pg_token writer could not update last_used_at: {e}");
-                }
+    });
+}
+
+fn write_touches(plans: &mut Plans, touches: &[Touch]) {
+    Spi::connect_mut(|client| {
+        if touches.is_empty() || !still_installed(client, plans) {
+            return;
+        }
+        let ids: Vec<Option<pgrx::Uuid>> = touches.iter().map(|t| Some(pgrx::Uuid::from_bytes(t.token_id))).collect();
+        let at: Vec<Option<TimestampWithTimeZone>> = touches.iter().map(|t| tstz(t.at)).collect();
+        let secs: Vec<Option<i32>> = touches.iter().map(|t| Some(t.interval_s)).collect();
+        let args = [ids.into(), at.into(), secs.into()];
+        let types = [PgBuiltInOids::UUIDARRAYOID, PgBuiltInOids::TIMESTAMPTZARRAYOID, PgBuiltInOids::INT4ARRAYOID];
+        if let Some(plan) = prepared(client, &mut plans.apply_touches, APPLY_TOUCHES, &types) {
+            if let Err(e) = client.update(plan, None, &args) {
+                error!("pg_token writer could not update last_used_at: {e}");
             }
         }
     });

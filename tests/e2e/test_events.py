@@ -1,6 +1,7 @@
 """Security events: every refusal and lifecycle step is recorded, refusals even when the
 caller's transaction rolls back, and each also goes to the server log."""
 
+import threading
 import time
 import uuid
 
@@ -151,3 +152,35 @@ def test_the_writer_purges_past_retention_on_its_own(db, su):
     while su.execute("SELECT count(*) FROM token.events WHERE application_name = 'auto-purge-me'").fetchone()[0]:
         assert time.monotonic() < deadline, "the writer did not purge an event past token.event_retention"
         time.sleep(0.2)
+
+
+def test_the_writer_stops_when_terminated_under_load(db, su):
+    """SIGTERM is honoured while the writer has work on every turn (a refusal flood), and the
+    next record starts a fresh writer that drains the queue."""
+    stop = threading.Event()
+
+    def flood():
+        with db.connect("e2e_app", autocommit=True) as c:
+            while not stop.is_set():
+                c.execute("SELECT token.check_token('e2e-flood')")
+
+    flooders = [threading.Thread(target=flood) for _ in range(3)]
+    for t in flooders:
+        t.start()
+    try:
+        status = "SELECT worker_pid FROM token.worker_status() WHERE database = current_database()"
+        deadline = time.monotonic() + 10
+        while (pid := (su.execute(status).fetchone() or [None])[0]) is None:
+            assert time.monotonic() < deadline, "no writer started under the flood"
+            time.sleep(0.05)
+        time.sleep(0.5)  # well into the flood
+        assert su.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+        deadline = time.monotonic() + 5
+        while su.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]:
+            assert time.monotonic() < deadline, "the writer ignored SIGTERM while busy"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in flooders:
+            t.join()
+    flush(su)
