@@ -93,6 +93,14 @@ CREATE INDEX events_token_id_idx ON token.events (token_id) WHERE token_id IS NO
 COMMENT ON TABLE token.events IS
     'Security events: refusals, generate, rotate, revoke. Refusals survive the caller''s rollback';
 
+-- The validation caches' signal. pg_token's triggers send a relcache invalidation for this
+-- type's relation whenever tokens, key types or prefixes change, and every backend empties its
+-- cache when it arrives. A composite type, so that nothing else ever invalidates it: the
+-- tables themselves are invalidated by every VACUUM and ANALYZE too.
+CREATE TYPE token.cache_signal AS ();
+COMMENT ON TYPE token.cache_signal IS
+    'pg_token: invalidated by the cache triggers to empty every backend''s validation cache; holds nothing';
+
 -- What validate_token returns and what token.current_identity() reads.
 CREATE TYPE token.identity AS (
     token_id      uuid,

@@ -15,6 +15,11 @@ CREATE TRIGGER key_types_invalidate_caches
 CREATE TRIGGER prefixes_invalidate_caches
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON token.prefixes
     FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
+-- ALWAYS: also under session_replication_role = replica, so that a change applied by logical
+-- replication or loaded by a restore still empties the caches.
+ALTER TABLE token.tokens ENABLE ALWAYS TRIGGER tokens_invalidate_caches;
+ALTER TABLE token.key_types ENABLE ALWAYS TRIGGER key_types_invalidate_caches;
+ALTER TABLE token.prefixes ENABLE ALWAYS TRIGGER prefixes_invalidate_caches;
 
 -- Nothing is callable by PUBLIC unless listed here.
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA token FROM PUBLIC;

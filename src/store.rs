@@ -3,9 +3,13 @@
 //!
 //! # Freshness
 //! The validation cache (`cache`) and the prefix/key-type registry are dropped whenever
-//! Postgres delivers a relcache invalidation for `token.tokens`, `token.key_types` or
-//! `token.prefixes`. Statement triggers on those tables (`invalidate_caches`) queue such an
-//! invalidation for every change except the worker's `last_used_at` writes. We chose
+//! Postgres delivers a relcache invalidation for `token.cache_signal`, an empty composite
+//! type that nothing but pg_token's triggers invalidates. Statement triggers on
+//! `token.tokens`, `token.key_types` and `token.prefixes` (`invalidate_caches`, ENABLE ALWAYS,
+//! so they also fire for logical replication and restores) queue that invalidation for every
+//! change except the worker's `last_used_at` writes. Invalidations of the tables themselves
+//! (DDL, and every VACUUM and ANALYZE, which the writer's updates make frequent) only make us
+//! look the catalog up again; the cache goes too if a table was replaced (new OID). We chose
 //! Postgres' own invalidation messages over a shared-memory change counter because they are:
 //! - transactional: sent only when the changing transaction commits, locally applied at each
 //!   command boundary and undone on abort, so no backend drops its cache for a change that
@@ -16,9 +20,8 @@
 //! - processed by `AcceptInvalidationMessages()`, which costs one shared-memory read when
 //!   nothing is pending; every call makes it first.
 //!
-//! The price: any change empties every backend's cache (not just the changed token's entry),
-//! and so does a VACUUM or ANALYZE of those tables. Revokes and rotations are rare next to
-//! validations, so this is cheap in practice.
+//! The price: any change empties every backend's cache (not just the changed token's entry).
+//! Revokes and rotations are rare next to validations, so this is cheap in practice.
 //!
 //! # Snapshots
 //! Reads use `GetLatestSnapshot()`, not the statement's snapshot, so a cache hit and a miss
@@ -28,7 +31,7 @@
 //! transaction's own uncommitted insert (it may roll back), or when an invalidation arrived
 //! during the read.
 //!
-//! The relcache callback only bumps a counter; the cache is emptied at the start of the next
+//! The relcache callback only bumps counters; the cache is emptied at the start of the next
 //! call, never under a caller's feet.
 
 use std::cell::{Cell, OnceCell, RefCell};
@@ -165,6 +168,8 @@ struct TokenAtts {
 
 /// Where pg_token's objects are in this database.
 pub struct Catalog {
+    /// token.cache_signal's relation: what the triggers invalidate.
+    signal: pg_sys::Oid,
     tokens: pg_sys::Oid,
     hash_index: pg_sys::Oid,
     key_types: pg_sys::Oid,
@@ -175,7 +180,8 @@ pub struct Catalog {
 }
 
 pub struct Backend {
-    generation_seen: u64,
+    data_seen: u64,
+    catalog_seen: u64,
     catalog: Option<Catalog>,
     registry: Option<RegistryCache>,
     pub cache: TokenCache<Stored>,
@@ -183,27 +189,43 @@ pub struct Backend {
 
 thread_local! {
     static BACKEND: RefCell<Backend> = RefCell::new(Backend {
-        generation_seen: 0,
+        data_seen: 0,
+        catalog_seen: 0,
         catalog: None,
         registry: None,
         cache: TokenCache::new(0),
     });
-    /// Bumped by the relcache callback; compared at the start of each call.
-    static GENERATION: Cell<u64> = const { Cell::new(1) };
-    /// Relations whose invalidation empties our caches: tokens, key_types, prefixes and the
-    /// relations behind the identity and verdict types.
-    static WATCHED: Cell<[u32; 5]> = const { Cell::new([0; 5]) };
+    /// Bumped by the relcache callback when what verdicts are made of may have changed;
+    /// compared at the start of each call.
+    static DATA_GENERATION: Cell<u64> = const { Cell::new(1) };
+    /// Bumped when one of our tables gets an invalidation of its own.
+    static CATALOG_GENERATION: Cell<u64> = const { Cell::new(1) };
+    /// token.cache_signal, and the relations behind the identity and verdict types (cached
+    /// rows are built for them): their invalidation empties our caches.
+    static DATA_WATCHED: Cell<[u32; 3]> = const { Cell::new([0; 3]) };
+    /// tokens, key_types, prefixes: their invalidation makes us look the catalog up again.
+    static CATALOG_WATCHED: Cell<[u32; 3]> = const { Cell::new([0; 3]) };
 }
 
-pub fn generation() -> u64 {
-    GENERATION.with(Cell::get)
+pub fn data_generation() -> u64 {
+    DATA_GENERATION.with(Cell::get)
+}
+
+fn bump(generation: &'static std::thread::LocalKey<Cell<u64>>) {
+    generation.with(|g| g.set(g.get() + 1));
 }
 
 #[pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    let watched = WATCHED.with(Cell::get);
-    if relid == pg_sys::InvalidOid || watched.contains(&relid.to_u32()) {
-        GENERATION.with(|g| g.set(g.get() + 1));
+    let relid = relid.to_u32();
+    if relid == pg_sys::InvalidOid.to_u32() {
+        // A reset (the invalidation queue overflowed): anything may have changed.
+        bump(&DATA_GENERATION);
+        bump(&CATALOG_GENERATION);
+    } else if DATA_WATCHED.with(Cell::get).contains(&relid) {
+        bump(&DATA_GENERATION);
+    } else if CATALOG_WATCHED.with(Cell::get).contains(&relid) {
+        bump(&CATALOG_GENERATION);
     }
 }
 
@@ -278,12 +300,13 @@ impl Catalog {
         };
         let key_types = relid(ns, c"key_types");
         let prefixes = relid(ns, c"prefixes");
+        let signal = relid(ns, c"cache_signal");
         let (identity_rel, identity_desc) = row_desc(ns, c"identity");
         let (verdict_rel, verdict_desc) = row_desc(ns, c"verdict");
-        WATCHED.with(|w| {
-            w.set([tokens.to_u32(), key_types.to_u32(), prefixes.to_u32(), identity_rel, verdict_rel])
-        });
+        DATA_WATCHED.with(|w| w.set([signal.to_u32(), identity_rel, verdict_rel]));
+        CATALOG_WATCHED.with(|w| w.set([tokens.to_u32(), key_types.to_u32(), prefixes.to_u32()]));
         Catalog {
+            signal,
             tokens,
             hash_index: relid(ns, c"tokens_token_hash_excl"),
             key_types,
@@ -292,6 +315,14 @@ impl Catalog {
             verdict_desc,
             atts,
         }
+    }
+}
+
+impl Catalog {
+    /// The relations this catalog found: a different set means the extension was dropped and
+    /// created again, and nothing cached from the old tables may be used.
+    fn relations(&self) -> [pg_sys::Oid; 5] {
+        [self.signal, self.tokens, self.hash_index, self.key_types, self.prefixes]
     }
 }
 
@@ -335,21 +366,30 @@ fn text(values: &[pg_sys::Datum], nulls: &[bool], i: usize) -> Option<String> {
 impl Backend {
     /// Run at the start of every call: receive invalidations and drop what they touched.
     fn refresh(&mut self) {
-        // SAFETY: may run our callback, which only bumps GENERATION.
+        // SAFETY: may run our callback, which only bumps the generations.
         unsafe { pg_sys::AcceptInvalidationMessages() };
-        let generation = generation();
-        if generation != self.generation_seen {
+        let (data, catalog) = (data_generation(), CATALOG_GENERATION.with(Cell::get));
+        let mut replaced_from = None;
+        if data != self.data_seen {
             self.cache.clear();
             self.registry = None;
             self.catalog = None;
-            self.generation_seen = generation;
+        } else if catalog != self.catalog_seen {
+            replaced_from = self.catalog.take().map(|c| c.relations());
         }
+        self.data_seen = data;
+        self.catalog_seen = catalog;
         let budget = guc::cache_budget_bytes();
         if budget != self.cache.budget() {
             self.cache.set_budget(budget);
         }
         if self.catalog.is_none() {
-            self.catalog = Some(Catalog::load());
+            let found = Catalog::load();
+            if replaced_from.is_some_and(|old| old != found.relations()) {
+                self.cache.clear();
+                self.registry = None;
+            }
+            self.catalog = Some(found);
         }
     }
 
@@ -376,9 +416,9 @@ impl Backend {
         if let Some(hit) = cache.get(hash) {
             return Some(hit);
         }
-        let before = generation();
+        let before = data_generation();
         let (stored, own_uncommitted) = scan_token(cat, hash)?;
-        if own_uncommitted || generation() != before {
+        if own_uncommitted || data_generation() != before {
             return Some(Rc::new(stored));
         }
         Some(cache.insert(*hash, stored))
@@ -591,14 +631,19 @@ pub fn text_datum(s: &str) -> pg_sys::Datum {
 }
 
 /// Statement trigger on token.tokens, token.key_types and token.prefixes: queues a relcache
-/// invalidation for the table, which every backend (standbys included) receives when the
-/// transaction commits, and this backend at once.
+/// invalidation for token.cache_signal, which every backend (standbys included) receives when
+/// the transaction commits, and this backend at once.
 #[pg_trigger]
 fn invalidate_caches<'a>(
-    trigger: &'a pgrx::PgTrigger<'a>,
+    _trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
-    let relid = trigger.relid()?;
+    // SAFETY: a syscache lookup by name.
+    let ns = unsafe { pg_sys::get_namespace_oid(c"token".as_ptr(), true) };
+    if ns == pg_sys::InvalidOid {
+        not_installed();
+    }
+    let signal = relid(ns, c"cache_signal");
     // SAFETY: registers a transactional invalidation message for an existing relation.
-    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relid) };
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(signal) };
     Ok(None)
 }

@@ -113,6 +113,51 @@ def test_deleted_token_row_is_seen(db, su, admin, session_a):
     assert reason_of(session_a, token) == "not_found"
 
 
+def test_vacuum_and_analyze_keep_the_cache(db, su, admin, session_a):
+    """Only changes to what decides a verdict empty the caches: a VACUUM or ANALYZE of the
+    token table (which the writer's last-use updates make frequent) does not."""
+    _, token = generate(admin, db, "acme")
+    warm(session_a, token)
+    su.execute("VACUUM ANALYZE token.tokens")
+    su.execute("ANALYZE token.key_types")
+    hits, misses = hits_and_misses(session_a)
+    assert reason_of(session_a, token) is None
+    assert hits_and_misses(session_a) == (hits + 1, misses), "still answered from the cache"
+
+
+def test_a_change_applied_as_a_replica_is_seen(db, su, admin, session_a):
+    """session_replication_role = replica (logical replication's apply, a data-only restore)
+    skips ordinary triggers; pg_token's cache triggers fire anyway."""
+    token_id, token = generate(admin, db, "acme")
+    warm(session_a, token)
+    with db.su() as r:
+        r.execute("SET session_replication_role = replica")
+        r.execute("UPDATE token.tokens SET revoked_at = now() WHERE id = %s", (token_id,))
+    assert reason_of(session_a, token) == "revoked"
+
+
+def test_a_recreated_extension_starts_with_an_empty_cache(db, su):
+    """Tokens cached from a dropped extension are never served from the new one's cache, even
+    with the same registry."""
+    su.execute("DROP DATABASE IF EXISTS pgt_e2e_recreate")
+    su.execute("CREATE DATABASE pgt_e2e_recreate")
+    setup = ["CREATE EXTENSION pg_token", "SELECT token.create_key_type('agent')",
+             "SELECT token.register_prefix('e2e-', 'agent', 'dev')"]
+    try:
+        with db.su("pgt_e2e_recreate") as admin, db.su("pgt_e2e_recreate") as a:
+            for sql in setup:
+                admin.execute(sql)
+            token = db.record(admin.execute("SELECT token FROM token.generate_token('acme', 'agent')").fetchone()[0])
+            a.execute("SET token.last_used_interval = -1")
+            assert reason_of(a, token) is None and cached_entries(a) == 1
+            admin.execute("DROP EXTENSION pg_token")
+            for sql in setup:
+                admin.execute(sql)
+            assert reason_of(a, token) == "not_found"
+    finally:
+        su.execute("DROP DATABASE pgt_e2e_recreate WITH (FORCE)")
+
+
 def test_cache_honours_its_size_bound(db, su, admin):
     n = 3000
     rows = su.execute("SELECT token FROM generate_series(1, %s) i, "
