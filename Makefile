@@ -8,5 +8,5 @@ bench:           ## builds a 1M-token database and prints the performance table
 	bash bench/run.sh
 install:         ## build (release) and install the extension
 	bash scripts/setup.sh && bash scripts/install.sh
-unit:            ## pure Rust tests only, no Postgres
-	cargo test --lib -- --skip in_database::
+unit:            ## the layout check and the pure core's tests: no pgrx, no Postgres
+	python3 scripts/check_layout.py && cargo test -p pg_token_core

@@ -3,7 +3,7 @@ per-validation cost in one statement, writes the report.
 
   bench.py load --host DIR --port P --to N
       Grows the bench database to N tokens. Tokens are made here in the extension's exact
-      format (src/format.rs: prefix, 22 base62 body characters, 6 base62 characters of the
+      format (src/core/format.rs: prefix, 22 base62 body characters, 6 base62 characters of the
       CRC32 of prefix+body) and COPYed straight into token.tokens with the columns
       generate_token writes (SHA-256 of the token, hint, prefix, account, key type,
       environment, scopes, expiry), and in clear into bench.plain for pgbench. Then checks
@@ -60,7 +60,7 @@ def account_of(n):
 # ---- tokens ----
 
 def checksum(prefix: bytes, body: bytes) -> bytes:
-    """src/format.rs checksum_of: CRC32 (IEEE) of prefix+body, 6 base62 digits, MSD first."""
+    """src/core/format.rs checksum_of: CRC32 (IEEE) of prefix+body, 6 base62 digits, MSD first."""
     value = zlib.crc32(body, zlib.crc32(prefix))
     out = bytearray(CHECKSUM_LEN)
     for i in range(CHECKSUM_LEN - 1, -1, -1):

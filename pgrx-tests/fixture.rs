@@ -81,7 +81,7 @@ pub fn lit(s: &str) -> String {
 
 /// A well-formed token (valid checksum) that was never issued.
 pub fn forged(prefix: &str) -> String {
-    crate::format::compose(prefix, "ZZZZforgedButWellFormd")
+    pg_token_core::format::compose(prefix, "ZZZZforgedButWellFormd")
 }
 
 pub fn token_rows() -> i64 {

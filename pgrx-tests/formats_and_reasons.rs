@@ -115,7 +115,7 @@ mod tests {
     #[pg_test]
     fn every_reason_is_listed_by_token_reasons() {
         let listed = one::<i64>("SELECT count(*) FROM token.reasons()").unwrap_or(0);
-        assert_eq!(listed as usize, crate::reason::Reason::ALL.len());
+        assert_eq!(listed as usize, pg_token_core::reason::Reason::ALL.len());
         let words = one::<String>("SELECT string_agg(reason, ',' ORDER BY reason) FROM token.reasons()").unwrap_or_default();
         for w in ["malformed", "bad_checksum", "unknown_prefix", "not_found", "expired", "revoked", "environment_mismatch",
                   "caller_invalid", "caller_not_permitted", "cross_account", "insufficient_scope"] {

@@ -9,7 +9,7 @@ mod tests {
     fn generated_token_has_the_format_and_validates() {
         registry();
         let t = issue("acme", "agent", "name => 'ci', scopes => '{read}', metadata => '{\"team\": \"infra\"}'");
-        let p = crate::format::parse(&t.token).expect("well formed");
+        let p = pg_token_core::format::parse(&t.token).expect("well formed");
         assert_eq!(p.prefix, "tst-");
         let row = Spi::get_three::<String, String, String>(&format!(
             "SELECT account, key_type, environment FROM token.validate_token({})", lit(&t.token)

@@ -5,6 +5,7 @@
 //! (the cache across sessions, last_used_at, identity after COMMIT) is tested end to end in
 //! `tests/`.
 
+mod errors;
 mod fixture;
 mod formats_and_reasons;
 mod lifecycle;

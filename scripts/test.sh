@@ -2,7 +2,8 @@
 # Runs every test pg_token has, from a fresh machine: `make test` (and `.ci/run`) call this.
 #
 #   1. set-up (idempotent): apt packages, cargo-pgrx 0.18.0, the Python venv
-#   2. pure unit and property tests: cargo test, no Postgres
+#   2. the layout check (scripts/check_layout.py), then the pure core's unit and property
+#      tests: cargo test -p pg_token_core, no pgrx, no Postgres
 #   3. in-database tests: cargo pgrx test pg15 (pgrx's own throwaway cluster)
 #   4. the extension is installed (release build) and a throwaway cluster is started
 #   5. the README's demo command, checked for the lifecycle it must print
@@ -21,8 +22,11 @@ step "set-up"
 bash scripts/setup.sh
 VENV="${PG_TOKEN_VENV:-/opt/pg_token-venv}"
 
-step "unit and property tests (no Postgres)"
-cargo test --lib -- --skip in_database::
+step "layout: pure core, no import cycles, one error map"
+python3 scripts/check_layout.py
+
+step "unit and property tests of the pure core (no pgrx, no Postgres)"
+cargo test -p pg_token_core
 
 step "in-database tests: cargo pgrx test pg15"
 PGRX_DATA=/tmp/pg_token-pgrx-test

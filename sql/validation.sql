@@ -1,5 +1,5 @@
 -- pg_token: the validation entry points, hand-declared because they are plain V1 C functions
--- (src/validate.rs, src/session.rs explain why). Not STRICT: a NULL token is judged
+-- (src/validation.rs and src/v1.rs explain why). Not STRICT: a NULL token is judged
 -- (malformed) and recorded like any other refusal. VOLATILE: a verdict depends on the clock
 -- and on the latest committed state, and a validation queues a last-use update.
 

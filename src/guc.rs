@@ -1,6 +1,11 @@
 //! Every `token.*` setting, registered once from `_PG_init`. Anything that changes what is
 //! accepted, written or kept is superuser-only (`Suset`), so an application role can neither
 //! move its database to another environment nor switch off its own audit trail.
+//!
+//! The `token.` prefix is reserved once all settings are defined, so a misspelt
+//! `token.enviroment` in postgresql.conf is a WARNING when the library loads (and an error when
+//! SET), never a silent placeholder. A new setting goes here, with a description, a safe
+//! default and the right context, and into the README's configuration table.
 
 use std::ffi::CString;
 
@@ -14,6 +19,21 @@ pub static EVENT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(90 * 24 *
 pub static WORKER_IDLE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 
 pub fn register() {
+    define();
+    // SAFETY: called from _PG_init after every token.* setting is defined; the prefix is a
+    // static NUL-terminated string.
+    #[cfg(feature = "pg14")]
+    unsafe {
+        pgrx::pg_sys::EmitWarningsOnPlaceholders(c"token".as_ptr())
+    };
+    // SAFETY: as above.
+    #[cfg(not(feature = "pg14"))]
+    unsafe {
+        pgrx::pg_sys::MarkGUCPrefixReserved(c"token".as_ptr())
+    };
+}
+
+fn define() {
     GucRegistry::define_string_guc(
         c"token.environment",
         c"The environment this database serves (e.g. dev, stage, prod).",

@@ -1,27 +1,37 @@
 //! pg_token: opaque, prefixed, instantly revocable API tokens inside PostgreSQL.
 //!
-//! Pure modules (no Postgres): `format`, `hash`, `reason`, `verdict`, `cache`, `redact`,
-//! `account`. Edge modules: `store` (hot-path reads, caches, invalidation), `validate`,
-//! `session` (RLS identity), `lifecycle` (issue, rotate, revoke, registry), `events`,
-//! `queue` + `worker` (durable events and last_used_at), `logscrub`, `guc`.
+//! The rules live in the pure core (`pg_token_core`, `src/core/`: token format, hashing,
+//! verdicts, reasons, redaction, the cache structure), which cannot reach Postgres. This crate
+//! is the edge, one module per capability:
+//!
+//! | module       | owns |
+//! |--------------|------|
+//! | `validation` | validate_token, check_token, hash_token, reasons, cache_stats |
+//! | `session`    | authenticate and the identity accessors RLS policies read |
+//! | `lifecycle`  | generate, rotate, revoke |
+//! | `registry`   | key types and prefixes |
+//! | `store`      | the per-backend cache, its freshness, the hash-index scan |
+//! | `events`     | event recording, the shared-memory queue, the writer, event SQL |
+//! | `logscrub`   | the log hook that masks tokens |
+//! | `guc`        | every `token.*` setting |
+//! | `error`      | every SQLSTATE, from one map |
+//! | `datum`, `v1`| composite rows kept as bytes; hand-declared V1 functions |
+//!
+//! `scripts/check_layout.py` (part of the test command) keeps it this way: no pgrx in the
+//! core, no import cycle between these modules, no file past about 500 lines, and no
+//! `ereport!` outside `error`.
 
-pub mod account;
-pub mod cache;
-pub mod format;
-pub mod hash;
-pub mod reason;
-pub mod redact;
-pub mod verdict;
-
+mod datum;
+mod error;
 mod events;
 mod guc;
 mod lifecycle;
 mod logscrub;
-mod queue;
+mod registry;
 mod session;
 mod store;
-mod validate;
-mod worker;
+mod v1;
+mod validation;
 
 ::pgrx::pg_module_magic!();
 
@@ -31,12 +41,12 @@ pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     guc::register();
-    store::register_callbacks();
+    store::freshness::register_callbacks();
     session::register_callbacks();
     logscrub::install_hook();
     // SAFETY: reads a flag set by the postmaster while loading shared_preload_libraries.
     if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
-        queue::install_hooks();
+        events::queue::init_shared_memory();
     }
 }
 

@@ -6,13 +6,15 @@
 //! literal rather than a bind parameter, then hit an error; or `log_statement = 'all'`). The
 //! client receives the same masked text, which costs it nothing: it has the token.
 //!
-//! This hook must never raise, allocate, or take a lock: it runs inside error reporting.
+//! This hook must never raise, allocate, or take a lock: it runs inside error reporting, in
+//! every process. What counts as token-shaped is decided by the core (`redact`); change it
+//! there, with its tests.
 
 use std::ffi::c_char;
 
 use pgrx::pg_sys;
 
-use crate::redact;
+use pg_token_core::redact;
 
 static mut PREV_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
 

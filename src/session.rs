@@ -11,15 +11,20 @@
 //! is rolled back is undone with it (the previous identity, if any, comes back).
 //!
 //! Accessors are STABLE and PARALLEL RESTRICTED: parallel workers do not share this memory.
+//!
+//! A new accessor for policies goes here (and is granted to PUBLIC in `sql/finalize.sql`); it
+//! must only read the bound identity, never bind one.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
 use pgrx::prelude::*;
 
-use crate::account;
+use pg_token_core::account;
+
 use crate::store::Stored;
-use crate::validate;
+use crate::v1;
+use crate::validation;
 
 thread_local! {
     /// (transaction nesting level, identity); the last entry is the current identity.
@@ -78,7 +83,7 @@ pub fn register_callbacks() {
     }
 }
 
-validate::v1_function_info!(pg_finfo_pg_token_authenticate);
+v1::v1_function_info!(pg_finfo_pg_token_authenticate);
 /// `token.authenticate(token, caller_token, required_scope) -> token.identity`: validates like
 /// validate_token and binds the identity to the current transaction (replacing one bound
 /// earlier at this nesting level).
@@ -86,8 +91,8 @@ validate::v1_function_info!(pg_finfo_pg_token_authenticate);
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pg_token_authenticate(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: called by Postgres as declared in sql/validation.sql.
-    let req = unsafe { validate::request(fcinfo) };
-    let token = validate::judge_or_raise(req);
+    let req = unsafe { validation::request(fcinfo) };
+    let token = validation::judge_or_raise(req);
     let level = nest_level();
     STACK.with(|s| {
         let mut s = s.borrow_mut();
@@ -136,7 +141,7 @@ fn has_scope(scope: Option<&str>) -> bool {
     }
 }
 
-validate::v1_function_info!(pg_finfo_pg_token_current_identity);
+v1::v1_function_info!(pg_finfo_pg_token_current_identity);
 /// `token.current_identity() -> token.identity`: the whole identity of the current
 /// transaction, or NULL.
 #[pg_guard]
@@ -144,10 +149,7 @@ validate::v1_function_info!(pg_finfo_pg_token_current_identity);
 pub unsafe extern "C-unwind" fn pg_token_current_identity(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     match current() {
         Some(id) => id.identity_datum(),
-        None => {
-            // SAFETY: the live call's fcinfo, as declared in sql/validation.sql.
-            unsafe { (*fcinfo).isnull = true };
-            pg_sys::Datum::from(0)
-        }
+        // SAFETY: the live call's fcinfo, as declared in sql/validation.sql.
+        None => unsafe { v1::return_null(fcinfo) },
     }
 }

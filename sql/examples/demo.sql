@@ -115,8 +115,9 @@ SELECT count(*) AS visible_projects FROM app.projects;
 BEGIN;
 SELECT account FROM token.authenticate(:'agent_acme');
 SELECT tenant, name FROM app.projects ORDER BY name;
-\echo 'settings cannot forge an identity (it lives in backend memory, not in a GUC):'
-SELECT set_config('token.current_account', 'globex', true) AS forged_setting,
+\echo 'settings cannot forge an identity (it lives in backend memory, not in a GUC; token.* names'
+\echo 'cannot even be set): a PostgREST-style claim setting changes nothing:'
+SELECT set_config('request.jwt.claims', '{"sub": "globex"}', true) AS forged_setting,
        token.current_account() AS current_account;
 COMMIT;
 \echo 'after COMMIT the identity is gone:'

@@ -149,7 +149,7 @@ ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def compose(prefix, body):
-    """A well-formed token (valid CRC32 checksum, as src/format.rs writes it) that was never issued."""
+    """A well-formed token (valid CRC32 checksum, as src/core/format.rs writes it) that was never issued."""
     n = zlib.crc32((prefix + body).encode())
     digits = ""
     for _ in range(6):

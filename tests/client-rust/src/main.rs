@@ -89,7 +89,7 @@ async fn run() -> Outcome {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Token syntax, as src/format.rs and the README define it: <prefix><22 base62><6 base62 CRC32>.
+// Token syntax, as src/core/format.rs and the README define it: <prefix><22 base62><6 base62 CRC32>.
 
 const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 

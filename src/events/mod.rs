@@ -7,15 +7,27 @@
 //! line (unless `token.log_events` is off).
 //!
 //! Never record a token: prefixes and 4-character hints only.
+//!
+//! - `queue`: the shared-memory rings from backends to the writer.
+//! - `writer`: the background worker that writes them.
+//! - `admin`: the SQL functions over them (`flush_events`, `worker_status`, `purge_events`).
+//!
+//! A new kind of event is recorded from here: lifecycle events through `lifecycle()` (in the
+//! caller's transaction), anything that must survive a rollback through the queue.
 
+mod admin;
+pub mod queue;
+pub mod writer;
+
+use pg_token_core::reason::Reason;
+use pg_token_core::verdict::{Refusal, Subject};
 use pgrx::prelude::*;
-use pgrx::{PgLogLevel, PgSqlErrorCode};
 
+pub use queue::require_preload;
+use queue::{FixedStr, Pushed, Record, Touch};
+
+use crate::error;
 use crate::guc;
-use crate::queue::{self, FixedStr, Pushed, Record, Touch};
-use crate::reason::Reason;
-use crate::verdict::{Refusal, Subject};
-use crate::worker;
 
 /// Who is asking: client address, application name and session user.
 pub struct Client {
@@ -67,7 +79,7 @@ fn log_line(event: &str, reason: Option<Reason>, subject: &Subject, caller: Opti
     field("client", client.addr.as_deref());
     field("application", client.application_name.as_deref());
     field("user", client.db_user.as_deref());
-    ereport!(PgLogLevel::LOG_SERVER_ONLY, PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, line);
+    error::log_server_only(line);
 }
 
 /// Records a refusal: a LOG line now, and a row in token.events written by the worker.
@@ -115,7 +127,7 @@ pub fn touched(token_id: [u8; 16], at: i64, interval_s: i32) {
 
 fn start_writer_if_asked(db: pg_sys::Oid, pushed: Pushed) {
     match pushed {
-        Pushed::QueuedStartWorker(slot) => worker::start(slot, db),
+        Pushed::QueuedStartWorker(slot) => writer::start(slot, db),
         Pushed::Queued | Pushed::Dropped | Pushed::Unavailable => {}
     }
 }

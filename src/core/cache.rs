@@ -1,7 +1,7 @@
 //! The per-backend validation cache: stored-token states keyed by token hash, bounded by a
 //! byte budget, evicted by CLOCK (an approximation of LRU that costs one flag write per hit).
 //!
-//! This module only stores; it never decides freshness. The edge (`store`) clears it when
+//! This module only stores; it never decides freshness. The edge (`store::freshness`) clears it when
 //! Postgres delivers an invalidation for a token, key-type or prefix table, and deadlines are
 //! checked against the clock on every hit by `verdict`. Only tokens that exist are cached, so
 //! guessing cannot fill it. Pure: no Postgres.

@@ -5,6 +5,9 @@
 //! someone waits in flush_events), each in its own transaction through a plan prepared once,
 //! and purges events past `token.event_retention`.
 //!
+//! A new ring in `queue` is drained here, in its own transaction per batch, so that one
+//! kind of record that cannot be written never costs another.
+//!
 //! It must never wait on a row lock held by someone else (it skips locked rows: a missed
 //! `last_used_at` update is harmless, a stalled queue is not) and never see a token.
 
@@ -15,11 +18,12 @@ use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::{PgBuiltInOids, PgOid};
-use pgrx::{PgLogLevel, PgSqlErrorCode};
 
+use pg_token_core::reason::Reason;
+
+use super::queue::{self, Record, Touch, TOUCH_BATCH, TOUCH_DELAY};
+use crate::error::{self, Error, Kind};
 use crate::guc;
-use crate::queue::{self, Record, Touch, TOUCH_BATCH, TOUCH_DELAY};
-use crate::reason::Reason;
 
 const PURGE_EVERY: Duration = Duration::from_secs(600);
 
@@ -45,12 +49,9 @@ pub fn start(slot: usize, db: pg_sys::Oid) {
         let due = unsafe { LAST_START_WARNING.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) };
         if due {
             unsafe { LAST_START_WARNING = Some(Instant::now()) };
-            ereport!(
-                PgLogLevel::WARNING,
-                PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
-                "pg_token could not start its event writer",
-                "Events stay queued in shared memory; raise max_worker_processes if this persists."
-            );
+            Error::new(Kind::ConfigurationLimit, "pg_token could not start its event writer")
+                .hint("Events stay queued in shared memory; raise max_worker_processes if this persists.")
+                .warn();
         }
     }
 }
@@ -98,12 +99,9 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
     }
     let Some((_, discarded)) = queue::worker_attach(slot) else { return };
     if discarded {
-        ereport!(
-            PgLogLevel::WARNING,
-            PgSqlErrorCode::ERRCODE_DATA_EXCEPTION,
-            "pg_token discarded a batch of queued records after three failed attempts to write it",
-            "worker_status() counts them as dropped; refusals are still in the server log."
-        );
+        Error::new(Kind::DataException, "pg_token discarded a batch of queued records after three failed attempts to write it")
+            .hint("worker_status() counts them as dropped; refusals are still in the server log.")
+            .warn();
     }
 
     let mut events: Vec<Record> = Vec::with_capacity(queue::BATCH);
@@ -247,7 +245,7 @@ fn prepared<'p>(
         let args: Vec<PgOid> = args.iter().map(|&o| PgOid::BuiltIn(o)).collect();
         match client.prepare_mut(sql, &args) {
             Ok(p) => *plan = Some(p.keep()),
-            Err(e) => error!("pg_token writer could not prepare a statement: {e}"),
+            Err(e) => error::spi_or(Err(e), "pg_token writer could not prepare a statement"),
         }
     }
     plan.as_ref()
@@ -297,9 +295,7 @@ fn write_events(plans: &mut Plans, events: &[Record]) {
         );
         let types = [times, texts, uuids, uuids, texts, texts, texts, texts, texts, texts, texts, texts, ints];
         if let Some(plan) = prepared(client, &mut plans.insert_events, INSERT_EVENTS, &types) {
-            if let Err(e) = client.update(plan, None, &args) {
-                error!("pg_token writer could not insert events: {e}");
-            }
+            error::spi_or(client.update(plan, None, &args), "pg_token writer could not insert events");
         }
     });
 }
@@ -315,9 +311,7 @@ fn write_touches(plans: &mut Plans, touches: &[Touch]) {
         let args = [ids.into(), at.into(), secs.into()];
         let types = [PgBuiltInOids::UUIDARRAYOID, PgBuiltInOids::TIMESTAMPTZARRAYOID, PgBuiltInOids::INT4ARRAYOID];
         if let Some(plan) = prepared(client, &mut plans.apply_touches, APPLY_TOUCHES, &types) {
-            if let Err(e) = client.update(plan, None, &args) {
-                error!("pg_token writer could not update last_used_at: {e}");
-            }
+            error::spi_or(client.update(plan, None, &args), "pg_token writer could not update last_used_at");
         }
     });
 }
@@ -337,8 +331,6 @@ fn purge_expired_events() {
             None,
             &[f64::from(keep).into()],
         );
-        if let Err(e) = result {
-            error!("pg_token writer could not purge events: {e}");
-        }
+        error::spi_or(result, "pg_token writer could not purge events");
     });
 }

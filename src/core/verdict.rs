@@ -14,8 +14,7 @@ use crate::format::{self, FormatError, ParsedToken};
 use crate::hash::{token_hash, TokenHash};
 use crate::reason::{self, Reason};
 
-/// Microseconds since the Postgres epoch, as in `TimestampTz`.
-pub type Micros = i64;
+pub use crate::clock::Micros;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefixInfo {
@@ -45,6 +44,24 @@ pub struct TokenState {
     pub expires_at: Option<Micros>,
     pub revoke_after: Option<Micros>,
     pub revoked_at: Option<Micros>,
+}
+
+/// What a finder hands back: anything that holds a stored token's state (the edge's cache
+/// entry, shared through an `Rc`).
+pub trait Stateful {
+    fn state(&self) -> &TokenState;
+}
+
+impl Stateful for TokenState {
+    fn state(&self) -> &TokenState {
+        self
+    }
+}
+
+impl<T: Stateful + ?Sized> Stateful for std::rc::Rc<T> {
+    fn state(&self) -> &TokenState {
+        (**self).state()
+    }
 }
 
 /// What is presented. Tokens are bytes as they arrived (any encoding, any content): judging
@@ -139,7 +156,7 @@ fn resolve<'t, T, R, F>(
     before_lookup: impl FnOnce(&PrefixInfo) -> Result<(), Failure>,
 ) -> Result<(T, ParsedToken<'t>), Refused>
 where
-    T: AsRef<TokenState>,
+    T: Stateful,
     R: Registry,
     F: FnMut(&TokenHash) -> Option<T>,
 {
@@ -174,7 +191,7 @@ where
         let detail = format!("no token matches {}", parsed.hint());
         return fail(Reason::NotFound, detail, subject_of(Some(&parsed), Some(info), None));
     };
-    let state = found.as_ref();
+    let state = found.state();
     if ctx.environment != Some(state.environment.as_str()) {
         let detail = format!("token {} belongs to environment \"{}\"", parsed.hint(), state.environment);
         return fail(Reason::EnvironmentMismatch, detail, subject_of(Some(&parsed), Some(info), Some(state)));
@@ -208,7 +225,7 @@ pub fn decide<T, R, F>(
     mut find: F,
 ) -> Result<Accepted<T>, Refusal>
 where
-    T: AsRef<TokenState>,
+    T: Stateful,
     R: Registry,
     F: FnMut(&TokenHash) -> Option<T>,
 {
@@ -233,8 +250,8 @@ where
             }
         },
     };
-    let caller_state = caller.as_ref().map(|(c, _)| c.as_ref());
-    let caller_subject = || caller.as_ref().map(|(c, p)| subject_of(Some(p), None, Some(c.as_ref())));
+    let caller_state = caller.as_ref().map(|(c, _)| c.state());
+    let caller_subject = || caller.as_ref().map(|(c, p)| subject_of(Some(p), None, Some(c.state())));
 
     let permission = |info: &PrefixInfo| -> Result<(), Failure> {
         let Some(cs) = caller_state else { return Ok(()) };
@@ -255,7 +272,7 @@ where
         Err((f, subject)) => return Err(refusal(f, subject, caller_subject())),
     };
 
-    let state = found.as_ref();
+    let state = found.state();
     let refused_here = |reason: Reason, detail: String| {
         let f = Failure { reason, detail };
         Err(refusal(f, subject_of(Some(&parsed), None, Some(state)), caller_subject()))
@@ -298,8 +315,8 @@ mod tests {
 
     #[derive(Debug, Clone)]
     struct Row(TokenState);
-    impl AsRef<TokenState> for Row {
-        fn as_ref(&self) -> &TokenState {
+    impl Stateful for Row {
+        fn state(&self) -> &TokenState {
             &self.0
         }
     }

@@ -15,13 +15,31 @@
 //! after the interval). The queue lives in shared memory requested at postmaster start, so
 //! pg_token must be in `shared_preload_libraries`.
 //!
-//! Never put a token in a record: records hold prefixes and 4-character hints only.
+//! Never put a token in a record: records hold prefixes and 4-character hints only. A new kind
+//! of record that must outlive the caller's transaction gets its own ring in `Slot` (its own
+//! bound and dropped count), not a field squeezed into `Record`.
+//!
+//! # Shared memory through pgrx
+//! `pg_shmem_init!` installs the request and startup hooks (chaining whatever was installed
+//! before, and using PostgreSQL 14's request-in-_PG_init where 15+ has a request hook), through
+//! our `PgSharedMemoryInitialization` impl. We do not use `PgLwLock<T>` itself: it builds the
+//! initial `T` by value on the postmaster's stack and moves it into place, and `Shared` is
+//! several megabytes (8 MB of rings here, sized by settings later); we zero the area where it
+//! lies instead, which is a valid empty state for every field. Every access goes through
+//! `locked`, whose guard releases the LWLock when dropped, on unwind too.
 
+use std::cell::UnsafeCell;
 use std::ffi::CStr;
 use std::mem::size_of;
 use std::ptr;
 
+use pg_token_core::clock;
+pub use pg_token_core::ring::FixedStr;
+use pg_token_core::ring::Ring;
 use pgrx::pg_sys;
+use pgrx::{PGRXSharedMemory, PgSharedMemoryInitialization};
+
+use crate::error;
 
 pub const MAX_DATABASES: usize = 8;
 /// Refusal events queued per database.
@@ -38,37 +56,6 @@ pub const TOUCH_DELAY: std::time::Duration = std::time::Duration::from_millis(10
 /// could not start it) and replaced by the next record.
 const STARTING_TIMEOUT_US: i64 = 60_000_000;
 const SHMEM_NAME: &CStr = c"pg_token";
-
-/// A string of at most `N` bytes, cut at a character boundary.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct FixedStr<const N: usize> {
-    len: u16,
-    present: bool,
-    bytes: [u8; N],
-}
-
-impl<const N: usize> FixedStr<N> {
-    pub const EMPTY: Self = FixedStr { len: 0, present: false, bytes: [0; N] };
-
-    pub fn new(s: Option<&str>) -> Self {
-        let Some(s) = s else { return Self::EMPTY };
-        let mut end = s.len().min(N);
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        let mut bytes = [0u8; N];
-        bytes[..end].copy_from_slice(&s.as_bytes()[..end]);
-        FixedStr { len: end as u16, present: true, bytes }
-    }
-
-    pub fn get(&self) -> Option<&str> {
-        if !self.present {
-            return None;
-        }
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).ok()
-    }
-}
 
 /// A refused validation, to be inserted into token.events.
 #[repr(C)]
@@ -97,61 +84,6 @@ pub struct Touch {
     pub token_id: [u8; 16],
     pub at: i64,
     pub interval_s: i32,
-}
-
-/// A ring of `N` records addressed by ever-growing sequence numbers: `head` is the next to
-/// write, `tail` the next to read. The writer moves `tail` only after the records are
-/// committed, so `tail` is also "written so far".
-#[repr(C)]
-struct Ring<T: Copy, const N: usize> {
-    head: u64,
-    tail: u64,
-    dropped: u64,
-    items: [T; N],
-}
-
-impl<T: Copy, const N: usize> Ring<T, N> {
-    fn len(&self) -> usize {
-        (self.head - self.tail) as usize
-    }
-
-    /// Appends; returns the length before, or None (counted as dropped) when full.
-    fn push(&mut self, item: &T) -> Option<usize> {
-        let len = self.len();
-        if len >= N {
-            self.dropped += 1;
-            return None;
-        }
-        self.items[(self.head % N as u64) as usize] = *item;
-        self.head += 1;
-        Some(len)
-    }
-
-    /// Copies up to `max` records from the tail without consuming them.
-    fn peek(&self, out: &mut Vec<T>, max: usize) {
-        out.clear();
-        for seq in self.tail..self.tail + self.len().min(max) as u64 {
-            out.push(self.items[(seq % N as u64) as usize]);
-        }
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.tail += (n.min(self.len())) as u64;
-    }
-
-    /// Starts the counts again (for a slot passed to another database).
-    fn reset(&mut self) {
-        self.head = 0;
-        self.tail = 0;
-        self.dropped = 0;
-    }
-
-    /// Drops up to `n` records from the tail, counting them as dropped.
-    fn discard(&mut self, n: usize) {
-        let n = n.min(self.len());
-        self.tail += n as u64;
-        self.dropped += n as u64;
-    }
 }
 
 #[repr(u32)]
@@ -203,7 +135,7 @@ impl Slot {
     /// Marks the slot as having a writer on its way; the caller registers one.
     fn starting(&mut self) {
         self.state = WorkerState::Starting;
-        self.starting_since = crate::validate::now();
+        self.starting_since = clock::now();
     }
 
     /// Whether a writer must be registered: none is running or on its way, or the one on its
@@ -211,7 +143,7 @@ impl Slot {
     fn needs_writer(&self) -> bool {
         match self.state {
             WorkerState::Stopped => true,
-            WorkerState::Starting => crate::validate::now().saturating_sub(self.starting_since) > STARTING_TIMEOUT_US,
+            WorkerState::Starting => clock::now().saturating_sub(self.starting_since) > STARTING_TIMEOUT_US,
             WorkerState::Running => false,
         }
     }
@@ -223,76 +155,97 @@ struct Shared {
     slots: [Slot; MAX_DATABASES],
 }
 
-// SAFETY: set once per process in the shmem startup hook (postmaster, inherited by fork), and
-// read-only afterwards; every access to the pointee goes through `Shared::lock`.
-static mut SHARED: *mut Shared = ptr::null_mut();
-static mut PREV_REQUEST_HOOK: pg_sys::shmem_request_hook_type = None;
-static mut PREV_STARTUP_HOOK: pg_sys::shmem_startup_hook_type = None;
+/// The queue in shared memory: set once per process in the shmem startup hook (postmaster,
+/// inherited by fork), read-only afterwards; the pointee is only touched under `Shared::lock`.
+pub struct EventQueue {
+    shared: UnsafeCell<*mut Shared>,
+}
 
-/// Installs the shared-memory hooks. Only meaningful while shared_preload_libraries loads us.
-pub fn install_hooks() {
-    // SAFETY: _PG_init runs once per process, before any concurrent access; chaining the
-    // previous hooks keeps other extensions working.
-    unsafe {
-        PREV_REQUEST_HOOK = pg_sys::shmem_request_hook;
-        pg_sys::shmem_request_hook = Some(shmem_request);
-        PREV_STARTUP_HOOK = pg_sys::shmem_startup_hook;
-        pg_sys::shmem_startup_hook = Some(shmem_startup);
+// SAFETY: the pointer is written once, before any backend exists, and never again.
+unsafe impl Sync for EventQueue {}
+
+pub static QUEUE: EventQueue = EventQueue { shared: UnsafeCell::new(ptr::null_mut()) };
+
+/// The initial value `pg_shmem_init!` passes: "zero the area in place".
+#[derive(Clone, Copy)]
+pub struct Zeroed;
+
+// SAFETY: a unit value with no pointers.
+unsafe impl PGRXSharedMemory for Zeroed {}
+
+impl PgSharedMemoryInitialization for EventQueue {
+    type Value = Zeroed;
+
+    unsafe fn on_shmem_request(&'static self) {
+        // SAFETY: called at the documented point for shared memory requests.
+        unsafe {
+            pg_sys::RequestAddinShmemSpace(size_of::<Shared>());
+            pg_sys::RequestNamedLWLockTranche(SHMEM_NAME.as_ptr(), 1);
+        }
+    }
+
+    unsafe fn on_shmem_startup(&'static self, _value: Zeroed) {
+        // SAFETY: standard add-in initialization under AddinShmemInitLock (MainLWLockArray[21],
+        // as pgrx's own PgLwLock does); an all-zero `Shared` is a valid empty state (Stopped
+        // slots, empty rings), so the area is zeroed where it lies, never built on the stack.
+        unsafe {
+            let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+            pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+            let mut found = false;
+            let shared = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), size_of::<Shared>(), &mut found).cast::<Shared>();
+            if !found {
+                ptr::write_bytes(shared.cast::<u8>(), 0, size_of::<Shared>());
+                (*shared).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(SHMEM_NAME.as_ptr())).lock;
+            }
+            *self.shared.get() = shared;
+            pg_sys::LWLockRelease(init_lock);
+        }
     }
 }
 
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn shmem_request() {
-    // SAFETY: called by the postmaster at the documented point for shared memory requests.
-    unsafe {
-        if let Some(prev) = PREV_REQUEST_HOOK {
-            prev();
-        }
-        pg_sys::RequestAddinShmemSpace(size_of::<Shared>());
-        pg_sys::RequestNamedLWLockTranche(SHMEM_NAME.as_ptr(), 1);
-    }
-}
-
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn shmem_startup() {
-    // SAFETY: standard add-in initialization under AddinShmemInitLock (MainLWLockArray[21]);
-    // an all-zero `Shared` is a valid empty state (Stopped slots, empty rings).
-    unsafe {
-        if let Some(prev) = PREV_STARTUP_HOOK {
-            prev();
-        }
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let mut found = false;
-        let shared = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), size_of::<Shared>(), &mut found)
-            .cast::<Shared>();
-        if !found {
-            ptr::write_bytes(shared.cast::<u8>(), 0, size_of::<Shared>());
-            (*shared).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(SHMEM_NAME.as_ptr())).lock;
-        }
-        SHARED = shared;
-        pg_sys::LWLockRelease(init_lock);
-    }
+/// Asks for the queue's shared memory; from _PG_init while shared_preload_libraries loads us.
+pub fn init_shared_memory() {
+    use pgrx::prelude::*;
+    pgrx::pg_shmem_init!(QUEUE = Zeroed);
 }
 
 /// Whether the queue exists (pg_token was preloaded).
 pub fn available() -> bool {
     // SAFETY: a plain read of a pointer written once at startup.
-    unsafe { !SHARED.is_null() }
+    unsafe { !(*QUEUE.shared.get()).is_null() }
 }
 
-/// Runs `f` on the shared state under the queue lock. `f` must not raise an error.
+/// Raises 55000 unless pg_token was preloaded (its shared memory exists).
+pub fn require_preload() {
+    if !available() {
+        error::not_preloaded();
+    }
+}
+
+/// Holds the queue lock; releases it when dropped, also when unwinding.
+struct Locked(*mut Shared);
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        // SAFETY: acquired in `locked`; `self.0` points at the live shared state.
+        unsafe { pg_sys::LWLockRelease((*self.0).lock) };
+    }
+}
+
+/// Runs `f` on the shared state under the queue lock. `f` should not raise an error (it runs
+/// with an LWLock held), but if it does the guard releases the lock on the way out.
 fn locked<R>(f: impl FnOnce(&mut Shared) -> R) -> Option<R> {
-    // SAFETY: SHARED points into shared memory sized for `Shared`; the LWLock serializes
-    // all access, and Postgres releases it on error (LWLockReleaseAll) should one escape.
+    // SAFETY: the pointer was set at startup and points into shared memory sized for
+    // `Shared`; the LWLock serializes all access to it.
     unsafe {
-        let shared = SHARED;
+        let shared = *QUEUE.shared.get();
         if shared.is_null() {
             return None;
         }
         pg_sys::LWLockAcquire((*shared).lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let r = f(&mut *shared);
-        pg_sys::LWLockRelease((*shared).lock);
+        let guard = Locked(shared);
+        let r = f(&mut *guard.0);
+        drop(guard);
         Some(r)
     }
 }
@@ -373,7 +326,7 @@ pub fn nudge(dboid: pg_sys::Oid) -> Option<usize> {
     locked(|shared| {
         let i = slot_for(shared, dboid, false)?;
         let slot = &mut shared.slots[i];
-        slot.flush_touches_until = slot.flush_touches_until.max(slot.touches.head);
+        slot.flush_touches_until = slot.flush_touches_until.max(slot.touches.head());
         if slot.is_empty() {
             return None;
         }
@@ -403,7 +356,7 @@ pub type Marks = (u64, u64);
 
 /// The head sequence numbers for a database: everything queued so far.
 pub fn head(dboid: pg_sys::Oid) -> Option<Marks> {
-    locked(|shared| slot_for(shared, dboid, false).map(|i| (shared.slots[i].events.head, shared.slots[i].touches.head))).flatten()
+    locked(|shared| slot_for(shared, dboid, false).map(|i| (shared.slots[i].events.head(), shared.slots[i].touches.head()))).flatten()
 }
 
 /// Whether everything up to `marks` has been committed by the writer.
@@ -411,7 +364,7 @@ pub fn written_up_to(dboid: pg_sys::Oid, marks: Marks) -> bool {
     locked(|shared| {
         slot_for(shared, dboid, false).is_none_or(|i| {
             let s = &shared.slots[i];
-            s.events.tail >= marks.0 && s.touches.tail >= marks.1
+            s.events.tail() >= marks.0 && s.touches.tail() >= marks.1
         })
     })
     .unwrap_or(true)
@@ -434,7 +387,7 @@ pub struct SlotStatus {
 
 pub fn status() -> Vec<SlotStatus> {
     fn ring<T: Copy, const N: usize>(r: &Ring<T, N>) -> RingStatus {
-        RingStatus { queued: r.len() as u64, written: r.tail, dropped: r.dropped }
+        RingStatus { queued: r.len() as u64, written: r.tail(), dropped: r.dropped() }
     }
     locked(|shared| {
         shared
@@ -494,7 +447,7 @@ pub fn worker_database(slot: usize) -> Option<pg_sys::Oid> {
 pub fn worker_counts(slot: usize) -> (usize, usize, bool) {
     locked(|shared| {
         let s = &shared.slots[slot];
-        (s.events.len(), s.touches.len(), s.touches.tail < s.flush_touches_until)
+        (s.events.len(), s.touches.len(), s.touches.tail() < s.flush_touches_until)
     })
     .unwrap_or((0, 0, false))
 }
@@ -573,46 +526,4 @@ pub fn worker_exited(slot: usize, abnormal: bool) {
             }
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ring<const N: usize>() -> Box<Ring<u32, N>> {
-        Box::new(Ring { head: 0, tail: 0, dropped: 0, items: [0; N] })
-    }
-
-    #[test]
-    fn a_ring_hands_records_back_in_order_and_drops_when_full() {
-        let mut r = ring::<4>();
-        assert_eq!(r.push(&1), Some(0), "the writer is told the ring was empty");
-        assert_eq!(r.push(&2), Some(1));
-        let mut out = Vec::new();
-        r.peek(&mut out, 10);
-        assert_eq!(out, [1, 2]);
-        assert_eq!(r.len(), 2, "peeking consumes nothing");
-        r.consume(1);
-        for x in 3..=5 {
-            assert!(r.push(&x).is_some());
-        }
-        assert_eq!(r.push(&6), None, "a full ring refuses");
-        assert_eq!(r.dropped, 1);
-        r.peek(&mut out, 3);
-        assert_eq!(out, [2, 3, 4], "wraps around, oldest first, at most max");
-        r.consume(10);
-        assert_eq!((r.len(), r.tail), (0, 5), "consuming stops at the head");
-    }
-
-    #[test]
-    fn discarding_counts_as_dropped() {
-        let mut r = ring::<8>();
-        for x in 0..5 {
-            r.push(&x);
-        }
-        r.discard(3);
-        assert_eq!((r.len(), r.dropped), (2, 3));
-        r.discard(100);
-        assert_eq!((r.len(), r.dropped), (0, 5));
-    }
 }

@@ -1,0 +1,25 @@
+//! pg_token's pure core: everything that decides about a token without asking Postgres.
+//!
+//! Token syntax and checksum (`format`), hashing (`hash`), the refusal reasons (`reason`), the
+//! verdict rules (`verdict`), log redaction (`redact`), the per-backend cache structure
+//! (`cache`), account-id parsing (`account`), the clock (`clock`) and the fixed-size records
+//! that cross shared memory (`ring`).
+//!
+//! This crate cannot reach Postgres: it does not depend on pgrx (a compile-time fact, checked
+//! again by `scripts/check_layout.py`), so its unit and property tests run with
+//! `cargo test -p pg_token_core` in milliseconds, without bindgen or a server. It holds no
+//! `unsafe` code. Put new rules here when they can be stated without a database (a new
+//! refusal reason, a new token syntax, rate-limit arithmetic, JWT claim checks); the edge
+//! crate (`src/`) then only fetches their inputs and reports their results.
+
+#![forbid(unsafe_code)]
+
+pub mod account;
+pub mod cache;
+pub mod clock;
+pub mod format;
+pub mod hash;
+pub mod reason;
+pub mod redact;
+pub mod ring;
+pub mod verdict;

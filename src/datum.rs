@@ -1,0 +1,92 @@
+//! Composite rows kept as bytes: how a cached identity row is built once and handed out on every
+//! hit with one palloc and a memcpy.
+//!
+//! pgrx builds rows through `PgHeapTuple` and converts values through `IntoDatum`, and the rest
+//! of the extension uses those. The validation hot path does not: a cache hit must return the
+//! identity row without building a tuple or making a guarded call per column, so the row is
+//! formed once (`form_composite`), its flat bytes kept in the cache entry (`DatumBytes`), and
+//! copied out per call (`palloc_copy`). Nothing else belongs here.
+
+use pgrx::pg_sys;
+
+use crate::error::{Error, Kind};
+
+/// A datum's bytes in 8-byte-aligned storage: Postgres reads the columns of a tuple at
+/// aligned offsets from its start.
+#[derive(Debug)]
+pub struct DatumBytes {
+    words: Box<[u64]>,
+    len: usize,
+}
+
+impl DatumBytes {
+    fn new(bytes: &[u8]) -> DatumBytes {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)].into_boxed_slice();
+        // SAFETY: `words` has room for at least `bytes.len()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), words.as_mut_ptr().cast::<u8>(), bytes.len()) };
+        DatumBytes { words, len: bytes.len() }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes of `words` were written in `new`.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    /// Heap bytes held (before malloc's own rounding).
+    pub fn footprint(&self) -> usize {
+        self.words.len() * 8
+    }
+}
+
+/// Builds a row of `desc` as a flat composite datum (external TOAST values inlined, as a
+/// composite datum requires) and keeps its bytes.
+pub fn form_composite(desc: pg_sys::TupleDesc, columns: impl IntoIterator<Item = (pg_sys::Datum, bool)>) -> DatumBytes {
+    let (mut values, mut nulls): (Vec<pg_sys::Datum>, Vec<bool>) = columns.into_iter().unzip();
+    // SAFETY: `desc` is a live descriptor; callers pass one (value, isnull) per column of it,
+    // of the column's type (checked for the count below). heap_copy_tuple_as_datum returns a
+    // palloc'd varlena whose length is its varlena header; both pallocs are freed once copied.
+    unsafe {
+        if values.len() != (*desc).natts as usize {
+            Error::new(Kind::Internal, "pg_token: a row type has changed under this session")
+                .hint("Reconnect; if this persists, run ALTER EXTENSION pg_token UPDATE.")
+                .raise();
+        }
+        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        let datum = pg_sys::heap_copy_tuple_as_datum(tuple, desc);
+        let ptr = datum.cast_mut_ptr::<pg_sys::varlena>();
+        let bytes = DatumBytes::new(std::slice::from_raw_parts(ptr.cast::<u8>(), pgrx::varlena::varsize_4b(ptr)));
+        pg_sys::pfree(ptr.cast());
+        pg_sys::heap_freetuple(tuple);
+        bytes
+    }
+}
+
+/// The (value, isnull) pairs of a composite datum built by `form_composite` for `desc`. The
+/// values point into `bytes`.
+///
+/// # Safety
+/// `bytes` is a whole composite datum of `desc`'s row type.
+pub unsafe fn deform_composite(bytes: &[u8], desc: pg_sys::TupleDesc) -> Vec<(pg_sys::Datum, bool)> {
+    // SAFETY: per the contract; heap_deform_tuple only reads `t_len` bytes from `t_data`.
+    unsafe {
+        let natts = (*desc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![true; natts];
+        let mut tuple: pg_sys::HeapTupleData = std::mem::zeroed();
+        tuple.t_len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        tuple.t_data = bytes.as_ptr().cast_mut().cast();
+        pg_sys::heap_deform_tuple(&mut tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        values.into_iter().zip(nulls).collect()
+    }
+}
+
+/// A palloc'd copy of a datum kept as bytes.
+pub fn palloc_copy(bytes: &[u8]) -> pg_sys::Datum {
+    // SAFETY: palloc returns at least `len` writable bytes (or raises); the bytes are a whole
+    // varlena datum, so the copy is one too.
+    unsafe {
+        let p = pg_sys::palloc(bytes.len()).cast::<u8>();
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
+        pg_sys::Datum::from(p)
+    }
+}

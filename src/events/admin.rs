@@ -1,0 +1,104 @@
+//! The SQL functions over the event machinery: `flush_events` (wait for the writer),
+//! `worker_status` (the queues and writers), `purge_events` (delete old events).
+
+use pgrx::datum::Interval;
+use pgrx::prelude::*;
+
+use super::{queue, writer};
+use crate::error::{invalid, require_writable, spi};
+use crate::guc;
+
+/// Deletes events older than `older_than` (default: token.event_retention). Returns how many.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn purge_events(older_than: default!(Option<Interval>, "NULL")) -> i64 {
+    require_writable("purge_events");
+    let keep = match older_than {
+        Some(i) if i.is_negative() => invalid("older_than must not be negative"),
+        Some(i) => i,
+        None => match guc::EVENT_RETENTION_S.get() {
+            0 => invalid("token.event_retention is 0 (keep forever); pass older_than"),
+            s => Interval::from_seconds(f64::from(s)),
+        },
+    };
+    Spi::connect_mut(|client| {
+        let n: Option<i64> = spi(client
+            .update(
+                "WITH d AS (DELETE FROM token.events WHERE occurred_at OPERATOR(pg_catalog.<) \
+                            (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) $1) RETURNING 1) \
+                 SELECT pg_catalog.count(*) FROM d",
+                Some(1),
+                &[keep.into()],
+            )
+            .and_then(|t| t.first().get_one()));
+        n.unwrap_or(0)
+    })
+}
+
+/// Waits until every event and last_used_at update queued so far in this database has been
+/// written by the background writer. Returns false on timeout.
+#[pg_extern(volatile, parallel_unsafe)]
+fn flush_events(timeout: default!(Option<Interval>, "'10 seconds'")) -> bool {
+    super::require_preload();
+    let timeout = timeout.unwrap_or(Interval::from_seconds(10.0));
+    let limit = std::time::Duration::from_micros(u64::try_from(timeout.as_micros()).unwrap_or(0));
+    // SAFETY: MyDatabaseId is set in a connected backend.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    let Some(target) = queue::head(db) else { return true };
+    let start = std::time::Instant::now();
+    loop {
+        if queue::written_up_to(db, target) {
+            return true;
+        }
+        if let Some(slot) = queue::nudge(db) {
+            writer::start(slot, db);
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        // SAFETY: the standard wait on our own latch, with interrupts checked after.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                10,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pg_sys::check_for_interrupts!();
+    }
+}
+
+/// The event writers: one row per database slot in use, with the refusal events and last-use
+/// updates queued now, and written and dropped since the slot was claimed.
+#[pg_extern(volatile, parallel_unsafe)]
+fn worker_status() -> TableIterator<
+    'static,
+    (
+        name!(database, Option<String>),
+        name!(worker_pid, Option<i32>),
+        name!(events_queued, i64),
+        name!(events_written, i64),
+        name!(events_dropped, i64),
+        name!(touches_queued, i64),
+        name!(touches_written, i64),
+        name!(touches_dropped, i64),
+    ),
+> {
+    let rows: Vec<_> = queue::status()
+        .into_iter()
+        .map(|s| {
+            // SAFETY: a syscache lookup; NULL when the database is gone.
+            let name = unsafe {
+                let p = pg_sys::get_database_name(s.database);
+                (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
+            };
+            let n = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
+            let (e, t) = (s.events, s.touches);
+            (name, s.worker_pid, n(e.queued), n(e.written), n(e.dropped), n(t.queued), n(t.written), n(t.dropped))
+        })
+        .collect();
+    TableIterator::new(rows)
+}
+
