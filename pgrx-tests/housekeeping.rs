@@ -17,8 +17,8 @@ mod tests {
     fn every_security_definer_function_pins_its_search_path() {
         let definers = one::<String>("SELECT string_agg(proname, ',' ORDER BY proname) FROM pg_proc p \
             JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'token' AND p.prosecdef").unwrap_or_default();
-        assert_eq!(definers, "create_key_type,generate_token,purge_events,register_prefix,revoke_account_tokens,\
-revoke_token,rotate_own_token,rotate_token,unregister_prefix");
+        assert_eq!(definers, "create_key_type,generate_token,purge_events,register_prefix,restore_prefix_tokens,\
+revoke_account_tokens,revoke_token,revoke_token_tree,rotate_own_token,rotate_token,unregister_prefix");
         let unpinned = one::<String>("SELECT string_agg(proname, ',') FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
             WHERE n.nspname = 'token' AND p.prosecdef AND NOT coalesce(p.proconfig @> '{\"search_path=pg_catalog, pg_temp\"}', false)");
         assert_eq!(unpinned, None);
@@ -29,8 +29,8 @@ revoke_token,rotate_own_token,rotate_token,unregister_prefix");
         let public = one::<String>("SELECT string_agg(proname, ',' ORDER BY proname) FROM pg_proc p \
             JOIN pg_namespace n ON n.oid = p.pronamespace \
             WHERE n.nspname = 'token' AND has_function_privilege('public', p.oid, 'EXECUTE')").unwrap_or_default();
-        assert_eq!(public, "current_account,current_account_bigint,current_account_uuid,current_identity,current_key_type,\
-current_scopes,current_token_id,has_scope,hash_token,reasons");
+        assert_eq!(public, "canonical_account,current_account,current_account_bigint,current_account_uuid,current_identity,\
+current_key_type,current_scopes,current_token_id,has_scope,hash_token,reasons");
     }
 
     #[pg_test]

@@ -8,6 +8,7 @@
 mod errors;
 mod fixture;
 mod formats_and_reasons;
+mod hardening;
 mod lifecycle;
 mod trust;
 mod session;

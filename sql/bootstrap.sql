@@ -59,6 +59,10 @@ CREATE TABLE token.tokens (
     revoked_reason  text,
     last_used_at    timestamptz,
     rotated_from    uuid REFERENCES token.tokens (id) ON DELETE SET NULL,
+    -- The rotation family: the id of the token the lineage started with, and when it was
+    -- issued (rotation never carries a family past that plus its key type's max_ttl).
+    family_id         uuid NOT NULL,
+    family_issued_at  timestamptz NOT NULL,
     -- Unique through a hash index: validation looks a token up by its hash and nothing else,
     -- and a hash index finds it in one bucket page however large the table grows, where a
     -- B-tree over 32-byte keys gains a level each time the table grows a few hundredfold.
@@ -66,6 +70,7 @@ CREATE TABLE token.tokens (
 ) WITH (fillfactor = 90);  -- room for HOT updates of last_used_at
 CREATE INDEX tokens_account_idx ON token.tokens (account);
 CREATE INDEX tokens_rotated_from_idx ON token.tokens (rotated_from) WHERE rotated_from IS NOT NULL;
+CREATE INDEX tokens_family_id_idx ON token.tokens (family_id);
 COMMENT ON TABLE token.tokens IS
     'Issued tokens. Only the SHA-256 hash of a token is stored, never the token';
 

@@ -6,7 +6,7 @@
 CREATE TRIGGER tokens_invalidate_caches
     AFTER UPDATE OF id, token_hash, hint, prefix, account, key_type, environment, name, scopes,
                     metadata, created_at, expires_at, revoke_after, revoked_at, revoked_reason,
-                    rotated_from
+                    rotated_from, family_id, family_issued_at
        OR DELETE OR TRUNCATE ON token.tokens
     FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
 CREATE TRIGGER key_types_invalidate_caches
@@ -35,7 +35,8 @@ GRANT EXECUTE ON FUNCTION
     token.current_key_type(),
     token.current_scopes(),
     token.has_scope(text),
-    token.current_identity()
+    token.current_identity(),
+    token.canonical_account(text)
 TO PUBLIC;
 
 GRANT EXECUTE ON FUNCTION
@@ -54,7 +55,9 @@ GRANT EXECUTE ON FUNCTION
     token.rotate_token(uuid, interval),
     token.rotate_own_token(text, interval),
     token.revoke_token(uuid, text),
+    token.revoke_token_tree(uuid, text),
     token.revoke_account_tokens(text, text),
+    token.restore_prefix_tokens(text),
     token.purge_events(interval),
     token.flush_events(interval),
     token.worker_status()

@@ -3,5 +3,72 @@
 -- 0.2.0 is not released yet: until it is, every schema change lands here, in the same commit
 -- as its code and tests, and tests/e2e/test_upgrade.py proves that a database upgraded from
 -- 0.1.0 has exactly the catalog of a fresh 0.2.0 install. Once 0.2.0 is released this file is
--- frozen like sql/pg_token--0.1.0.sql.
+-- frozen like sql/pg_token--0.1.0.sql. The README's UPDATING section says what each part
+-- changes for users.
 \echo Use "ALTER EXTENSION pg_token UPDATE" to load this file. \quit
+
+-- Accounts have one spelling ('42', never '042'; lowercase uuids). The function is new in
+-- 0.2.0; the library that runs this script already has it.
+CREATE FUNCTION token.canonical_account(
+	"account" TEXT
+) RETURNS TEXT
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'canonical_account_wrapper';
+GRANT EXECUTE ON FUNCTION token.canonical_account(text) TO PUBLIC;
+UPDATE token.tokens SET account = token.canonical_account(account)
+ WHERE account IS DISTINCT FROM token.canonical_account(account);
+
+-- Rotation families: each token records the token its lineage started with and when that was
+-- issued. A 0.1.0 token's family is found by following rotated_from back to its root.
+ALTER TABLE token.tokens ADD COLUMN family_id uuid, ADD COLUMN family_issued_at timestamptz;
+WITH RECURSIVE lineage AS (
+    SELECT t.id, t.id AS root, t.created_at AS root_issued FROM token.tokens t WHERE t.rotated_from IS NULL
+    UNION ALL
+    SELECT t.id, l.root, l.root_issued FROM token.tokens t JOIN lineage l ON t.rotated_from = l.id
+)
+UPDATE token.tokens t SET family_id = l.root, family_issued_at = l.root_issued
+  FROM lineage l WHERE l.id = t.id;
+ALTER TABLE token.tokens ALTER COLUMN family_id SET NOT NULL, ALTER COLUMN family_issued_at SET NOT NULL;
+CREATE INDEX tokens_family_id_idx ON token.tokens (family_id);
+
+-- The cache trigger watches the new columns too.
+DROP TRIGGER tokens_invalidate_caches ON token.tokens;
+CREATE TRIGGER tokens_invalidate_caches
+    AFTER UPDATE OF id, token_hash, hint, prefix, account, key_type, environment, name, scopes,
+                    metadata, created_at, expires_at, revoke_after, revoked_at, revoked_reason,
+                    rotated_from, family_id, family_issued_at
+       OR DELETE OR TRUNCATE ON token.tokens
+    FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
+ALTER TABLE token.tokens ENABLE ALWAYS TRIGGER tokens_invalidate_caches;
+
+-- Unregistering a prefix is final for its tokens (0.2.0 revokes them when it happens; a 0.1.0
+-- database may hold tokens whose prefix was unregistered, or registered again for another key
+-- type or environment, which 0.1.0 would bring back): revoke those now, as 0.2.0 would have.
+UPDATE token.tokens t SET revoked_at = pg_catalog.clock_timestamp(), revoked_reason = 'pg_token: prefix unregistered'
+ WHERE t.revoked_at IS NULL
+   AND NOT EXISTS (SELECT 1 FROM token.prefixes p
+                    WHERE p.prefix = t.prefix AND p.key_type = t.key_type AND p.environment = t.environment);
+
+-- Incident response: a token and every token rotated from it, at once.
+CREATE FUNCTION token.revoke_token_tree(
+	"token_id" uuid,
+	"reason" TEXT DEFAULT NULL
+) RETURNS bigint
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'revoke_token_tree_wrapper';
+REVOKE EXECUTE ON FUNCTION token.revoke_token_tree(uuid, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION token.revoke_token_tree(uuid, text) TO token_admin;
+
+-- Bringing back, on purpose, the tokens an unregistration revoked.
+CREATE FUNCTION token.restore_prefix_tokens(
+	"prefix" TEXT
+) RETURNS bigint
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'restore_prefix_tokens_wrapper';
+REVOKE EXECUTE ON FUNCTION token.restore_prefix_tokens(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION token.restore_prefix_tokens(text) TO token_admin;

@@ -90,3 +90,53 @@ pub fn palloc_copy(bytes: &[u8]) -> pg_sys::Datum {
         pg_sys::Datum::from(p)
     }
 }
+
+/// A `jsonb` argument passed through to Postgres untouched. pgrx's `JsonB` parses the document
+/// into a `serde_json::Value`, which turns large integers into f64
+/// (`12345678901234567890123` came back as `12345678901234568000000`) and fails on numbers and
+/// depths serde_json cannot hold; this keeps the datum Postgres made, so what the caller gave is
+/// stored exactly and the checks on it (an object, at most 8 kB) are done in SQL.
+#[derive(Clone, Copy)]
+pub struct RawJsonb(pg_sys::Datum);
+
+impl pgrx::FromDatum for RawJsonb {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+        (!is_null).then_some(RawJsonb(datum))
+    }
+}
+
+impl pgrx::IntoDatum for RawJsonb {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(self.0)
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::JSONBOID
+    }
+}
+
+// SAFETY: a jsonb argument is a varlena datum valid for the whole call; unbox_arg_unchecked is
+// only called for non-NULL arguments, whose datum from_polymorphic_datum keeps as it is.
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for RawJsonb {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        // SAFETY: per the trait's contract, the argument is a non-NULL jsonb.
+        unsafe { arg.unbox_arg_using_from_datum() }.unwrap_or(RawJsonb(pg_sys::Datum::from(0)))
+    }
+}
+
+// SAFETY: the SQL type is jsonb, which is what the datum is.
+unsafe impl pgrx::pgrx_sql_entity_graph::metadata::SqlTranslatable for RawJsonb {
+    const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!(RawJsonb);
+    const TYPE_ORIGIN: pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin =
+        pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin::External;
+    const ARGUMENT_SQL: Result<
+        pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef,
+        pgrx::pgrx_sql_entity_graph::metadata::ArgumentError,
+    > = Ok(pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef::literal("jsonb"));
+    const RETURN_SQL: Result<
+        pgrx::pgrx_sql_entity_graph::metadata::ReturnsRef,
+        pgrx::pgrx_sql_entity_graph::metadata::ReturnsError,
+    > = Ok(pgrx::pgrx_sql_entity_graph::metadata::ReturnsRef::One(
+        pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef::literal("jsonb"),
+    ));
+}

@@ -54,6 +54,10 @@ pub enum Kind {
     UndefinedTable,
     /// SPI could not find a column: 42703.
     UndefinedColumn,
+    /// A concurrent transaction changed what this one decided on; retry it: 40001.
+    SerializationFailure,
+    /// The caller's role may not do this: 42501.
+    InsufficientPrivilege,
     /// A state that only a bug can reach: XX000.
     Internal,
 }
@@ -79,6 +83,8 @@ impl Kind {
             Kind::FeatureNotSupported => ERRCODE_FEATURE_NOT_SUPPORTED,
             Kind::UndefinedTable => ERRCODE_UNDEFINED_TABLE,
             Kind::UndefinedColumn => ERRCODE_UNDEFINED_COLUMN,
+            Kind::SerializationFailure => ERRCODE_T_R_SERIALIZATION_FAILURE,
+            Kind::InsufficientPrivilege => ERRCODE_INSUFFICIENT_PRIVILEGE,
             Kind::Internal => ERRCODE_INTERNAL_ERROR,
         }
     }

@@ -16,6 +16,7 @@ pub static LAST_USED_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static CACHE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
 pub static LOG_EVENTS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static EVENT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(90 * 24 * 3600);
+pub static MIN_EVENT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
 pub static WORKER_IDLE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 
 pub fn register() {
@@ -76,6 +77,16 @@ fn define() {
         c"How long token.events keeps a row before the worker purges it (0 keeps forever).",
         c"",
         &EVENT_RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"token.min_event_retention",
+        c"Events younger than this can be purged only by a superuser.",
+        c"purge_events() refuses a token_admin below it (42501), and the writer never purges below it.",
+        &MIN_EVENT_RETENTION_S,
         0,
         i32::MAX,
         GucContext::Sighup,

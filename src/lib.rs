@@ -28,6 +28,7 @@ mod guc;
 mod lifecycle;
 mod logscrub;
 mod registry;
+mod schema;
 mod session;
 mod store;
 mod v1;

@@ -1,4 +1,5 @@
-//! Keeps tokens out of the server log, whatever wrote the line.
+//! Keeps tokens out of the server log, whatever wrote the line, and out of this backend's own
+//! `pg_stat_activity` text.
 //!
 //! An `emit_log_hook` sees every message before it is written. It masks token-shaped text
 //! (`redact`) in the message, detail, hint, context and internal query, in place, and hides
@@ -10,6 +11,7 @@
 //! every process. What counts as token-shaped is decided by the core (`redact`); change it
 //! there, with its tests.
 
+use std::cell::Cell;
 use std::ffi::c_char;
 
 use pgrx::pg_sys;
@@ -70,4 +72,40 @@ unsafe extern "C-unwind" fn scrub(edata: *mut pg_sys::ErrorData) {
             prev(edata);
         }
     }
+}
+
+thread_local! {
+    /// The statement whose activity text was last checked: (its text's address, its start).
+    static CHECKED: Cell<(usize, i64)> = const { Cell::new((0, 0)) };
+}
+
+/// Masks tokens in this backend's `pg_stat_activity.query`, once per statement, when the
+/// statement text holds any: an application that put a token in a literal
+/// (`SELECT token.authenticate('cfprd-...')`, common with client libraries that interpolate)
+/// would otherwise leave it readable by other sessions of the same role and by monitoring roles,
+/// even after the query ends. Called by every entry point that is handed a token. Costs one
+/// comparison per call after the first of a statement.
+pub fn scrub_activity() {
+    // SAFETY: debug_query_string is null or the current statement's NUL-terminated text; the
+    // statement start is a plain read.
+    let (text, started) = unsafe { (pg_sys::debug_query_string, pg_sys::GetCurrentStatementStartTimestamp()) };
+    if text.is_null() {
+        return;
+    }
+    let key = (text as usize, started);
+    if CHECKED.with(|c| c.replace(key)) == key {
+        return;
+    }
+    // SAFETY: non-null, NUL-terminated (above).
+    let bytes = unsafe { std::ffi::CStr::from_ptr(text) }.to_bytes();
+    if !redact::contains_token(bytes) {
+        return;
+    }
+    let mut masked = Vec::with_capacity(bytes.len() + 1);
+    masked.extend_from_slice(bytes);
+    redact::mask_tokens(&mut masked);
+    masked.push(0);
+    // SAFETY: the documented way to set this backend's activity text; it copies the string
+    // (cut to track_activity_query_size, after masking, so no cut token can stay readable).
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, masked.as_ptr().cast()) };
 }

@@ -6,23 +6,32 @@
 //! `token.key_types`, an argument of `create_key_type`, and a field the verdict rules read
 //! (`pg_token_core::verdict::KeyTypeInfo`, loaded by `store`).
 
-use pg_token_core::format;
+use pg_token_core::{format, limits};
 use pgrx::datum::Interval;
 use pgrx::prelude::*;
 
-use crate::error::{fail, invalid, require_writable, required, spi, Kind};
+use crate::error::{fail, invalid, require_writable, required, spi, Error, Kind};
 use crate::events::{self, Lifecycle};
-use crate::lifecycle::check_scopes;
+use crate::lifecycle::{check_scopes, check_text};
+use crate::schema;
+use crate::store;
+
+/// What unregister_prefix writes in revoked_reason, and restore_prefix_tokens looks for.
+const UNREGISTERED: &str = "pg_token: prefix unregistered";
 
 fn check_environment_name(env: &str) {
-    let ok = (1..=32).contains(&env.len())
-        && env.as_bytes()[0].is_ascii_lowercase()
-        && env.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if !ok {
-        invalid(format!("invalid environment name \"{}\"", env.chars().take(40).collect::<String>()));
+    if let Err(e) = limits::environment_name(env) {
+        invalid(e);
     }
 }
 
+/// Whether this transaction reads one snapshot throughout (REPEATABLE READ or SERIALIZABLE):
+/// then what it read before a lock was granted may be stale, and the registry functions check
+/// the latest committed state themselves.
+fn uses_transaction_snapshot() -> bool {
+    // SAFETY: a plain read of the backend's isolation level.
+    unsafe { pgrx::pg_sys::XactIsoLevel >= pgrx::pg_sys::XACT_REPEATABLE_READ as i32 }
+}
 
 /// Creates a key type (or, with replace => true, replaces its definition).
 #[allow(clippy::too_many_arguments)]
@@ -38,14 +47,14 @@ fn create_key_type(
     replace: default!(bool, false),
 ) {
     require_writable("create_key_type");
+    schema::require_current("create_key_type");
     let name = required(name, "name");
-    let ok_name = (1..=63).contains(&name.len())
-        && name.as_bytes()[0].is_ascii_lowercase()
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if !ok_name {
-        invalid("invalid key type name: use 1 to 63 characters of a-z, 0-9 and _, starting with a letter");
+    if let Err(e) = limits::key_type_name(name) {
+        invalid(e);
     }
-    let can_validate: Vec<String> = can_validate.unwrap_or_default().into_iter().map(|c| required(c, "can_validate element")).collect();
+    check_text("description", description, limits::MAX_DESCRIPTION_CHARS);
+    let given: Vec<Option<String>> = can_validate.unwrap_or_default();
+    let can_validate = limits::key_type_list(&given.iter().map(Option::as_deref).collect::<Vec<_>>()).unwrap_or_else(|e| invalid(e));
     let allowed_scopes = allowed_scopes.map(|s| check_scopes(&s));
     for ttl in [&default_ttl, &max_ttl].into_iter().flatten() {
         if ttl.is_negative() || ttl.as_micros() == 0 {
@@ -64,11 +73,17 @@ fn create_key_type(
             .and_then(|t| t.first().get_one()));
         if let Some(unknown) = unknown {
             let list: Vec<String> = unknown.into_iter().flatten().collect();
-            fail(Kind::UndefinedObject, format!("can_validate names unknown key types: {}", list.join(", ")), None);
+            fail(Kind::UndefinedObject, format!("can_validate names unknown key types: {}", limits::quoted(&list.join(", "))), None);
         }
         if let (Some(d), Some(m)) = (default_ttl, max_ttl) {
             let longer: Option<bool> = spi(client
-                .select("SELECT $1::pg_catalog.interval OPERATOR(pg_catalog.>) $2::pg_catalog.interval", Some(1), &[d.into(), m.into()])
+                .select(
+                    // Real timestamps: '3 months' against '90 days' from now, not 30-day months.
+                    "SELECT (pg_catalog.now() OPERATOR(pg_catalog.+) $1::pg_catalog.interval) OPERATOR(pg_catalog.>) \
+                            (pg_catalog.now() OPERATOR(pg_catalog.+) $2::pg_catalog.interval)",
+                    Some(1),
+                    &[d.into(), m.into()],
+                )
                 .and_then(|t| t.first().get_one()));
             if longer == Some(true) {
                 invalid("invalid key type definition: default_ttl must not exceed max_ttl");
@@ -117,11 +132,12 @@ fn create_key_type(
 #[search_path(pg_catalog, pg_temp)]
 fn register_prefix(prefix: Option<&str>, key_type: Option<&str>, environment: Option<&str>) {
     require_writable("register_prefix");
+    schema::require_current("register_prefix");
     let prefix = required(prefix, "prefix");
     let key_type = required(key_type, "key_type");
     let environment = required(environment, "environment");
     if let Err(e) = format::validate_prefix(prefix) {
-        invalid(format!("invalid prefix: {e}"));
+        invalid(format!("invalid prefix \"{}\": {e}", limits::quoted(prefix)));
     }
     check_environment_name(environment);
     Spi::connect_mut(|client| {
@@ -129,16 +145,13 @@ fn register_prefix(prefix: Option<&str>, key_type: Option<&str>, environment: Op
         spi(client.update("LOCK TABLE token.prefixes IN SHARE ROW EXCLUSIVE MODE", None, &[]));
         let kt = spi(client.select("SELECT 1 FROM token.key_types WHERE name OPERATOR(pg_catalog.=) $1", Some(1), &[key_type.into()]));
         if kt.is_empty() {
-            fail(Kind::UndefinedObject, format!("key type \"{key_type}\" does not exist"), None);
+            fail(Kind::UndefinedObject, format!("key type \"{}\" does not exist", limits::quoted(key_type)), None);
         }
-        let clash: Option<String> = spi(client
-            .select(
-                "SELECT prefix FROM token.prefixes \
-                 WHERE pg_catalog.starts_with(prefix, $1) OR pg_catalog.starts_with($1, prefix) LIMIT 1",
-                Some(1),
-                &[prefix.into()],
-            )
-            .and_then(|t| if t.is_empty() { Ok(None) } else { t.first().get_one() }));
+        // The lock above is granted only once every registration before ours has committed; a
+        // READ COMMITTED statement from here sees them all, but a REPEATABLE READ snapshot may
+        // be older, so the overlap check reads the latest committed registry itself.
+        let registered = store::registered_prefixes();
+        let clash = registered.into_iter().find(|r| r.starts_with(prefix) || prefix.starts_with(r.as_str()));
         match clash {
             Some(c) if c == prefix => {
                 fail(Kind::DuplicateObject, format!("prefix \"{prefix}\" is already registered"), None)
@@ -166,13 +179,20 @@ fn register_prefix(prefix: Option<&str>, key_type: Option<&str>, environment: Op
     });
 }
 
-/// Unregisters a prefix: every token carrying it is refused (unknown_prefix) from the next call.
+/// Unregisters a prefix. Final for the tokens that carried it: they are revoked (reason
+/// "pg_token: prefix unregistered") in the same transaction, so registering the prefix again,
+/// for this key type or another, brings none back. restore_prefix_tokens undoes that on
+/// purpose. Until then they are refused as unknown_prefix, and as revoked once the prefix is
+/// registered again.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn unregister_prefix(prefix: Option<&str>) -> bool {
     require_writable("unregister_prefix");
+    schema::require_current("unregister_prefix");
     let prefix = required(prefix, "prefix");
     Spi::connect_mut(|client| {
+        // Deleting the row waits for every generate_token and rotation holding it (they lock
+        // it FOR SHARE while they issue), so the UPDATE below sees their tokens.
         let gone = spi(client.update(
             "DELETE FROM token.prefixes WHERE prefix OPERATOR(pg_catalog.=) $1 RETURNING environment",
             None,
@@ -182,6 +202,23 @@ fn unregister_prefix(prefix: Option<&str>) -> bool {
             return false;
         }
         let environment: Option<String> = spi(gone.first().get_one());
+        let revoked: Option<i64> = spi(client
+            .update(
+                "WITH r AS (UPDATE token.tokens SET revoked_at = pg_catalog.clock_timestamp(), revoked_reason = $2 \
+                            WHERE prefix OPERATOR(pg_catalog.=) $1 AND revoked_at IS NULL RETURNING 1) \
+                 SELECT pg_catalog.count(*) FROM r",
+                Some(1),
+                &[prefix.into(), UNREGISTERED.into()],
+            )
+            .and_then(|t| t.first().get_one()));
+        if uses_transaction_snapshot() && store::live_tokens_with_prefix(prefix) > 0 {
+            Error::new(
+                Kind::SerializationFailure,
+                format!("a token with prefix \"{prefix}\" was issued concurrently; the prefix was not unregistered"),
+            )
+            .hint("Retry the transaction (or run unregister_prefix in a READ COMMITTED one).")
+            .raise();
+        }
         spi(events::lifecycle(
             client,
             Lifecycle {
@@ -191,10 +228,61 @@ fn unregister_prefix(prefix: Option<&str>) -> bool {
                 prefix: Some(prefix),
                 hint: None,
                 environment: environment.as_deref(),
-                detail: None,
+                detail: Some(format!("revoked={}", revoked.unwrap_or(0))),
             },
         ));
         true
     })
 }
 
+/// Brings back the tokens unregister_prefix revoked for this prefix, if the prefix is
+/// registered again for the key type and environment they were issued under (tokens of any
+/// other key type or environment stay revoked). Tokens revoked for any other reason are not
+/// touched. Returns how many were restored.
+#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn restore_prefix_tokens(prefix: Option<&str>) -> i64 {
+    require_writable("restore_prefix_tokens");
+    schema::require_current("restore_prefix_tokens");
+    let prefix = required(prefix, "prefix");
+    Spi::connect_mut(|client| {
+        let registration = spi(client.update(
+            "SELECT key_type, environment FROM token.prefixes WHERE prefix OPERATOR(pg_catalog.=) $1 FOR SHARE",
+            Some(1),
+            &[prefix.into()],
+        ));
+        if registration.is_empty() {
+            fail(
+                Kind::UndefinedObject,
+                format!("prefix \"{}\" is not registered", limits::quoted(prefix)),
+                Some("Register it again for the key type and environment its tokens were issued under first."),
+            );
+        }
+        let (key_type, environment) = spi(registration.first().get_two::<String, String>());
+        let restored: Option<i64> = spi(client
+            .update(
+                "WITH r AS (UPDATE token.tokens SET revoked_at = NULL, revoked_reason = NULL \
+                            WHERE prefix OPERATOR(pg_catalog.=) $1 AND revoked_reason OPERATOR(pg_catalog.=) $2 \
+                              AND key_type OPERATOR(pg_catalog.=) $3 AND environment OPERATOR(pg_catalog.=) $4 \
+                            RETURNING 1) \
+                 SELECT pg_catalog.count(*) FROM r",
+                Some(1),
+                &[prefix.into(), UNREGISTERED.into(), key_type.clone().into(), environment.clone().into()],
+            )
+            .and_then(|t| t.first().get_one()));
+        let restored = restored.unwrap_or(0);
+        spi(events::lifecycle(
+            client,
+            Lifecycle {
+                event: "prefix_tokens_restored",
+                token_id: None,
+                account: None,
+                prefix: Some(prefix),
+                hint: None,
+                environment: environment.as_deref(),
+                detail: Some(format!("key_type={} restored={restored}", key_type.unwrap_or_default())),
+            },
+        ));
+        restored
+    })
+}

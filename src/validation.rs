@@ -27,6 +27,7 @@ use crate::datum::{form_composite, palloc_copy};
 use crate::error;
 use crate::events;
 use crate::guc;
+use crate::logscrub;
 use crate::store::{self, Stored};
 use crate::v1;
 
@@ -36,6 +37,7 @@ pgrx::extension_sql_file!("../sql/validation.sql", name = "validation", requires
 /// are not about the token (pg_token not installed or not preloaded).
 pub fn judge(req: Request<'_>) -> Result<Rc<Stored>, Refusal> {
     events::require_preload();
+    logscrub::scrub_activity();
     let now = clock::now();
     let result = guc::with_environment(|environment| {
         store::with(|_, registry, find| verdict::decide(req, Context { environment, now }, registry, find))

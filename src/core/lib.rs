@@ -2,8 +2,8 @@
 //!
 //! Token syntax and checksum (`format`), hashing (`hash`), the refusal reasons (`reason`), the
 //! verdict rules (`verdict`), log redaction (`redact`), the per-backend cache structure
-//! (`cache`), account-id parsing (`account`), the clock (`clock`) and the fixed-size records
-//! that cross shared memory (`ring`).
+//! (`cache`), account ids and their one spelling (`account`), bounds on what admins store
+//! (`limits`), the clock (`clock`) and the fixed-size records that cross shared memory (`ring`).
 //!
 //! This crate cannot reach Postgres: it does not depend on pgrx (a compile-time fact, checked
 //! again by `scripts/check_layout.py`), so its unit and property tests run with
@@ -19,6 +19,7 @@ pub mod cache;
 pub mod clock;
 pub mod format;
 pub mod hash;
+pub mod limits;
 pub mod reason;
 pub mod redact;
 pub mod ring;

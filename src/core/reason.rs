@@ -22,10 +22,11 @@ pub enum Reason {
     CallerNotPermitted,
     CrossAccount,
     InsufficientScope,
+    TaintedSession,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Malformed,
         Reason::BadChecksum,
         Reason::UnknownPrefix,
@@ -37,6 +38,7 @@ impl Reason {
         Reason::CallerNotPermitted,
         Reason::CrossAccount,
         Reason::InsufficientScope,
+        Reason::TaintedSession,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +54,7 @@ impl Reason {
             Reason::CallerNotPermitted => "caller_not_permitted",
             Reason::CrossAccount => "cross_account",
             Reason::InsufficientScope => "insufficient_scope",
+            Reason::TaintedSession => "tainted_session",
         }
     }
 
@@ -73,6 +76,7 @@ impl Reason {
             Reason::CallerNotPermitted => "the caller's key type may not validate the presented key type",
             Reason::CrossAccount => "the caller and the presented token belong to different accounts",
             Reason::InsufficientScope => "the token lacks the required scope",
+            Reason::TaintedSession => "authenticate: the connection carries temporary objects or a WITH HOLD cursor made under another identity",
         }
     }
 }

@@ -1,58 +1,69 @@
-//! Masks token-shaped text so that no log line can carry a token, whatever path wrote it
-//! (an error echoing its input, `log_statement`, a bind parameter in a DETAIL).
+//! Masks tokens so that no log line can carry one, whatever path wrote it (an error echoing its
+//! input, `log_statement`, a bind parameter in a DETAIL), and leaves everything else alone.
 //!
-//! Token-shaped: a `_` or `-` followed by a run of at least `MIN_RUN` base62 characters.
-//! Every token's body follows its prefix's final separator, and a run that long carries most
-//! of a body's entropy, so such runs are masked down to their first four characters (the same
-//! hint the project shows everywhere). False positives (a long identifier after an underscore)
-//! cost a few masked characters in a log line, nothing more. Pure: no Postgres.
+//! What is masked: a separator (`_` or `-`) that ends a prefix of at least one letter or digit,
+//! followed by at least 22 base62 characters: room for a whole token body. That is a token
+//! (28), one cut short inside its checksum (the checksum is recomputed from the body, so that is
+//! the token too), or tokens glued to what follows them (a token repeated to make an oversized
+//! input). The run is masked down to its first four characters (the hint shown everywhere
+//! else). Ordinary identifiers (`order_itemsandpricing2024q3`: 21 characters after the
+//! underscore) do not have that shape and pass unchanged, in every database, statement
+//! included; an identifier with 22 or more letters and digits after an underscore is masked.
+//!
+//! The checksum is deliberately not required: a token with one mistyped character fails its
+//! checksum but reveals the real token, which an attacker recovers offline by trying the
+//! 28 x 61 single-character corrections against the checksum. Shorter runs (a token cut inside
+//! its body) are left alone: masking every run of 16 or more after an underscore mangled
+//! ordinary messages. Pure: no Postgres.
 
-/// 16 of a body's 22 characters leave 62^6 (about 5.7e10) bodies to try, each needing an
-/// online guess; a shorter run is left alone to keep ordinary log lines readable.
-pub const MIN_RUN: usize = 16;
-const KEEP: usize = crate::format::HINT_BODY_CHARS;
+use crate::format::{BODY_LEN, HINT_BODY_CHARS};
+
+/// The fewest characters after a separator that still hold a whole token body.
+const MIN_TAIL: usize = BODY_LEN;
+const KEEP: usize = HINT_BODY_CHARS;
 pub const MASK: u8 = b'*';
 
 fn is_separator(b: u8) -> bool {
     b == b'_' || b == b'-'
 }
 
-/// Calls `f(start, end)` for each token-shaped run (the base62 part, after its separator).
-fn for_each_run(buf: &[u8], mut f: impl FnMut(usize, usize)) {
-    let mut i = 0;
+/// The next token-shaped stretch at or after `from`: the range of the (22 or more) characters
+/// after its separator. Allocates nothing (the log hook calls it).
+fn next_run(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    let mut i = from;
     while i < buf.len() {
-        if is_separator(buf[i]) {
+        // (A mask before the separator is the end of a token masked just now, glued to this one.)
+        if is_separator(buf[i]) && i > 0 && (buf[i - 1].is_ascii_alphanumeric() || buf[i - 1] == MASK) {
             let start = i + 1;
-            let mut end = start;
-            while end < buf.len() && buf[end].is_ascii_alphanumeric() {
-                end += 1;
+            let run = buf[start..].iter().take_while(|b| b.is_ascii_alphanumeric()).count();
+            if run >= MIN_TAIL {
+                return Some((start, start + run));
             }
-            if end - start >= MIN_RUN {
-                f(start, end);
-            }
-            i = end.max(start);
-        } else {
-            i += 1;
+            i = start + run;
+            continue;
         }
+        i += 1;
     }
+    None
 }
 
 /// Whether `buf` holds anything token-shaped.
 pub fn contains_token(buf: &[u8]) -> bool {
-    let mut found = false;
-    for_each_run(buf, |_, _| found = true);
-    found
+    next_run(buf, 0).is_some()
 }
 
-/// Masks every token-shaped run in place, keeping its first four characters; the length is
-/// unchanged, so a C string can be rewritten where it lies. Returns whether anything changed.
+/// Masks every token in place, keeping the four characters after its prefix; the length is
+/// unchanged, so a C string can be rewritten where it lies. Allocates nothing. Returns whether
+/// anything changed.
 pub fn mask_tokens(buf: &mut [u8]) -> bool {
-    let mut runs = Vec::new();
-    for_each_run(buf, |s, e| runs.push((s, e)));
-    for &(s, e) in &runs {
-        buf[s + KEEP..e].fill(MASK);
+    let mut from = 0;
+    let mut changed = false;
+    while let Some((start, end)) = next_run(buf, from) {
+        buf[start + KEEP..end].fill(MASK);
+        changed = true;
+        from = end;
     }
-    !runs.is_empty()
+    changed
 }
 
 #[cfg(test)]
@@ -60,44 +71,86 @@ mod tests {
     use super::*;
     use crate::format;
 
-    #[test]
-    fn masks_a_token_inside_a_statement() {
-        let t = format::compose("cf-", "k7R9fQw2VDp3Zx4mN8tJ1s");
-        let mut line = format!("statement: SELECT * FROM token.validate_token('{t}')").into_bytes();
-        assert!(contains_token(&line));
-        assert!(mask_tokens(&mut line));
-        let line = String::from_utf8(line).expect("ascii");
-        assert!(!line.contains(&t));
-        assert!(line.contains("'cf-k7R9************************')"), "{line}");
+    fn masked(text: &str) -> String {
+        let mut b = text.as_bytes().to_vec();
+        mask_tokens(&mut b);
+        String::from_utf8(b).expect("ascii")
     }
 
     #[test]
-    fn masks_every_prefix_style_and_truncated_tokens() {
-        for t in [
-            format::compose("thresh_live_", "abcdefghijklmnopqrstuv"),
-            format::compose("cfstg-", "0123456789abcdefghijkl"),
-            "cf-0123456789abcdef".to_string(), // a truncated token still carries most of a body
-        ] {
-            let mut b = format!("x {t} y").into_bytes();
-            assert!(mask_tokens(&mut b), "{t}");
-            assert!(!String::from_utf8(b).expect("ascii").contains(&t));
+    fn masks_a_token_inside_a_statement() {
+        let t = format::compose("cf-", "k7R9fQw2VDp3Zx4mN8tJ1s");
+        let line = format!("statement: SELECT * FROM token.validate_token('{t}')");
+        assert!(contains_token(line.as_bytes()));
+        let m = masked(&line);
+        assert!(!m.contains(&t));
+        assert!(m.contains("'cf-k7R9************************')"), "{m}");
+    }
+
+    #[test]
+    fn masks_every_prefix_style_and_mistyped_tokens() {
+        let good = format::compose("thresh_live_", "abcdefghijklmnopqrstuv");
+        let mut typo = format::compose("cfstg-", "0123456789abcdefghijkl").into_bytes();
+        typo[10] = b'Z'; // the checksum no longer matches: still masked, it reveals the token
+        let typo = String::from_utf8(typo).expect("ascii");
+        for t in [good, typo, format::compose("a_", "0000000000000000000000")] {
+            let m = masked(&format!("x {t} y"));
+            assert!(!m.contains(&t[t.len() - 20..]), "{t} -> {m}");
         }
     }
 
     #[test]
-    fn leaves_ordinary_text_alone() {
-        let mut b = b"relation \"token.tokens_token_hash_key\" uuid a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11".to_vec();
-        let before = b.clone();
-        assert!(!mask_tokens(&mut b));
-        assert_eq!(b, before);
+    fn masks_a_token_cut_inside_its_checksum() {
+        let t = format::compose("cf-", "k7R9fQw2VDp3Zx4mN8tJ1s");
+        for keep in 3 + 22..t.len() {
+            let m = masked(&format!("'{}'", &t[..keep]));
+            assert!(!m.contains("fQw2VDp3Zx4mN8tJ1s"), "cut at {keep}: {m}");
+        }
     }
 
     #[test]
-    fn handles_runs_at_the_edges() {
-        let mut b = b"-0123456789abcdefXYZ".to_vec();
-        assert!(mask_tokens(&mut b));
-        assert_eq!(String::from_utf8(b).expect("ascii"), format!("-0123{}", "*".repeat(15)));
-        let mut b = b"_".to_vec();
-        assert!(!mask_tokens(&mut b));
+    fn masks_a_token_next_to_other_token_characters() {
+        let t = format::compose("cf-", "k7R9fQw2VDp3Zx4mN8tJ1s");
+        let m = masked(&format!("key={t}_backup"));
+        assert!(!m.contains(&t), "{m}");
+        // Glued end to end (an oversized input made of one token): every copy is masked.
+        let m = masked(&t.repeat(10));
+        assert!(!m.contains("fQw2VDp3Zx4mN8tJ1s"), "{m}");
+    }
+
+    #[test]
+    fn leaves_ordinary_text_alone() {
+        for text in [
+            "relation \"order_itemsandpricing2024q3\" does not exist",
+            "relation \"token.tokens_token_hash_key\" uuid a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "cf-0123456789abcdef",                                // cut inside its body: not masked
+            "_0123456789012345678901234567",                      // no prefix before the separator
+            "SELECT 1; -- 0123456789012345678901234567",          // no letter or digit before it
+        ] {
+            assert!(!contains_token(text.as_bytes()), "{text}");
+            assert_eq!(masked(text), text);
+        }
+    }
+
+    proptest::proptest! {
+        // The log hook runs this on every message of every process: it must never panic, and
+        // masking never changes a length or touches a byte outside a token.
+        #[test]
+        fn arbitrary_bytes_never_panic_and_keep_their_length(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let mut b = bytes.clone();
+            mask_tokens(&mut b);
+            proptest::prop_assert_eq!(b.len(), bytes.len());
+            for (x, y) in b.iter().zip(&bytes) {
+                proptest::prop_assert!(x == y || *x == MASK);
+            }
+        }
+    }
+
+    #[test]
+    fn handles_tokens_at_the_edges() {
+        let t = format::compose("ab-", "0123456789abcdefXYZ012");
+        assert_eq!(masked(&t), format!("ab-0123{}", "*".repeat(24)));
+        assert_eq!(masked("_"), "_");
+        assert_eq!(masked(""), "");
     }
 }

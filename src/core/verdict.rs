@@ -192,6 +192,12 @@ where
         return fail(Reason::NotFound, detail, subject_of(Some(&parsed), Some(info), None));
     };
     let state = found.state();
+    if state.key_type != info.key_type {
+        // Only a token issued under an earlier registration of the prefix (for another key
+        // type) can get here; unregistering revokes a prefix's tokens, so this is a backstop.
+        let detail = format!("token {} was issued as key type \"{}\", not the prefix's \"{}\"", parsed.hint(), state.key_type, info.key_type);
+        return fail(Reason::Revoked, detail, subject_of(Some(&parsed), Some(info), Some(state)));
+    }
     if ctx.environment != Some(state.environment.as_str()) {
         let detail = format!("token {} belongs to environment \"{}\"", parsed.hint(), state.environment);
         return fail(Reason::EnvironmentMismatch, detail, subject_of(Some(&parsed), Some(info), Some(state)));
@@ -456,6 +462,15 @@ mod tests {
         assert_eq!(r.reason, Reason::CallerInvalid);
         assert!(r.detail.contains("revoked"), "{}", r.detail);
         assert_eq!(w.lookups, before + 1, "nothing about the presented token is revealed");
+    }
+
+    #[test]
+    fn a_token_whose_key_type_is_not_its_prefix_s_is_refused() {
+        let mut w = World::new();
+        let t = w.issue("cf-", "mmmmmmmmmmmmmmmmmmmmmm", "acme", |s| s.key_type = "mid".into());
+        let r = w.decide(presented(&t), Some("dev"), NOW).expect_err("refused");
+        assert_eq!(r.reason, Reason::Revoked);
+        assert!(r.detail.contains("key type \"mid\""), "{}", r.detail);
     }
 
     #[test]

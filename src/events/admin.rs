@@ -5,10 +5,13 @@ use pgrx::datum::Interval;
 use pgrx::prelude::*;
 
 use super::{queue, writer};
-use crate::error::{invalid, require_writable, spi};
+use crate::error::{invalid, require_writable, spi, Error, Kind};
 use crate::guc;
 
-/// Deletes events older than `older_than` (default: token.event_retention). Returns how many.
+/// Deletes events older than `older_than` (default: token.event_retention) and records that it
+/// did (an `events_purged` event naming who and how many). Purging events younger than
+/// `token.min_event_retention` needs a superuser: a token_admin cannot erase the recent history
+/// of the tokens it issued. Returns how many were deleted.
 #[pg_extern(volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
 fn purge_events(older_than: default!(Option<Interval>, "NULL")) -> i64 {
@@ -21,7 +24,29 @@ fn purge_events(older_than: default!(Option<Interval>, "NULL")) -> i64 {
             s => Interval::from_seconds(f64::from(s)),
         },
     };
+    let minimum = guc::MIN_EVENT_RETENTION_S.get();
+    // SAFETY: reads the role that called us (SECURITY DEFINER changes only the current user).
+    let caller_is_superuser = unsafe { pgrx::pg_sys::superuser_arg(pgrx::pg_sys::GetOuterUserId()) };
     Spi::connect_mut(|client| {
+        // Real timestamps: is the cutoff more recent than the minimum retention allows?
+        let below: Option<bool> = spi(client
+            .select(
+                "SELECT (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) $1) OPERATOR(pg_catalog.>) \
+                        (pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) \
+                         pg_catalog.make_interval(secs => $2::pg_catalog.float8))",
+                Some(1),
+                &[keep.into(), minimum.into()],
+            )
+            .and_then(|t| t.first().get_one()));
+        let below = below.unwrap_or(true);
+        if below && !caller_is_superuser {
+            Error::new(
+                Kind::InsufficientPrivilege,
+                format!("purging events younger than token.min_event_retention ({minimum} s) needs a superuser"),
+            )
+            .hint("Pass a longer older_than, or ask a superuser.")
+            .raise();
+        }
         let n: Option<i64> = spi(client
             .update(
                 "WITH d AS (DELETE FROM token.events WHERE occurred_at OPERATOR(pg_catalog.<) \
@@ -31,7 +56,23 @@ fn purge_events(older_than: default!(Option<Interval>, "NULL")) -> i64 {
                 &[keep.into()],
             )
             .and_then(|t| t.first().get_one()));
-        n.unwrap_or(0)
+        let n = n.unwrap_or(0);
+        spi(super::lifecycle(
+            client,
+            super::Lifecycle {
+                event: "events_purged",
+                token_id: None,
+                account: None,
+                prefix: None,
+                hint: None,
+                environment: None,
+                detail: Some(format!(
+                    "deleted={n} older_than={keep}{}",
+                    if below { " below token.min_event_retention" } else { "" }
+                )),
+            },
+        ));
+        n
     })
 }
 

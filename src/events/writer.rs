@@ -79,7 +79,13 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
     }
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let Some(db) = queue::worker_database(slot) else { return };
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
+    // Connect even when the database refuses connections (ALTER DATABASE ... ALLOW_CONNECTIONS
+    // false): a database owner must not be able to stop the audit trail that way. pgrx's
+    // connect_worker_to_spi_by_oid passes no flags, hence the direct call.
+    // SAFETY: called once, from a registered background worker, before any transaction.
+    unsafe {
+        pg_sys::BackgroundWorkerInitializeConnectionByOid(db, pg_sys::InvalidOid, pg_sys::BGWORKER_BYPASS_ALLOWCONN);
+    }
     // The writer's own session settings, whatever the cluster's defaults: read committed (so
     // a row updated and committed by an admin mid-batch is skipped or re-read, never a
     // serialization failure), writable, no statement timeout, and a bounded wait for table
@@ -321,6 +327,7 @@ fn purge_expired_events() {
     if keep <= 0 {
         return;
     }
+    let keep = keep.max(guc::MIN_EVENT_RETENTION_S.get());
     Spi::connect_mut(|client| {
         if !extension_installed(client) {
             return;

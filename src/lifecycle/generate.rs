@@ -1,14 +1,18 @@
 //! `generate_token`: a new token for an account, under a key type's rules, in this database's
-//! environment.
+//! environment. The token starts a rotation family of its own (`family_id` = its id).
 
-use pgrx::datum::{Interval, JsonB};
+use pg_token_core::limits;
+use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
-use super::{check_account, check_scopes, database_environment, fail, insert_token, invalid, required, require_writable, spi};
-use super::{MAX_METADATA_BYTES};
+use super::{
+    check_account, check_scopes, check_text, database_environment, fail, invalid, lock_account, new_secret, required,
+    require_writable, spi, NewToken,
+};
+use crate::datum::RawJsonb;
 use crate::error::Kind;
 use crate::events::{self, Lifecycle};
-use pg_token_core::format;
+use crate::schema;
 
 /// Issues a token for `account` under `key_type`, in this database's environment. Returns its
 /// id and the token itself; the token is shown this once and can never be read again.
@@ -21,45 +25,56 @@ fn generate_token(
     name: default!(Option<&str>, "NULL"),
     scopes: default!(Option<Vec<Option<String>>>, "'{}'"),
     expires_in: default!(Option<Interval>, "NULL"),
-    metadata: default!(Option<JsonB>, "'{}'"),
+    metadata: default!(Option<RawJsonb>, "'{}'"),
     prefix: default!(Option<&str>, "NULL"),
 ) -> TableIterator<'static, (name!(token_id, pgrx::Uuid), name!(token, String))> {
     require_writable("generate_token");
     events::require_preload();
-    let account = required(account, "account");
+    schema::require_current("generate_token");
+    let account = check_account(required(account, "account"));
     let key_type = required(key_type, "key_type");
-    check_account(account);
     let scopes = check_scopes(&scopes.unwrap_or_default());
-    let metadata = metadata.unwrap_or(JsonB(serde_json::json!({})));
-    if !metadata.0.is_object() {
-        invalid("metadata must be a JSON object");
-    }
-    if serde_json::to_string(&metadata.0).map_or(usize::MAX, |s| s.len()) > MAX_METADATA_BYTES {
-        invalid(format!("metadata must be at most {MAX_METADATA_BYTES} bytes"));
-    }
-    if let Some(n) = name {
-        if n.chars().count() > 200 {
-            invalid("name must be at most 200 characters");
-        }
-    }
+    check_text("name", name, limits::MAX_TOKEN_NAME_CHARS);
     let env = database_environment();
 
     let issued = Spi::connect_mut(|client| {
-        // The key type: TTL rules and allowed scopes.
+        // The document as the caller gave it (pgrx's JsonB would round numbers through f64).
+        let (is_object, bytes) = spi(client
+            .select(
+                "SELECT pg_catalog.jsonb_typeof($1) OPERATOR(pg_catalog.=) 'object', \
+                        pg_catalog.octet_length($1::pg_catalog.text)",
+                Some(1),
+                &[metadata.into()],
+            )
+            .and_then(|t| t.first().get_two::<bool, i32>()));
+        if metadata.is_some() && is_object != Some(true) {
+            invalid("metadata must be a JSON object");
+        }
+        if bytes.unwrap_or(0) as usize > limits::MAX_METADATA_BYTES {
+            invalid(format!("metadata must be at most {} bytes", limits::MAX_METADATA_BYTES));
+        }
+
+        // The key type: TTL rules (on real timestamps: '3 months' from today is compared with
+        // '90 days' from today, not as intervals where a month is 30 days) and allowed scopes.
         let kt = spi(client.select(
-            "SELECT COALESCE($2, kt.default_ttl, kt.max_ttl), \
-                    ($2 IS NOT NULL AND kt.max_ttl IS NOT NULL AND $2 OPERATOR(pg_catalog.>) kt.max_ttl), \
-                    ($2 IS NOT NULL AND $2 OPERATOR(pg_catalog.<=) '0'::pg_catalog.interval), \
+            "SELECT CASE WHEN $2::pg_catalog.interval IS NOT NULL \
+                         THEN pg_catalog.now() OPERATOR(pg_catalog.+) $2 \
+                         ELSE pg_catalog.now() OPERATOR(pg_catalog.+) COALESCE(kt.default_ttl, kt.max_ttl) END, \
+                    ($2 IS NOT NULL AND kt.max_ttl IS NOT NULL AND \
+                     (pg_catalog.now() OPERATOR(pg_catalog.+) $2) OPERATOR(pg_catalog.>) \
+                     (pg_catalog.now() OPERATOR(pg_catalog.+) kt.max_ttl)), \
+                    ($2 IS NOT NULL AND \
+                     (pg_catalog.now() OPERATOR(pg_catalog.+) $2) OPERATOR(pg_catalog.<=) pg_catalog.now()), \
                     kt.allowed_scopes \
              FROM token.key_types kt WHERE kt.name OPERATOR(pg_catalog.=) $1",
             Some(1),
             &[key_type.into(), expires_in.into()],
         ));
         if kt.is_empty() {
-            fail(Kind::UndefinedObject, format!("key type \"{key_type}\" does not exist"), None);
+            fail(Kind::UndefinedObject, format!("key type \"{}\" does not exist", limits::quoted(key_type)), None);
         }
         let row = kt.first();
-        let lifetime: Option<Interval> = spi(row.get(1));
+        let expires_at: Option<TimestampWithTimeZone> = spi(row.get(1));
         if spi(row.get::<bool>(2)).unwrap_or(false) {
             invalid(format!("expires_in exceeds the maximum TTL of key type \"{key_type}\""));
         }
@@ -68,30 +83,36 @@ fn generate_token(
         }
         if let Some(allowed) = spi(row.get::<Vec<Option<String>>>(4)) {
             if let Some(bad) = scopes.iter().find(|s| !allowed.iter().any(|a| a.as_deref() == Some(s.as_str()))) {
-                invalid(format!("scope \"{bad}\" is not allowed for key type \"{key_type}\""));
+                invalid(format!("scope \"{}\" is not allowed for key type \"{key_type}\"", limits::quoted(bad)));
             }
         }
 
         // The prefix: given, or the one registered for this key type in this environment.
         let chosen = match prefix {
             Some(p) => {
-                let ok = spi(client.select(
+                // FOR SHARE: unregister_prefix waits for us (and then revokes this token too).
+                let ok = spi(client.update(
                     "SELECT 1 FROM token.prefixes WHERE prefix OPERATOR(pg_catalog.=) $1 \
-                     AND key_type OPERATOR(pg_catalog.=) $2 AND environment OPERATOR(pg_catalog.=) $3",
+                     AND key_type OPERATOR(pg_catalog.=) $2 AND environment OPERATOR(pg_catalog.=) $3 FOR SHARE",
                     Some(1),
                     &[p.into(), key_type.into(), env.as_str().into()],
                 ));
                 if ok.is_empty() {
-                    fail(Kind::UndefinedObject, format!("prefix \"{p}\" is not registered for key type \"{key_type}\" in environment \"{env}\""),
+                    fail(
+                        Kind::UndefinedObject,
+                        format!(
+                            "prefix \"{}\" is not registered for key type \"{key_type}\" in environment \"{env}\"",
+                            limits::quoted(p)
+                        ),
                         None,
                     );
                 }
                 p.to_owned()
             }
             None => {
-                let found = spi(client.select(
+                let found = spi(client.update(
                     "SELECT prefix FROM token.prefixes WHERE key_type OPERATOR(pg_catalog.=) $1 \
-                     AND environment OPERATOR(pg_catalog.=) $2 ORDER BY prefix",
+                     AND environment OPERATOR(pg_catalog.=) $2 ORDER BY prefix FOR SHARE",
                     None,
                     &[key_type.into(), env.as_str().into()],
                 ));
@@ -114,14 +135,41 @@ fn generate_token(
             }
         };
 
-        let new = insert_token(client, &chosen, account, key_type, &env, name, scopes, metadata, lifetime, None);
-        let hint = format::split(&new.token).map(|p| p.hint()).ok();
+        // No token of this account is issued while revoke_account_tokens runs (it waits for
+        // us, then revokes this one too).
+        lock_account(client, &account, false);
+        let secret = new_secret(&chosen);
+        let id = spi(client
+            .update(
+                "INSERT INTO token.tokens (id, token_hash, hint, prefix, account, key_type, environment, name, \
+                                           scopes, metadata, expires_at, family_id, family_issued_at) \
+                 SELECT u.id, $1, $2, $3, $4, $5, $6, $7, $8, COALESCE($9, '{}'::pg_catalog.jsonb), $10, u.id, \
+                        pg_catalog.now() \
+                   FROM (SELECT pg_catalog.gen_random_uuid() AS id) u \
+                 RETURNING id",
+                Some(1),
+                &[
+                    secret.hash.clone().into(),
+                    secret.hint.as_str().into(),
+                    chosen.as_str().into(),
+                    account.as_str().into(),
+                    key_type.into(),
+                    env.as_str().into(),
+                    name.into(),
+                    scopes.into(),
+                    metadata.into(),
+                    expires_at.into(),
+                ],
+            )
+            .and_then(|t| t.first().get_one::<pgrx::Uuid>()));
+        let new = NewToken { id: required(id, "token id"), token: secret.token };
+        let hint = Some(secret.hint);
         spi(events::lifecycle(
             client,
             Lifecycle {
                 event: "generated",
                 token_id: Some(new.id),
-                account: Some(account),
+                account: Some(&account),
                 prefix: Some(&chosen),
                 hint: hint.as_deref(),
                 environment: Some(&env),

@@ -15,20 +15,14 @@ mod generate;
 mod revoke;
 mod rotate;
 
-use pg_token_core::format;
 use pg_token_core::hash::token_hash;
-use pgrx::datum::{Interval, JsonB};
+use pg_token_core::{format, limits};
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 pub(crate) use crate::error::{fail, invalid, require_writable, required, spi};
 use crate::error::Kind;
 use crate::guc;
-
-/// Largest metadata document accepted, serialized (it is cached and returned on every hit).
-pub const MAX_METADATA_BYTES: usize = 8192;
-pub const MAX_SCOPE_LEN: usize = 64;
-pub const MAX_SCOPES: usize = 64;
 
 pub(crate) fn database_environment() -> String {
     match guc::environment() {
@@ -41,31 +35,43 @@ pub(crate) fn database_environment() -> String {
     }
 }
 
+/// A scope list checked against the core's bounds (22023 otherwise).
 pub(crate) fn check_scopes(scopes: &[Option<String>]) -> Vec<String> {
-    if scopes.len() > MAX_SCOPES {
-        invalid(format!("a token may carry at most {MAX_SCOPES} scopes"));
-    }
-    let mut out = Vec::with_capacity(scopes.len());
-    for s in scopes {
-        match s {
-            None => invalid("scopes must not contain NULL"),
-            Some(s) if s.is_empty() || s.len() > MAX_SCOPE_LEN || s.chars().any(char::is_control) => {
-                invalid(format!("invalid scope: scopes are 1 to {MAX_SCOPE_LEN} characters without control characters"))
-            }
-            Some(s) => {
-                if !out.contains(s) {
-                    out.push(s.clone());
-                }
-            }
-        }
-    }
-    out
+    let given: Vec<Option<&str>> = scopes.iter().map(Option::as_deref).collect();
+    limits::scopes(&given).unwrap_or_else(|e| invalid(e))
 }
 
-pub(crate) fn check_account(account: &str) {
-    if account.is_empty() || account.chars().count() > 256 || account.chars().any(char::is_control) {
-        invalid("invalid account: accounts are 1 to 256 characters without control characters");
+/// The account's one spelling, or 22023.
+pub(crate) fn check_account(account: &str) -> String {
+    limits::account(account).unwrap_or_else(|e| invalid(e))
+}
+
+/// Free text bounded by the core (22023 otherwise).
+pub(crate) fn check_text(what: &str, value: Option<&str>, max: usize) {
+    if let Some(v) = value {
+        if let Err(e) = limits::text(what, v, max) {
+            invalid(e);
+        }
     }
+}
+
+/// Serializes token issuance with account-wide revocation: generate_token holds a lock on the
+/// account's bucket shared, revoke_account_tokens exclusively, so no token of an account can be
+/// issued while its tokens are being revoked and survive (the revoke waits for the issuing
+/// transaction, then sees its token). Transaction-scoped advisory locks on one of
+/// `ACCOUNT_BUCKETS` buckets by the account's hash, not one lock per account: a transaction
+/// issuing tokens for 100,000 accounts holds at most 64 locks instead of exhausting the lock
+/// table. Accounts sharing a bucket only wait for each other's revocations, never mix.
+pub(crate) const ACCOUNT_LOCK_SPACE: i32 = 0x7067_746b; // "pgtk"
+pub(crate) const ACCOUNT_BUCKETS: i32 = 64;
+
+pub(crate) fn lock_account(client: &mut SpiClient<'_>, account: &str, exclusive: bool) {
+    let sql = if exclusive {
+        "SELECT pg_catalog.pg_advisory_xact_lock($1, (pg_catalog.hashtext($2) OPERATOR(pg_catalog.&) ($3 OPERATOR(pg_catalog.-) 1)))"
+    } else {
+        "SELECT pg_catalog.pg_advisory_xact_lock_shared($1, (pg_catalog.hashtext($2) OPERATOR(pg_catalog.&) ($3 OPERATOR(pg_catalog.-) 1)))"
+    };
+    spi(client.update(sql, None, &[ACCOUNT_LOCK_SPACE.into(), account.into(), ACCOUNT_BUCKETS.into()]));
 }
 
 pub(crate) struct NewToken {
@@ -73,49 +79,20 @@ pub(crate) struct NewToken {
     pub token: String,
 }
 
-/// Inserts a new token row; the plaintext is returned to the caller and nowhere else.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn insert_token(
-    client: &mut SpiClient<'_>,
-    prefix: &str,
-    account: &str,
-    key_type: &str,
-    environment: &str,
-    name: Option<&str>,
-    scopes: Vec<String>,
-    metadata: JsonB,
-    lifetime: Option<Interval>,
-    rotated_from: Option<pgrx::Uuid>,
-) -> NewToken {
+/// A new token's secret parts: the plaintext (returned to the caller and nowhere else), its
+/// hint and its hash (what is stored).
+pub(crate) struct Secret {
+    pub token: String,
+    pub hint: String,
+    pub hash: Vec<u8>,
+}
+
+pub(crate) fn new_secret(prefix: &str) -> Secret {
     let token = match format::generate(prefix) {
         Ok(t) => t,
         Err(_) => fail(Kind::SystemError, "could not read from the operating system's random source".into(), None),
     };
     let hint = format::split(&token).map(|p| p.hint()).unwrap_or_else(|_| prefix.to_owned());
-    let id = spi(client
-        .update(
-            "INSERT INTO token.tokens (token_hash, hint, prefix, account, key_type, environment, name, scopes, \
-             metadata, expires_at, rotated_from) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-                     pg_catalog.now() OPERATOR(pg_catalog.+) $10, $11) \
-             RETURNING id",
-            Some(1),
-            &[
-                token_hash(&token).to_vec().into(),
-                hint.as_str().into(),
-                prefix.into(),
-                account.into(),
-                key_type.into(),
-                environment.into(),
-                name.into(),
-                scopes.into(),
-                metadata.into(),
-                lifetime.into(),
-                rotated_from.into(),
-            ],
-        )
-        .and_then(|t| t.first().get_one::<pgrx::Uuid>()));
-    let id = required(id, "token id");
-    NewToken { id, token }
+    let hash = token_hash(&token).to_vec();
+    Secret { token, hint, hash }
 }
-

@@ -3,16 +3,22 @@
 //! `revoked` with no job needed.
 
 use pg_token_core::verdict::Request;
-use pgrx::datum::{Interval, JsonB};
+use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
-use super::{database_environment, fail, insert_token, invalid, required, require_writable, spi, NewToken};
+use super::{database_environment, fail, invalid, new_secret, required, require_writable, spi, NewToken};
 use crate::error::Kind;
 use crate::events::{self, Lifecycle};
+use crate::schema;
 use crate::validation;
 
-/// Rotates a token: issues a successor with the same account, key type, environment, scopes,
-/// name and metadata, and lets the old one live until `now + grace`.
+/// Rotates a token: issues a successor in the same family with the same account, key type,
+/// environment, name and metadata, and lets the old one live until `now + grace`.
+///
+/// Rotation replaces a secret; it does not make a family live forever. The successor gets the
+/// old token's lifetime again, but never past the family's first issue plus the key type's
+/// `max_ttl` (so repeated rotation ends there), and keeps only the scopes the key type allows
+/// now.
 fn rotate(token_id: pgrx::Uuid, grace: Interval) -> NewToken {
     if grace.is_negative() {
         invalid("grace must not be negative");
@@ -20,14 +26,18 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval) -> NewToken {
     let env = database_environment();
     Spi::connect_mut(|client| {
         let old = spi(client.update(
-            "SELECT t.account, t.key_type, t.environment, t.prefix, t.name, t.scopes, t.metadata, \
+            "SELECT t.account, t.environment, t.prefix, \
                     t.revoked_at IS NOT NULL, t.revoke_after IS NOT NULL, \
                     (t.expires_at IS NOT NULL AND t.expires_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp()), \
-                    CASE WHEN t.expires_at IS NULL THEN COALESCE(kt.default_ttl, kt.max_ttl) \
-                         ELSE LEAST(t.expires_at OPERATOR(pg_catalog.-) t.created_at, kt.max_ttl) END, \
-                    EXISTS (SELECT 1 FROM token.prefixes p WHERE p.prefix OPERATOR(pg_catalog.=) t.prefix \
-                            AND p.environment OPERATOR(pg_catalog.=) t.environment), \
-                    (SELECT s.id FROM token.tokens s WHERE s.rotated_from OPERATOR(pg_catalog.=) t.id LIMIT 1) \
+                    t.key_type, \
+                    (SELECT s.id FROM token.tokens s WHERE s.rotated_from OPERATOR(pg_catalog.=) t.id LIMIT 1), \
+                    LEAST(pg_catalog.now() OPERATOR(pg_catalog.+) \
+                              (CASE WHEN t.expires_at IS NULL THEN COALESCE(kt.default_ttl, kt.max_ttl) \
+                                    ELSE (t.expires_at OPERATOR(pg_catalog.-) t.created_at) END), \
+                          (t.family_issued_at OPERATOR(pg_catalog.+) kt.max_ttl)), \
+                    ARRAY(SELECT s FROM pg_catalog.unnest(t.scopes) AS s \
+                           WHERE kt.allowed_scopes IS NULL OR s OPERATOR(pg_catalog.=) ANY (kt.allowed_scopes)), \
+                    t.family_issued_at \
              FROM token.tokens t JOIN token.key_types kt ON kt.name OPERATOR(pg_catalog.=) t.key_type \
              WHERE t.id OPERATOR(pg_catalog.=) $1 FOR NO KEY UPDATE OF t",
             Some(1),
@@ -38,35 +48,65 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval) -> NewToken {
         }
         let r = old.first();
         let account: String = required(spi(r.get(1)), "account");
-        let key_type: String = required(spi(r.get(2)), "key_type");
-        let environment: String = required(spi(r.get(3)), "environment");
-        let prefix: String = required(spi(r.get(4)), "prefix");
-        let name: Option<String> = spi(r.get(5));
-        let scopes: Vec<String> = spi(r.get(6)).unwrap_or_default();
-        let metadata: JsonB = spi(r.get(7)).unwrap_or(JsonB(serde_json::json!({})));
+        let environment: String = required(spi(r.get(2)), "environment");
+        let prefix: String = required(spi(r.get(3)), "prefix");
         let state = |s: &str| fail(Kind::WrongState, format!("token {token_id} {s}"), None);
         if environment != env {
             state(&format!("belongs to environment \"{environment}\"; this database serves \"{env}\""));
         }
-        if spi(r.get::<bool>(8)).unwrap_or(false) {
+        if spi(r.get::<bool>(4)).unwrap_or(false) {
             state("is revoked");
         }
-        if spi(r.get::<bool>(9)).unwrap_or(false) {
-            let successor: Option<pgrx::Uuid> = spi(r.get(13));
+        if spi(r.get::<bool>(5)).unwrap_or(false) {
+            let successor: Option<pgrx::Uuid> = spi(r.get(8));
             let hint = successor.map(|s| format!("Rotate its successor, {s}."));
-            fail(Kind::WrongState, format!("token {token_id} has already been rotated"),
-                hint.as_deref(),
-            );
+            fail(Kind::WrongState, format!("token {token_id} has already been rotated"), hint.as_deref());
         }
-        if spi(r.get::<bool>(10)).unwrap_or(false) {
+        if spi(r.get::<bool>(6)).unwrap_or(false) {
             state("has expired");
         }
-        let lifetime: Option<Interval> = spi(r.get(11));
-        if !spi(r.get::<bool>(12)).unwrap_or(false) {
-            state(&format!("has prefix \"{prefix}\", which is no longer registered"));
+        let key_type: String = required(spi(r.get(7)), "key_type");
+        // FOR SHARE: unregister_prefix waits for this rotation (and then revokes the successor).
+        let registered = spi(client.update(
+            "SELECT 1 FROM token.prefixes WHERE prefix OPERATOR(pg_catalog.=) $1 \
+             AND key_type OPERATOR(pg_catalog.=) $2 AND environment OPERATOR(pg_catalog.=) $3 FOR SHARE",
+            Some(1),
+            &[prefix.as_str().into(), key_type.into(), environment.as_str().into()],
+        ));
+        if registered.is_empty() {
+            state(&format!("has prefix \"{prefix}\", which is not registered for its key type any more"));
+        }
+        let expires_at: Option<TimestampWithTimeZone> = spi(r.get(9));
+        let scopes: Vec<String> = spi(r.get::<Vec<String>>(10)).unwrap_or_default();
+        let ended = spi(client
+            .select("SELECT $1 OPERATOR(pg_catalog.<=) pg_catalog.now()", Some(1), &[expires_at.into()])
+            .and_then(|t| t.first().get_one::<bool>()));
+        if ended == Some(true) {
+            let issued: Option<TimestampWithTimeZone> = spi(r.get(11));
+            fail(
+                Kind::WrongState,
+                format!("token {token_id}'s rotation family has reached its key type's max_ttl"),
+                Some(&format!(
+                    "The family was first issued at {}; issue a new token with generate_token.",
+                    issued.map(|t| t.to_string()).unwrap_or_default()
+                )),
+            );
         }
 
-        let new = insert_token(client, &prefix, &account, &key_type, &environment, name.as_deref(), scopes, metadata, lifetime, Some(token_id));
+        let secret = new_secret(&prefix);
+        let id = spi(client
+            .update(
+                "INSERT INTO token.tokens (id, token_hash, hint, prefix, account, key_type, environment, name, scopes, \
+                                           metadata, expires_at, rotated_from, family_id, family_issued_at) \
+                 SELECT pg_catalog.gen_random_uuid(), $1, $2, t.prefix, t.account, t.key_type, t.environment, t.name, \
+                        $3, t.metadata, $4, t.id, t.family_id, t.family_issued_at \
+                   FROM token.tokens t WHERE t.id OPERATOR(pg_catalog.=) $5 \
+                 RETURNING id",
+                Some(1),
+                &[secret.hash.clone().into(), secret.hint.as_str().into(), scopes.into(), expires_at.into(), token_id.into()],
+            )
+            .and_then(|t| t.first().get_one::<pgrx::Uuid>()));
+        let new = NewToken { id: required(id, "token id"), token: secret.token };
         spi(client.update(
             "UPDATE token.tokens SET revoke_after = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) $2 \
              WHERE id OPERATOR(pg_catalog.=) $1",
@@ -100,6 +140,7 @@ fn rotate_token(
     grace: default!(Option<Interval>, "'24 hours'"),
 ) -> TableIterator<'static, (name!(token_id, pgrx::Uuid), name!(token, String))> {
     require_writable("rotate_token");
+    schema::require_current("rotate_token");
     events::require_preload();
     let new = rotate(required(token_id, "token_id"), required(grace, "grace"));
     TableIterator::once((new.id, new.token))
@@ -113,6 +154,7 @@ fn rotate_own_token(
     grace: default!(Option<Interval>, "'24 hours'"),
 ) -> TableIterator<'static, (name!(token_id, pgrx::Uuid), name!(token, String))> {
     require_writable("rotate_own_token");
+    schema::require_current("rotate_own_token");
     let judged = validation::judge_or_raise(Request { token: token.map(str::as_bytes), caller: None, required_scope: None });
     let new = rotate(pgrx::Uuid::from_bytes(judged.state.id), required(grace, "grace"));
     TableIterator::once((new.id, new.token))

@@ -11,6 +11,7 @@ use crate::error;
 pub struct TokenAtts {
     pub id: usize,
     pub token_hash: usize,
+    pub prefix: usize,
     pub account: usize,
     pub key_type: usize,
     pub environment: usize,
@@ -29,6 +30,8 @@ pub struct Catalog {
     pub signal: pg_sys::Oid,
     pub tokens: pg_sys::Oid,
     pub hash_index: pg_sys::Oid,
+    /// The btree on token.tokens (account).
+    pub account_index: pg_sys::Oid,
     pub key_types: pg_sys::Oid,
     pub prefixes: pg_sys::Oid,
     pub identity_desc: pg_sys::TupleDesc,
@@ -90,6 +93,7 @@ impl Catalog {
         let atts = TokenAtts {
             id: att(c"id"),
             token_hash: att(c"token_hash"),
+            prefix: att(c"prefix"),
             account: att(c"account"),
             key_type: att(c"key_type"),
             environment: att(c"environment"),
@@ -111,6 +115,7 @@ impl Catalog {
             signal,
             tokens,
             hash_index: relid(ns, c"tokens_token_hash_excl"),
+            account_index: relid(ns, c"tokens_account_idx"),
             key_types,
             prefixes,
             identity_desc,

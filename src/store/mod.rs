@@ -95,6 +95,32 @@ pub struct RegistryCache {
     key_types: HashMap<String, KeyTypeInfo>,
 }
 
+impl RegistryCache {
+    /// Heap bytes it holds, as malloc sizes them: counted against `token.cache_size`, so a
+    /// registry an admin made large shrinks the token cache instead of growing every backend.
+    fn footprint(&self) -> usize {
+        let text = |x: &String| heap_chunk(x.capacity());
+        // Each map entry: key String + value, in a bucket of a table kept at most 7/8 full.
+        let bucket = |value: usize| heap_chunk(8) + (std::mem::size_of::<String>() + value) * 8 / 7;
+        let prefixes: usize = self
+            .prefixes
+            .iter()
+            .map(|(k, v)| text(k) + text(&v.key_type) + text(&v.environment) + bucket(std::mem::size_of::<PrefixInfo>()))
+            .sum();
+        let key_types: usize = self
+            .key_types
+            .iter()
+            .map(|(k, v)| {
+                text(k)
+                    + heap_chunk(v.can_validate.capacity() * std::mem::size_of::<String>())
+                    + v.can_validate.iter().map(text).sum::<usize>()
+                    + bucket(std::mem::size_of::<KeyTypeInfo>())
+            })
+            .sum();
+        prefixes + key_types
+    }
+}
+
 impl Registry for RegistryCache {
     fn prefix(&self, prefix: &str) -> Option<&PrefixInfo> {
         self.prefixes.get(prefix)
@@ -109,6 +135,8 @@ struct Backend {
     catalog_seen: u64,
     catalog: Option<Catalog>,
     registry: Option<RegistryCache>,
+    /// The registry's footprint when it was loaded (0 while it is not).
+    registry_bytes: usize,
     cache: TokenCache<Stored>,
 }
 
@@ -118,6 +146,7 @@ thread_local! {
         catalog_seen: 0,
         catalog: None,
         registry: None,
+        registry_bytes: 0,
         cache: TokenCache::new(0),
     });
 }
@@ -137,10 +166,7 @@ impl Backend {
         }
         self.data_seen = data;
         self.catalog_seen = catalog;
-        let budget = guc::cache_budget_bytes();
-        if budget != self.cache.budget() {
-            self.cache.set_budget(budget);
-        }
+        self.apply_budget();
         if self.catalog.is_none() {
             let found = Catalog::load();
             freshness::watch(found.data_relations, found.catalog_relations());
@@ -149,6 +175,17 @@ impl Backend {
                 self.registry = None;
             }
             self.catalog = Some(found);
+        }
+    }
+
+    /// The token cache gets what `token.cache_size` leaves after the registry.
+    fn apply_budget(&mut self) {
+        if self.registry.is_none() {
+            self.registry_bytes = 0;
+        }
+        let budget = guc::cache_budget_bytes().saturating_sub(self.registry_bytes);
+        if budget != self.cache.budget() {
+            self.cache.set_budget(budget);
         }
     }
 
@@ -193,11 +230,31 @@ pub fn with<R>(f: impl FnOnce(&Catalog, &RegistryCache, &mut Find<'_>) -> R) -> 
     BACKEND.with(|b| {
         let mut b = b.borrow_mut();
         b.refresh();
+        if b.registry.is_none() {
+            let Some(cat) = b.catalog.as_ref() else { error::not_installed() };
+            let loaded = Backend::load_registry(cat);
+            b.registry_bytes = loaded.footprint();
+            b.registry = Some(loaded);
+            b.apply_budget();
+        }
         let Backend { catalog, registry, cache, .. } = &mut *b;
         let Some(cat) = catalog.as_ref() else { error::not_installed() };
-        let reg = registry.get_or_insert_with(|| Backend::load_registry(cat));
+        let Some(reg) = registry.as_ref() else { error::not_installed() };
         let mut find = |h: &TokenHash| Backend::find(cat, cache, h);
         f(cat, reg, &mut find)
+    })
+}
+
+/// Runs `f` with this backend's catalog, refreshed first (for admin functions, which may run
+/// after another session dropped and created the extension again).
+fn fresh_catalog<R>(f: impl FnOnce(&Catalog) -> R) -> R {
+    BACKEND.with(|b| {
+        let mut b = b.borrow_mut();
+        b.refresh();
+        match b.catalog.as_ref() {
+            Some(cat) => f(cat),
+            None => error::not_installed(),
+        }
     })
 }
 
@@ -233,4 +290,46 @@ pub fn cache_stats() -> CacheStats {
         let n = |x: usize| x as u64;
         CacheStats { entries: n(c.len()), bytes: n(c.bytes()), budget: n(c.budget()), hits: c.hits(), misses: c.misses() }
     })
+}
+
+/// Tokens of `account` that are not revoked, in the latest committed state (plus this
+/// transaction's own changes) whatever the caller's isolation level: what a REPEATABLE READ
+/// transaction's snapshot cannot show it.
+pub fn live_tokens_of_account(account: &str) -> u64 {
+    let (tokens, index, revoked_at) = fresh_catalog(|c| (c.tokens, c.account_index, c.atts.revoked_at));
+    let mut live = 0;
+    scan::scan_text_equal(tokens, index, account, |_, nulls| {
+        if nulls[revoked_at] {
+            live += 1;
+        }
+    });
+    live
+}
+
+/// Every registered prefix in the latest committed state, whatever the caller's isolation
+/// level (the registry functions check overlaps against it under their table lock).
+pub fn registered_prefixes() -> Vec<String> {
+    let rel = fresh_catalog(|c| c.prefixes);
+    let snap = scan::LatestSnapshot::take();
+    let mut all = Vec::new();
+    scan::scan_all(rel, &snap, |values, nulls| {
+        if let Some(p) = scan::text(values, nulls, 0) {
+            all.push(p);
+        }
+    });
+    all
+}
+
+/// Tokens carrying `prefix` that are not revoked, in the latest committed state. A
+/// sequential scan: only unregister_prefix in a REPEATABLE READ transaction asks.
+pub fn live_tokens_with_prefix(prefix: &str) -> u64 {
+    let (rel, prefix_att, revoked_at) = fresh_catalog(|c| (c.tokens, c.atts.prefix, c.atts.revoked_at));
+    let snap = scan::LatestSnapshot::take();
+    let mut live = 0;
+    scan::scan_all(rel, &snap, |values, nulls| {
+        if nulls[revoked_at] && scan::text(values, nulls, prefix_att).as_deref() == Some(prefix) {
+            live += 1;
+        }
+    });
+    live
 }

@@ -151,3 +151,48 @@ pub fn scan_token(cat: &Catalog, hash: &TokenHash) -> Option<(Stored, bool)> {
         found
     }
 }
+
+/// Calls `f(values, nulls)` for every row of `rel` that the btree `index` finds equal to the
+/// text `key` on its first column, under the latest committed state (plus this transaction's
+/// own changes), whatever the transaction's isolation level.
+pub fn scan_text_equal(rel_oid: pg_sys::Oid, index_oid: pg_sys::Oid, key: &str, mut f: impl FnMut(&[pg_sys::Datum], &[bool])) {
+    let snap = LatestSnapshot::take();
+    let key_datum = key.into_datum().unwrap_or(pg_sys::Datum::from(0));
+    // SAFETY: as in scan_token: relation and index opened and closed here under
+    // AccessShareLock, a registered snapshot, tuples used before the slot moves on. The scan
+    // key compares with the index's own collation, as the btree is ordered by it.
+    unsafe {
+        let rel = pg_sys::table_open(rel_oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let index = pg_sys::index_open(index_oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let mut skey: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut skey,
+            1,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::Oid::from(pg_sys::F_TEXTEQ),
+            key_datum,
+        );
+        skey.sk_collation = *(*index).rd_indcollation;
+        let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
+        #[cfg(not(feature = "pg18"))]
+        let scan = pg_sys::index_beginscan(rel, index, snap.0, 1, 0);
+        #[cfg(feature = "pg18")]
+        let scan = pg_sys::index_beginscan(rel, index, snap.0, std::ptr::null_mut(), 1, 0);
+        pg_sys::index_rescan(scan, &mut skey, 1, std::ptr::null_mut(), 0);
+        let desc = (*rel).rd_att;
+        let natts = (*desc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![true; natts];
+        while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+            let mut should_free = false;
+            let tup = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
+            pg_sys::heap_deform_tuple(tup, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            f(&values, &nulls);
+        }
+        pg_sys::index_endscan(scan);
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    }
+    drop(snap);
+}

@@ -5,6 +5,8 @@ import threading
 import time
 import uuid
 
+import psycopg
+
 from conftest import compose, flush, generate, refusal
 
 
@@ -33,7 +35,7 @@ def test_refusal_survives_the_callers_rollback(db, su, admin):
 
 
 def test_every_refusal_reason_is_recorded_without_the_token(db, su, admin):
-    """One refusal of each of the eleven reasons, from the application over TCP: each leaves
+    """One refusal of each reason, from the application over TCP: each leaves
     an event row with its reason, and no row holds any of the tokens involved."""
     _, token = generate(admin, db, "acme", scopes=["read"])
     revoked_id, revoked = generate(admin, db, "acme")
@@ -61,6 +63,15 @@ def test_every_refusal_reason_is_recorded_without_the_token(db, su, admin):
     with db.connect("e2e_app", application_name=marker, autocommit=True) as app:
         for args, _ in cases:
             app.execute("SELECT token.check_token(%s, %s, %s)", args)
+        # The one reason only authenticate gives: a connection carrying another identity's
+        # temporary objects (this one made them unauthenticated).
+        app.execute("CREATE TEMP TABLE planted (x int)")
+        try:
+            app.execute("SELECT token.authenticate(%s)", (token,))
+            raise AssertionError("authenticate accepted a tainted session")
+        except psycopg.Error:
+            pass
+    cases.append(((token, None, None), "tainted_session"))
     flush(su)
     rows = events_for(su, marker)
     assert [r[1] for r in rows] == [reason for _, reason in cases]

@@ -156,6 +156,7 @@ CALLABLE = {
     "current_scopes": "SELECT token.current_scopes()",
     "has_scope": "SELECT token.has_scope('write')",
     "current_identity": "SELECT token.current_identity()",
+    "canonical_account": "SELECT token.canonical_account('042')",
 }
 
 
@@ -213,3 +214,36 @@ def test_policy_predicates_use_the_tenant_indexes(db, admin, su, tenant):
         su.execute("DELETE FROM app.projects WHERE tenant ~ '^t[0-9]+$'")
         su.execute("DELETE FROM app.invoices WHERE amount = 1")
         su.execute("DELETE FROM app.usage WHERE units = 1")
+
+
+def test_a_parallel_safe_policy_wrapper_loses_rows_and_a_restricted_one_does_not(db, su, admin, tenant):
+    """Parallel workers do not share the backend memory the identity lives in: a wrapper around
+    the accessors declared PARALLEL SAFE is evaluated in workers, where it sees no identity,
+    so a parallel plan returns too few rows. Declared PARALLEL RESTRICTED (as the accessors
+    are), the filter stays in the leader and every row comes back."""
+    su.execute("DROP TABLE IF EXISTS app.wide")
+    su.execute("CREATE TABLE app.wide AS SELECT 'acme'::text AS tenant, g AS n FROM generate_series(1, 100000) g")
+    su.execute("ANALYZE app.wide")
+    su.execute("GRANT SELECT ON app.wide TO app_api")
+    su.execute("""CREATE OR REPLACE FUNCTION app.tenant_safe() RETURNS text LANGUAGE sql STABLE PARALLEL SAFE
+                  AS $$ SELECT token.current_account() $$""")
+    su.execute("""CREATE OR REPLACE FUNCTION app.tenant_restricted() RETURNS text LANGUAGE sql STABLE PARALLEL RESTRICTED
+                  AS $$ SELECT token.current_account() $$""")
+    _, acme = generate(admin, db, "acme", scopes=["read"])
+    try:
+        for setting in ("parallel_setup_cost = 0", "parallel_tuple_cost = 0", "min_parallel_table_scan_size = 0",
+                        "max_parallel_workers_per_gather = 2", "parallel_leader_participation = off"):
+            tenant.execute(f"SET LOCAL {setting}")
+        tenant.execute("SELECT token.authenticate(%s)", (acme,))
+        restricted = tenant.execute("SELECT count(*) FROM app.wide WHERE tenant = app.tenant_restricted()").fetchone()[0]
+        assert restricted == 100000
+        plan = "\n".join(r[0] for r in tenant.execute(
+            "EXPLAIN (ANALYZE, COSTS OFF) SELECT count(*) FROM app.wide WHERE tenant = app.tenant_safe()"))
+        safe = tenant.execute("SELECT count(*) FROM app.wide WHERE tenant = app.tenant_safe()").fetchone()[0]
+        print(f"\nPARALLEL SAFE wrapper: {safe} of 100000 rows; PARALLEL RESTRICTED: {restricted}")
+        if "Workers Launched: 0" not in plan and "Workers Launched" in plan:
+            assert safe < 100000, "workers ran the SAFE wrapper and still saw the identity?"
+        tenant.rollback()
+    finally:
+        su.execute("DROP TABLE app.wide")
+        su.execute("DROP FUNCTION app.tenant_safe(), app.tenant_restricted()")

@@ -11,7 +11,7 @@ import pathlib
 import psycopg
 import pytest
 
-from conftest import ROOT, compose
+from conftest import ALPHABET, ROOT, compose
 
 CATALOG_SQL = (ROOT / "tests" / "upgrade" / "catalog.sql").read_text()
 # Released versions, oldest first: every one must upgrade to the library's version.
@@ -37,38 +37,59 @@ def library_version(conn):
     return conn.execute("SELECT default_version FROM pg_available_extensions WHERE name = 'pg_token'").fetchone()[0]
 
 
+def body(n):
+    """A distinct 22-character base62 body."""
+    return (ALPHABET[n % 62] + ALPHABET[(n // 62) % 62]) * 11
+
+
 def fill(c, env):
-    """Issues, rotates and revokes tokens with the old release's functions; returns the cases
-    to judge: name -> (token, caller_token, required_scope)."""
-    c.execute("SELECT token.create_key_type('agent', allowed_scopes => '{read,write}', max_ttl => '90 days')")
-    c.execute("SELECT token.create_key_type('mid', can_validate => '{agent}')")
-    c.execute("SELECT token.register_prefix('upg-', 'agent', 'dev')")
-    c.execute("SELECT token.register_prefix('upgprd-', 'agent', 'prod')")
-    c.execute("SELECT token.register_prefix('upgmid_', 'mid', 'dev')")
+    """Writes a registry and tokens into a 0.1.0 database exactly as 0.1.0's functions wrote
+    them: generate_token's INSERT (hash, hint, prefix, account as given, no family), rotate's
+    successor (rotated_from) and revoke_after, revoke's revoked_at. The 0.1.0 library cannot be
+    loaded next to this one, and this one refuses 0.1.0-schema writes (55000), so the rows are
+    written here, in SQL, from tokens composed as src/core/format.rs composes them. Returns
+    the cases to judge: name -> (token, caller_token, required_scope)."""
+    c.execute("INSERT INTO token.key_types (name, allowed_scopes, max_ttl) VALUES ('agent', '{read,write}', '90 days')")
+    c.execute("INSERT INTO token.key_types (name, can_validate) VALUES ('mid', '{agent}')")
+    c.execute("INSERT INTO token.prefixes (prefix, key_type, environment) VALUES "
+              "('upg-', 'agent', 'dev'), ('upgprd-', 'agent', 'prod'), ('upgmid_', 'mid', 'dev')")
+    counter = iter(range(1, 10_000))
 
-    def gen(account, key_type="agent", extra=""):
-        row = c.execute(f"SELECT token_id, token FROM token.generate_token(%s, %s{extra})", (account, key_type)).fetchone()
-        return env.record(row[1]), row[0]
+    def gen(account, key_type="agent", prefix="upg-", scopes="{}", expires="NULL", name=None, rotated_from=None):
+        token = env.record(compose(prefix, body(next(counter))))
+        row = c.execute(
+            "INSERT INTO token.tokens (token_hash, hint, prefix, account, key_type, environment, name, scopes, "
+            "metadata, expires_at, rotated_from) VALUES (sha256(%s::bytea), %s, %s, %s, %s, 'dev', %s, %s, "
+            f"'{{\"n\": 12345678901234567890123}}', {expires}, %s) RETURNING id",
+            (token.encode(), token[:len(prefix) + 4], prefix, account, key_type, name, scopes, rotated_from)).fetchone()
+        return token, row[0]
 
-    live, _ = gen("acme", extra=", scopes => '{read}'")
-    writer, _ = gen("acme", extra=", scopes => '{read,write}', expires_in => '30 days', name => 'ci'")
+    live, _ = gen("acme", scopes="{read}")
+    writer, _ = gen("acme", scopes="{read,write}", expires="now() + interval '30 days'", name="ci")
     rotating, rotating_id = gen("acme")
-    successor = env.record(c.execute("SELECT token FROM token.rotate_token(%s, '1 hour')", (rotating_id,)).fetchone()[0])
-    rotated_away, away_id = gen("acme")
-    c.execute("SELECT token.rotate_token(%s, '0')", (away_id,))
+    successor, _ = gen("acme", rotated_from=rotating_id)
+    c.execute("UPDATE token.tokens SET revoke_after = clock_timestamp() + interval '1 hour' WHERE id = %s", (rotating_id,))
+    grandchild_parent, gp_id = gen("acme")
+    child, child_id = gen("acme", rotated_from=gp_id)
+    c.execute("UPDATE token.tokens SET revoke_after = clock_timestamp() WHERE id = %s", (gp_id,))
     revoked, revoked_id = gen("acme")
-    c.execute("SELECT token.revoke_token(%s, 'test')", (revoked_id,))
-    globex, _ = gen("globex")
-    c.execute("SELECT token.revoke_account_tokens('globex')")
-    expired, _ = gen("acme", extra=", expires_in => '1 millisecond'")
-    mid, _ = gen("acme", "mid")
+    c.execute("UPDATE token.tokens SET revoked_at = clock_timestamp(), revoked_reason = 'test' WHERE id = %s", (revoked_id,))
+    globex, globex_id = gen("globex")
+    c.execute("UPDATE token.tokens SET revoked_at = clock_timestamp() WHERE account = 'globex'")
+    expired, _ = gen("acme", expires="now() - interval '1 second'")
+    mid, _ = gen("acme", key_type="mid", prefix="upgmid_")
+    # 0.1.0 stored accounts as given: '0042' and '42' were two accounts to revoke_account_tokens
+    # and cross_account but one tenant to current_account_bigint(). 0.2.0 makes them one.
+    zero_padded, _ = gen("0042")
+    mid_42, _ = gen("42", key_type="mid", prefix="upgmid_")
     cases = {
         "live": (live, None, None),
         "live, needs write": (live, None, "write"),
         "writer, needs write": (writer, None, "write"),
         "rotating (in grace)": (rotating, None, None),
         "successor": (successor, None, None),
-        "rotated with no grace": (rotated_away, None, None),
+        "rotated with no grace": (grandchild_parent, None, None),
+        "second generation": (child, None, None),
         "revoked": (revoked, None, None),
         "account revoked": (globex, None, None),
         "expired": (expired, None, None),
@@ -79,7 +100,9 @@ def fill(c, env):
         "bad checksum": (live[:-1] + ("0" if live[-1] != "0" else "1"), None, None),
         "malformed": ("upg-'; DROP TABLE token.tokens; --", None, None),
     }
-    return cases
+    # Judged separately: the update merges these two spellings into one account.
+    spelled = {"0042 validated by a mid of 42": (zero_padded, mid_42, None)}
+    return cases, spelled
 
 
 def verdicts(conn, cases):
@@ -132,11 +155,12 @@ def test_an_upgraded_database_keeps_every_verdict_and_matches_a_fresh_install(en
         with env.su("pgt_upgrade") as c:
             c.execute(f"CREATE EXTENSION pg_token VERSION '{old}'")
             assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_token'").fetchone()[0] == old
-            cases = fill(c, env)
+            cases, spelled = fill(c, env)
             before = verdicts(c, cases)
             assert before["live"][0] and before["successor"][0] and before["rotating (in grace)"][0]
             assert [before[k][1] for k in ("revoked", "account revoked", "expired", "rotated with no grace")] == \
                 ["revoked", "revoked", "expired", "revoked"]
+            assert verdicts(c, spelled)["0042 validated by a mid of 42"][1] == "cross_account", "0.1.0's two spellings"
 
         # The package is upgraded (the new library serves), ALTER EXTENSION not yet run: a new
         # session sees the old SQL with the new library.
@@ -148,9 +172,13 @@ def test_an_upgraded_database_keeps_every_verdict_and_matches_a_fresh_install(en
 
         with env.su("pgt_upgrade") as c:
             after = verdicts(c, cases)
-            # The successor of a rotation made by exercise_old_functions does not appear here;
-            # every case made before the update has exactly its old verdict.
+            # Every case made before the update has exactly its old verdict.
             assert after == before
+            assert verdicts(c, spelled)["0042 validated by a mid of 42"][0] is True, "one account now"
+            families = c.execute("SELECT count(DISTINCT family_id), count(*) FILTER (WHERE family_id IS NULL) "
+                                 "FROM token.tokens WHERE rotated_from IS NOT NULL OR id IN "
+                                 "(SELECT rotated_from FROM token.tokens)").fetchone()
+            assert families == (2, 0), f"each rotation lineage became one family: {families}"
             upgraded = catalog(c)
             # The new release works on the upgraded database: issue, validate, rotate, revoke.
             tid, tok = c.execute("SELECT token_id, token FROM token.generate_token('acme', 'agent')").fetchone()

@@ -21,10 +21,18 @@ use std::rc::Rc;
 use pgrx::prelude::*;
 
 use pg_token_core::account;
+use pg_token_core::format;
+use pg_token_core::reason::Reason;
+use pg_token_core::verdict::{Refusal, Subject};
 
+use crate::error;
+use crate::events;
+use crate::guc;
 use crate::store::Stored;
 use crate::v1;
 use crate::validation;
+
+mod guard;
 
 thread_local! {
     /// (transaction nesting level, identity); the last entry is the current identity.
@@ -44,7 +52,9 @@ fn nest_level() -> i32 {
 unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     use pg_sys::XactEvent::*;
     if matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_COMMIT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE) {
+        let account = current().map(|id| id.state.account.clone());
         STACK.with(|s| s.borrow_mut().clear());
+        guard::at_end(account);
     }
 }
 
@@ -76,6 +86,7 @@ unsafe extern "C-unwind" fn on_subxact(
 }
 
 pub fn register_callbacks() {
+    guard::install_hook();
     // SAFETY: documented registration API; callbacks never raise.
     unsafe {
         pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
@@ -93,6 +104,26 @@ pub unsafe extern "C-unwind" fn pg_token_authenticate(fcinfo: pg_sys::FunctionCa
     // SAFETY: called by Postgres as declared in sql/validation.sql.
     let req = unsafe { validation::request(fcinfo) };
     let token = validation::judge_or_raise(req);
+    if let Some(why) = guard::taint_for(&token.state.account) {
+        let parsed = req.token.and_then(|t| format::split(t).ok());
+        let refusal = Refusal {
+            reason: Reason::TaintedSession,
+            detail: why,
+            subject: Subject {
+                prefix: parsed.map(|p| p.prefix.to_owned()),
+                hint: parsed.map(|p| p.hint()),
+                token_id: Some(token.state.id),
+                account: Some(token.state.account.clone()),
+                key_type: Some(token.state.key_type.clone()),
+                environment: Some(token.state.environment.clone()),
+            },
+            caller: None,
+            database_environment: guc::environment(),
+        };
+        events::refused(&refusal);
+        error::refuse(&refusal);
+    }
+    guard::authenticated();
     let level = nest_level();
     STACK.with(|s| {
         let mut s = s.borrow_mut();
@@ -100,6 +131,14 @@ pub unsafe extern "C-unwind" fn pg_token_authenticate(fcinfo: pg_sys::FunctionCa
         s.push((level, Rc::clone(&token)));
     });
     token.identity_datum()
+}
+
+/// An account id's one spelling, as pg_token stores and compares it: a decimal integer without
+/// leading zeros, a uuid in lowercase 8-4-4-4-12 form, anything else as given. Applications
+/// keying their own tables by account use it to agree with pg_token.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn canonical_account(account: &str) -> String {
+    account::canonical(account)
 }
 
 #[pg_extern(stable, parallel_restricted)]
