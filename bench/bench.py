@@ -29,6 +29,7 @@ import argparse
 import csv
 import datetime
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -101,7 +102,7 @@ def load(args):
         have = conn.execute("SELECT coalesce(max(n), 0) FROM bench.plain").fetchone()[0]
         if have >= args.to:
             return
-        expires = conn.execute("SELECT (now() + interval '365 days')::text").fetchone()[0]
+        expires, issued = conn.execute("SELECT (now() + interval '365 days')::text, now()::text").fetchone()
         print(f"bench: loading tokens {have + 1:,}..{args.to:,}", flush=True)
         started = time.monotonic()
         # Skip the key-type foreign key check per row (every row names key type 'bench',
@@ -115,10 +116,12 @@ def load(args):
             for i, (token, uid, h) in enumerate(rows, start=n + 1):
                 t = token.decode()
                 hint = t[:len(PREFIX) + HINT_BODY_CHARS]
-                token_lines.append(f"{uid}\t\\\\x{h}\t{hint}\t{PREFIX}\t{account_of(i)}\t{KEY_TYPE}\t{ENVIRONMENT}\t{SCOPES}\t{expires}\n")
+                token_lines.append(f"{uid}\t\\\\x{h}\t{hint}\t{PREFIX}\t{account_of(i)}\t{KEY_TYPE}\t{ENVIRONMENT}\t{SCOPES}\t{expires}"
+                                   f"\t{uid}\t{issued}\n")
                 plain_lines.append(f"{i}\t{uid}\t{t}\n")
             with conn.cursor() as cur:
-                with cur.copy("COPY token.tokens (id, token_hash, hint, prefix, account, key_type, environment, scopes, expires_at) FROM STDIN") as cp:
+                with cur.copy("COPY token.tokens (id, token_hash, hint, prefix, account, key_type, environment, scopes, "
+                              "expires_at, family_id, family_issued_at) FROM STDIN") as cp:
                     cp.write("".join(token_lines))
                 with cur.copy("COPY bench.plain (n, id, token) FROM STDIN") as cp:
                     cp.write("".join(plain_lines))
@@ -392,6 +395,34 @@ def report(args):
     if "one_token" in tps and "four_tokens" in tps:
         r = tps["one_token"] / tps["four_tokens"]
         targets.append(("4 sessions on one token ≥ 90% of 4 sessions on 4 tokens", f"{r:.0%}", verdict(r >= 0.9)))
+    if args.flood:
+        fl = json.load(open(args.flood))
+        targets.append(("refusal flood: events + WAL + server log < 0.1 MB/s", f"{fl['total_mb_s']:.4f} MB/s",
+                        verdict(fl["total_mb_s"] < 0.1)))
+        targets.append(("refusal flood: good traffic keeps ≥ 80% of its TPS", f"{fl['good_kept']:.0%}",
+                        verdict(fl["good_kept"] >= 0.8)))
+        lines += ["", "## Refusal flood", "",
+                  f"4 connections as `bench_app` (a token_validator) run `SELECT valid FROM token.check_token('hk_live_' || "
+                  f"md5(random()::text))` for {fl['seconds']} s, every call a distinct garbage token; then 2 connections "
+                  f"validating hot-set tokens run alone, beside 2 flooding ones, and beside them with `token.flood_nice = 0`, "
+                  f"{len(fl['alone_runs'])} rounds "
+                  "interleaved (median). Sizes are measured around the flood: `pg_total_relation_size('token.events')`, "
+                  "`pg_wal_lsn_diff` (all WAL, not only the events'), and the server log's growth.", "",
+                  "| | |", "|---|---:|",
+                  f"| refusals per second | {fl['refusals_per_s']:,.0f} |",
+                  f"| refusal rows written per second | {fl['rows_per_s']:.2f} ({fl['rows']:,} rows for {fl['refusals']:,} refusals) |",
+                  f"| token.events growth | {fl['events_mb_s']:.4f} MB/s |",
+                  f"| WAL | {fl['wal_mb_s']:.4f} MB/s |",
+                  f"| server log | {fl['log_mb_s']:.4f} MB/s |",
+                  f"| **events + WAL + log** | **{fl['total_mb_s']:.4f} MB/s** |",
+                  f"| good traffic alone (2 connections) | {fl['good_alone_tps']:,.0f} tps |",
+                  f"| good traffic beside 2 flooding connections | {fl['good_beside_tps']:,.0f} tps ({fl['good_kept']:.0%}) |",
+                  f"| the same with `token.flood_nice = 0` | {fl['good_beside_nice0_tps']:,.0f} tps ({fl['good_kept_nice0']:.0%}) |",
+                  "",
+                  "The flood's pgbench runs at `nice 19`: it stands in for an attacker's client on another machine, so it must "
+                  "not take the good clients' CPU on this 2-core one (the kernel shares CPU between sessions first). The "
+                  "flooding backends lower their own priority to `token.flood_nice` after 1,000 refusals in a second; the "
+                  "last row turns that off."]
     lines += ["", "## Targets (reported, not pass/fail)", "", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {v} |" for t, m, v in targets]
     lines += ["", "## Settings", ""]
@@ -449,6 +480,91 @@ def chart(args, runs, tps, floor, per, sizes):
     fig.savefig(args.png, dpi=110)
 
 
+def pgbench(args, script, clients, seconds, user, log, nice=0):
+    """Starts pgbench (prepared, over the socket); returns the process. `nice` runs the client
+    itself at that priority: the flood's load generator stands in for a client on another
+    machine, so it must not take the good clients' CPU on this one."""
+    cmd = ["nice", "-n", str(nice), f"{args.pgbin}/pgbench", "-h", args.host, "-p", str(args.port), "-U", user, "-n", "-M", "prepared",
+           "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds), "-f", f"{args.scripts}/{script}.pgbench",
+           "bench"]
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def tps_of(log):
+    for line in open(log):
+        if line.startswith("tps = "):
+            return float(line.split()[2])
+    raise SystemExit(f"no tps in {log}:\n" + open(log).read())
+
+
+def flood(args):
+    """The refusal flood: 4 connections as a token_validator send distinct garbage for
+    --seconds; what that costs in token.events, WAL and server log; and what 2 connections
+    validating good tokens keep of their throughput while 2 others flood."""
+    with connect(args, autocommit=True) as c:
+        def state():
+            return c.execute("SELECT pg_current_wal_lsn(), pg_total_relation_size('token.events'), "
+                             "(SELECT count(*) FROM token.events WHERE event = 'refused'), "
+                             "(SELECT coalesce(sum(refusals), 0)::bigint FROM token.worker_status())").fetchone()
+
+        def settle():
+            c.execute("SELECT token.flush_events('60 s')")
+            c.execute("CHECKPOINT")
+
+        settle()
+        (lsn0, size0, rows0, refused0), log0 = state(), os.path.getsize(args.log)
+        p = pgbench(args, "flood", 4, args.seconds, "bench_app", f"{args.out}/flood.log", nice=19)
+        p.wait()
+        c.execute("SELECT token.flush_events('60 s')")
+        (lsn1, size1, rows1, refused1), log1 = state(), os.path.getsize(args.log)
+        wal = c.execute("SELECT pg_wal_lsn_diff(%s, %s)", (lsn1, lsn0)).fetchone()[0]
+        secs = args.seconds
+        refusals = refused1 - refused0
+        mb = lambda b: b / 1e6 / secs  # noqa: E731
+        events_mb, wal_mb, log_mb = mb(size1 - size0), mb(float(wal)), mb(log1 - log0)
+        # Good traffic alone, beside a flood, and beside a flood with token.flood_nice = 0
+        # (backends refusing floods keep their priority), interleaved round by round.
+        alone, beside, beside_plain = [], [], []
+
+        def good_beside(r, tag):
+            settle()
+            g = pgbench(args, "validate_hot_2", 2, secs, "bench_app", f"{args.out}/good-{tag}-{r}.log")
+            f = pgbench(args, "flood", 2, secs, "bench_app", f"{args.out}/flood-{tag}-{r}.log", nice=19)
+            g.wait()
+            f.wait()
+            return tps_of(f"{args.out}/good-{tag}-{r}.log")
+
+        for r in range(args.rounds):
+            settle()
+            g = pgbench(args, "validate_hot_2", 2, secs, "bench_app", f"{args.out}/good-alone-{r}.log")
+            g.wait()
+            alone.append(tps_of(f"{args.out}/good-alone-{r}.log"))
+            beside.append(good_beside(r, "beside"))
+            c.execute("ALTER SYSTEM SET token.flood_nice = 0")
+            c.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)
+            beside_plain.append(good_beside(r, "beside-nice0"))
+            c.execute("ALTER SYSTEM RESET token.flood_nice")
+            c.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)
+        c.execute("SELECT token.flush_events('60 s')")
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    row = {
+        "seconds": secs, "refusals": refusals, "refusals_per_s": refusals / secs,
+        "rows": rows1 - rows0, "rows_per_s": (rows1 - rows0) / secs,
+        "events_mb_s": events_mb, "wal_mb_s": wal_mb, "log_mb_s": log_mb, "total_mb_s": events_mb + wal_mb + log_mb,
+        "good_alone_tps": med(alone), "good_beside_tps": med(beside), "good_kept": med(beside) / med(alone),
+        "good_beside_nice0_tps": med(beside_plain), "good_kept_nice0": med(beside_plain) / med(alone),
+        "alone_runs": alone, "beside_runs": beside, "beside_nice0_runs": beside_plain,
+    }
+    with open(args.json, "w") as f:
+        json.dump(row, f)
+    print(f"bench: flood {refusals / secs:,.0f} refusals/s -> {(rows1 - rows0) / secs:.2f} rows/s, "
+          f"{row['total_mb_s']:.4f} MB/s (events {events_mb:.4f}, WAL {wal_mb:.4f}, log {log_mb:.4f}); "
+          f"good traffic {med(beside):,.0f} tps beside the flood vs {med(alone):,.0f} alone ({row['good_kept']:.0%}; "
+          f"with token.flood_nice = 0: {row['good_kept_nice0']:.0%})")
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -466,9 +582,17 @@ def main():
     for opt in ("--seconds", "--rounds", "--tokens", "--lookups", "--cache-bytes"):
         r.add_argument(opt, type=int, required=True)
     r.add_argument("--setting", action="append", default=[])
+    r.add_argument("--flood", help="flood.json from `bench.py flood`")
+    fl = sub.add_parser("flood")
+    fl.add_argument("--host", required=True)
+    fl.add_argument("--port", type=int, required=True)
+    for opt in ("--pgbin", "--scripts", "--out", "--log", "--json"):
+        fl.add_argument(opt, required=True)
+    for opt in ("--seconds", "--rounds"):
+        fl.add_argument(opt, type=int, required=True)
     r.add_argument("--date", help="the run's date (UTC) when re-rendering a report from its CSVs")
     args = p.parse_args()
-    {"load": load, "per-token": per_token, "check-suite": check_suite, "report": report}[args.cmd](args)
+    {"load": load, "per-token": per_token, "check-suite": check_suite, "report": report, "flood": flood}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
 # row measures: bench/README.md.
 #
 #   BENCH_SECONDS        seconds per pgbench run                    (default 8)
+#   BENCH_FLOOD_SECONDS  seconds of the refusal flood and of each good-traffic run (default 30)
+#   BENCH_FLOOD_ROUNDS   good traffic alone / beside a flood, rounds (default 3)
 #   BENCH_ROUNDS         rounds over all workloads (median reported) (default 5)
 #   BENCH_TOKENS         tokens in the table for the pgbench runs   (default 1000000)
 #   BENCH_SIZES          table sizes for the one-statement cost     (default 10000,1000000,10000000)
@@ -21,6 +23,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SECONDS_PER_RUN=${BENCH_SECONDS:-8}
+FLOOD_SECONDS=${BENCH_FLOOD_SECONDS:-30}
+FLOOD_ROUNDS=${BENCH_FLOOD_ROUNDS:-3}
 ROUNDS=${BENCH_ROUNDS:-5}
 NTOKENS=${BENCH_TOKENS:-1000000}
 SIZES=${BENCH_SIZES:-10000,1000000,10000000}
@@ -35,18 +39,13 @@ started=$(date +%s)
 
 bash scripts/setup.sh
 
-# Measure the release build. `cargo pgrx test` installs a debug build with test objects in
-# the same place, which would be measured instead; then (or if nothing is installed) install.
+# Measure the release build of this tree: install it every time (cargo rebuilds only what
+# changed), so neither a debug/test build left by `cargo pgrx test` nor a stale release build is
+# measured instead.
+echo "bench: installing the release build of this tree"
+bash scripts/install.sh >/dev/null
 libdir=$("$PGBIN/pg_config" --pkglibdir)
 sharedir=$("$PGBIN/pg_config" --sharedir)
-if [ ! -f "$libdir/pg_token.so" ] || [ ! -f "$sharedir/extension/pg_token.control" ]; then
-  echo "bench: pg_token is not installed; installing the release build"
-  bash scripts/install.sh
-elif { command -v readelf >/dev/null && readelf -S --wide "$libdir/pg_token.so" | grep -c ' \.debug_info ' >/dev/null; } \
-     || grep -q 'CREATE SCHEMA IF NOT EXISTS tests' "$sharedir"/extension/pg_token--*.sql; then
-  echo "bench: the installed pg_token is a debug/test build; installing the release build"
-  bash scripts/install.sh
-fi
 version=$(sed -n "s/^default_version = '\(.*\)'/\1/p" "$sharedir/extension/pg_token.control")
 built=$(date -u -r "$libdir/pg_token.so" '+%Y-%m-%d %H:%M UTC')
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -152,6 +151,10 @@ for round in $(seq 1 "$ROUNDS"); do
   run_pgbench authenticate_rls authenticate_rls bench_app
 done
 
+echo "bench: refusal flood (${FLOOD_SECONDS} s)"
+py flood --host "$DIR" --port "$PORT" --pgbin "$PGBIN" --scripts "$ROOT/bench/scripts" --out "$OUT" \
+  --log "$DIR/server.log" --json "$OUT/flood.json" --seconds "$FLOOD_SECONDS" --rounds "$FLOOD_ROUNDS"
+
 for size in "${sizes[@]}"; do if [ "$size" -gt "$NTOKENS" ]; then per_token "$size"; fi; done
 
 cache_kb=$(psql_su -Atc "SHOW token.cache_size")
@@ -165,6 +168,6 @@ settings=(
 )
 py report --pgbench "$OUT/pgbench.csv" --per-token "$OUT/per_token.csv" --seconds "$SECONDS_PER_RUN" --rounds "$ROUNDS" \
   --tokens "$NTOKENS" --lookups "$LOOKUPS" --cache-bytes "$cache_bytes" --version "$version, release build installed $built; repository at $commit" \
-  --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
+  --flood "$OUT/flood.json" --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
 cat "$RESULTS/latest.md"
 echo "bench: done in $(( ($(date +%s) - started) / 60 )) min; $RESULTS/latest.md and latest.png"

@@ -68,8 +68,9 @@ current_key_type,current_scopes,current_token_id,has_scope,hash_token,reasons");
         reason("'tst-'");
         assert_eq!(one::<bool>("SELECT token.flush_events('5 seconds')"), Some(true));
         let status = "FROM token.worker_status() WHERE database = current_database()";
-        assert_eq!(one::<i64>(&format!("SELECT events_queued + touches_queued {status}")), Some(0));
-        assert!(one::<i64>(&format!("SELECT events_written {status}")).unwrap_or(0) >= 1);
+        assert_eq!(one::<i64>(&format!("SELECT refusals_pending + touches_queued {status}")), Some(0));
+        assert!(one::<i64>(&format!("SELECT refusals_written {status}")).unwrap_or(0) >= 1);
+        assert_eq!(one::<bool>(&format!("SELECT refusals = refusals_written + refusals_pending + refusals_dropped {status}")), Some(true));
         run("SET LOCAL token.cache_size = '64kB'");
         assert_eq!(one::<i64>("SELECT budget FROM token.cache_stats()"), Some(64 * 1024));
         // A token this transaction inserted is never cached (the insert may roll back), so two

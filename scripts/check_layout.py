@@ -27,6 +27,7 @@ ONE_CONCERN = {
     "src/core/verdict.rs": "the verdict rules and their table of tests, one decision procedure",
     "src/core/format.rs": "token syntax: parse, compose, checksum, and its property tests",
     "src/events/queue.rs": "the shared-memory queue: one lock, one layout, its operations",
+    "src/core/aggregate.rs": "the refusal-counting rules (keys, folds, the row bound) and their tests",
 }
 RAISING = re.compile(r"\bereport!|\berror!\(|\bErrorReport\b|\bPgSqlErrorCode\b")
 

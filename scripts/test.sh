@@ -22,7 +22,9 @@
 # Finally every server log and data file written during the run is searched for every token the
 # run generated.
 #
-# Everything it starts is stopped on exit. Set PG_TOKEN_KEEP=1 to keep the run directory.
+# Everything it starts is stopped on exit. Set PG_TOKEN_KEEP=1 to keep the run directory, and
+# PG_TOKEN_RUN=/some/dir to use another one than /tmp/pg_token-test-run (two checkouts
+# testing at once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -57,7 +59,7 @@ step "unit and property tests of the pure core (no pgrx, no Postgres)"
 cargo test -p pg_token_core
 
 # One run directory for everything the end-to-end stages start, owned by postgres.
-RUN=/tmp/pg_token-test-run
+RUN=${PG_TOKEN_RUN:-/tmp/pg_token-test-run}
 for d in "$RUN"/*/; do [ -f "$d/postmaster.pid" ] && PGBIN=$(cat "$d/.pgbin" 2>/dev/null || echo /usr/lib/postgresql/15/bin) bash scripts/cluster.sh stop "$d"; done 2>/dev/null || true
 rm -rf "$RUN"
 mkdir -p "$RUN" && chown postgres:postgres "$RUN" && chmod 755 "$RUN"
@@ -75,7 +77,7 @@ cleanup() {
 trap cleanup EXIT
 
 in_database() {
-  local v=$1 data=/tmp/pg_token-pgrx-test-$1
+  local v=$1 data=$RUN-pgrx-$1
   step "PostgreSQL $v: in-database tests (cargo pgrx test pg$v)"
   mkdir -p "$data" && chown postgres:postgres "$data"
   if [ "$(id -u)" -eq 0 ]; then

@@ -90,13 +90,22 @@ CREATE TABLE token.events (
     client_addr       text,
     application_name  text,
     db_user           text,
-    backend_pid       integer
+    backend_pid       integer,
+    -- Refusals are counted, not listed: one row per key (reason, prefix, environment, client,
+    -- user, application, hint) and window, with how many refusals it stands for and when the
+    -- last one came (occurred_at is the first). folded says how the key was coarsened: 'hints'
+    -- (the source made too many distinct hints: hint left out), 'rate' (beyond
+    -- token.max_event_rows: only the reason kept). Lifecycle events have count 1.
+    count             bigint NOT NULL DEFAULT 1,
+    last_at           timestamptz,
+    folded            text
 );
 ALTER SEQUENCE token.events_id_seq OWNED BY token.events.id;
 CREATE INDEX events_occurred_at_idx ON token.events (occurred_at);
 CREATE INDEX events_token_id_idx ON token.events (token_id) WHERE token_id IS NOT NULL;
+CREATE INDEX events_last_at_idx ON token.events (last_at) WHERE last_at IS NOT NULL;
 COMMENT ON TABLE token.events IS
-    'Security events: refusals, generate, rotate, revoke. Refusals survive the caller''s rollback';
+    'Security events: refusals (counted per key and window), generate, rotate, revoke. Refusals survive the caller''s rollback';
 
 -- The validation caches' signal. pg_token's triggers send a relcache invalidation for this
 -- type's relation whenever tokens, key types or prefixes change, and every backend empties its

@@ -72,3 +72,35 @@ LANGUAGE c
 AS 'MODULE_PATHNAME', 'restore_prefix_tokens_wrapper';
 REVOKE EXECUTE ON FUNCTION token.restore_prefix_tokens(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION token.restore_prefix_tokens(text) TO token_admin;
+
+-- Refusals are counted, not listed (bounded, aggregated security events): a refusal row
+-- stands for every refusal of its key in a window. 0.1.0's rows each stood for one.
+ALTER TABLE token.events ADD COLUMN count bigint NOT NULL DEFAULT 1,
+                         ADD COLUMN last_at timestamptz,
+                         ADD COLUMN folded text;
+CREATE INDEX events_last_at_idx ON token.events (last_at) WHERE last_at IS NOT NULL;
+COMMENT ON TABLE token.events IS
+    'Security events: refusals (counted per key and window), generate, rotate, revoke. Refusals survive the caller''s rollback';
+
+-- worker_status reports the refusal counts instead of a queue of records. (The library keeps
+-- 0.1.0's symbol, worker_status_wrapper, with its eight columns, for databases not yet updated.)
+DROP FUNCTION token.worker_status();
+CREATE FUNCTION token.worker_status() RETURNS TABLE (
+	"database" TEXT,
+	"worker_pid" INT,
+	"refusals" bigint,
+	"refusals_written" bigint,
+	"refusals_pending" bigint,
+	"refusals_folded" bigint,
+	"refusals_dropped" bigint,
+	"event_rows" bigint,
+	"event_keys" bigint,
+	"touches_queued" bigint,
+	"touches_written" bigint,
+	"touches_dropped" bigint
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'worker_status_v2_wrapper';
+REVOKE EXECUTE ON FUNCTION token.worker_status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION token.worker_status() TO token_admin;

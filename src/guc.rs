@@ -17,6 +17,10 @@ pub static CACHE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
 pub static LOG_EVENTS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static EVENT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(90 * 24 * 3600);
 pub static MIN_EVENT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
+pub static MAX_EVENT_ROWS: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static EVENT_WINDOW_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static MAX_EVENT_HINTS: GucSetting<i32> = GucSetting::<i32>::new(10);
+pub static FLOOD_NICE: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static WORKER_IDLE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 
 pub fn register() {
@@ -93,6 +97,46 @@ fn define() {
         GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
+        c"token.max_event_rows",
+        c"At most this many new refusal rows per second per database; the rest is counted into overflow rows.",
+        c"Whatever the traffic, refusals cost at most this many rows (and log lines) a second; every refusal is still counted.",
+        &MAX_EVENT_ROWS,
+        0,
+        100_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"token.event_window",
+        c"How long one refusal row collects the repeats of its key before a new row starts.",
+        c"",
+        &EVENT_WINDOW_S,
+        1,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"token.max_event_hints",
+        c"Distinct token hints one source may make in a window before its refusals are counted in one row without a hint.",
+        c"A source is a reason, prefix, environment, client address, database user and application name.",
+        &MAX_EVENT_HINTS,
+        1,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"token.flood_nice",
+        c"The CPU niceness a backend gives itself once it refuses over 1,000 tokens in a second (0: never).",
+        c"Lowers the priority of a connection flooding garbage tokens so that other work keeps the CPU; it cannot be raised back, so it lasts until the connection ends.",
+        &FLOOD_NICE,
+        0,
+        19,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
         c"token.worker_idle_timeout",
         c"How long an idle event writer stays connected to its database before exiting.",
         c"Short, so that DROP DATABASE is not held up; the writer restarts on demand.",
@@ -126,6 +170,15 @@ pub fn with_environment<R>(f: impl FnOnce(Option<&str>) -> R) -> R {
         unsafe { std::ffi::CStr::from_ptr(raw) }.to_str().ok().filter(|s| !s.is_empty())
     };
     f(value)
+}
+
+/// The refusal-counting limits, from the settings above.
+pub fn event_limits() -> pg_token_core::aggregate::Limits {
+    pg_token_core::aggregate::Limits {
+        window_us: i64::from(EVENT_WINDOW_S.get()) * 1_000_000,
+        max_rows_per_s: u32::try_from(MAX_EVENT_ROWS.get()).unwrap_or(0),
+        max_hints: u32::try_from(MAX_EVENT_HINTS.get()).unwrap_or(1),
+    }
 }
 
 pub fn cache_budget_bytes() -> usize {

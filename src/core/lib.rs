@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod account;
+pub mod aggregate;
 pub mod cache;
 pub mod clock;
 pub mod format;

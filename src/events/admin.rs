@@ -111,17 +111,24 @@ fn flush_events(timeout: default!(Option<Interval>, "'10 seconds'")) -> bool {
     }
 }
 
-/// The event writers: one row per database slot in use, with the refusal events and last-use
-/// updates queued now, and written and dropped since the slot was claimed.
-#[pg_extern(volatile, parallel_unsafe)]
-fn worker_status() -> TableIterator<
+/// The event writers: one row per database slot in use. Refusals counted, written into rows,
+/// pending, counted into folded rows (hint left out, or beyond the row rate), and dropped (a
+/// batch that could not be written three times running); refusal rows made and table entries
+/// in use; and last-use updates queued, written and dropped since the slot was claimed.
+/// `refusals` always equals the sum of written, pending and dropped.
+#[pg_extern(name = "worker_status", volatile, parallel_unsafe)]
+fn worker_status_v2() -> TableIterator<
     'static,
     (
         name!(database, Option<String>),
         name!(worker_pid, Option<i32>),
-        name!(events_queued, i64),
-        name!(events_written, i64),
-        name!(events_dropped, i64),
+        name!(refusals, i64),
+        name!(refusals_written, i64),
+        name!(refusals_pending, i64),
+        name!(refusals_folded, i64),
+        name!(refusals_dropped, i64),
+        name!(event_rows, i64),
+        name!(event_keys, i64),
         name!(touches_queued, i64),
         name!(touches_written, i64),
         name!(touches_dropped, i64),
@@ -136,10 +143,33 @@ fn worker_status() -> TableIterator<
                 (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
             };
             let n = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
-            let (e, t) = (s.events, s.touches);
-            (name, s.worker_pid, n(e.queued), n(e.written), n(e.dropped), n(t.queued), n(t.written), n(t.dropped))
+            let (r, t) = (s.refusals, s.touches);
+            let pending = r.counted.saturating_sub(r.written + r.dropped);
+            (name, s.worker_pid, n(r.counted), n(r.written), n(pending), n(r.folded), n(r.dropped), n(r.rows), n(r.keys),
+             n(t.queued), n(t.written), n(t.dropped))
         })
         .collect();
     TableIterator::new(rows)
 }
 
+/// 0.1.0's `worker_status` (its SQL calls this symbol until ALTER EXTENSION pg_token UPDATE):
+/// the same counts in 0.1.0's eight columns, refusals as records queued, written and dropped.
+#[pg_extern(sql = false)]
+fn worker_status() -> TableIterator<
+    'static,
+    (
+        name!(database, Option<String>),
+        name!(worker_pid, Option<i32>),
+        name!(events_queued, i64),
+        name!(events_written, i64),
+        name!(events_dropped, i64),
+        name!(touches_queued, i64),
+        name!(touches_written, i64),
+        name!(touches_dropped, i64),
+    ),
+> {
+    let rows: Vec<_> = worker_status_v2()
+        .map(|(db, pid, _, written, pending, _, dropped, _, _, tq, tw, td)| (db, pid, pending, written, dropped, tq, tw, td))
+        .collect();
+    TableIterator::new(rows)
+}

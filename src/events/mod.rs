@@ -24,7 +24,9 @@ use pg_token_core::verdict::{Refusal, Subject};
 use pgrx::prelude::*;
 
 pub use queue::require_preload;
-use queue::{FixedStr, Pushed, Record, Touch};
+use pg_token_core::aggregate::{Folded, Key, Sample};
+use pg_token_core::ring::FixedStr;
+use queue::{Pushed, Touch};
 
 use crate::error;
 use crate::guc;
@@ -82,35 +84,87 @@ fn log_line(event: &str, reason: Option<Reason>, subject: &Subject, caller: Opti
     error::log_server_only(line);
 }
 
-/// Records a refusal: a LOG line now, and a row in token.events written by the worker.
+/// Records a refusal: counted into its key's row of token.events (written by the writer, which
+/// also logs one line per row). On a hot standby, where nothing can be written, the first
+/// refusal of each key in a window is logged instead. Never one line or row per refusal.
 pub fn refused(refusal: &Refusal) {
     let client = Client::current();
-    let caller_id = refusal.caller.as_ref().and_then(|c| c.token_id);
-    log_line("refused", Some(refusal.reason), &refusal.subject, caller_id.as_ref(), Some(&refusal.detail), &client);
-    // SAFETY: reads of process-global state.
-    if unsafe { pg_sys::RecoveryInProgress() } {
-        return; // a standby cannot write; the log line is the record
-    }
     let s = &refusal.subject;
-    let record = Record {
+    let key = Key {
         reason: refusal.reason as u8,
-        // SAFETY: reads the clock.
-        at: unsafe { pg_sys::GetCurrentTimestamp() },
-        token_id: s.token_id,
-        caller_token_id: caller_id,
-        backend_pid: client.pid,
-        account: FixedStr::new(s.account.as_deref()),
+        folded: Folded::No,
         prefix: FixedStr::new(s.prefix.as_deref()),
-        hint: FixedStr::new(s.hint.as_deref()),
         environment: FixedStr::new(s.environment.as_deref()),
         client_addr: FixedStr::new(client.addr.as_deref()),
-        application_name: FixedStr::new(client.application_name.as_deref()),
         db_user: FixedStr::new(client.db_user.as_deref()),
-        detail: FixedStr::new(Some(&refusal.detail)),
+        application_name: FixedStr::new(client.application_name.as_deref()),
+        hint: FixedStr::new(s.hint.as_deref()),
     };
+    let sample = Sample {
+        token_id: s.token_id,
+        caller_token_id: refusal.caller.as_ref().and_then(|c| c.token_id),
+        account: FixedStr::new(s.account.as_deref()),
+        detail: FixedStr::new(Some(&refusal.detail)),
+        backend_pid: client.pid,
+    };
+    let limits = guc::event_limits();
     // SAFETY: MyDatabaseId is set for every backend connected to a database.
     let db = unsafe { pg_sys::MyDatabaseId };
-    start_writer_if_asked(db, queue::push_event(db, &record));
+    // SAFETY: reads of process-global state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        if queue::count_on_standby(db, &key, &sample, &limits) == Some(true) {
+            let caller_id = sample.caller_token_id;
+            log_line("refused (standby: first of its key in the window)", Some(refusal.reason), &refusal.subject,
+                     caller_id.as_ref(), Some(&refusal.detail), &client);
+        }
+        return;
+    }
+    start_writer_if_asked(db, queue::push_refusal(db, &key, &sample, &limits));
+    yield_if_flooding();
+}
+
+/// Refusals per second after which a backend is taken for a flood.
+const FLOOD_REFUSALS_PER_S: u32 = 1_000;
+
+thread_local! {
+    /// (the second, refusals made in it, whether this backend already lowered its priority)
+    static FLOOD: std::cell::Cell<(i64, u32, bool)> = const { std::cell::Cell::new((0, 0, false)) };
+}
+
+/// A backend refusing over 1,000 tokens in a second is being used to flood: it lowers its own
+/// CPU priority to `token.flood_nice` so that the server's other work keeps the CPU. It keeps
+/// answering at full speed whenever the CPU is free; only when busy backends compete does it
+/// yield. Linux lets a process lower its priority but never raise it back, so this lasts until
+/// the connection ends (behind a pooler, until the server connection is recycled).
+fn yield_if_flooding() {
+    let nice = guc::FLOOD_NICE.get();
+    if nice <= 0 {
+        return;
+    }
+    let second = pg_token_core::clock::now() / 1_000_000;
+    let (at, n, done) = FLOOD.with(std::cell::Cell::get);
+    if done {
+        return;
+    }
+    let n = if at == second { n + 1 } else { 1 };
+    FLOOD.with(|f| f.set((second, n, false)));
+    if n <= FLOOD_REFUSALS_PER_S {
+        return;
+    }
+    FLOOD.with(|f| f.set((second, n, true)));
+    // SAFETY: plain system calls on this process; errors only leave the priority as it was.
+    let lowered = unsafe {
+        *libc::__errno_location() = 0;
+        let current = libc::getpriority(libc::PRIO_PROCESS, 0);
+        current < nice && libc::setpriority(libc::PRIO_PROCESS, 0, nice) == 0
+    };
+    if lowered && guc::LOG_EVENTS.get() {
+        error::log_server_only(format!(
+            "pg_token: backend {} refused over {FLOOD_REFUSALS_PER_S} tokens in a second; it now runs at nice {nice} (token.flood_nice) until it ends",
+            // SAFETY: reads this process's pid.
+            unsafe { pg_sys::MyProcPid }
+        ));
+    }
 }
 
 /// Queues a `last_used_at` update, applied unless the row was used within `interval_s`

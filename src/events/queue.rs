@@ -1,30 +1,34 @@
-//! The shared-memory queue from backends to the event writer (`worker`).
+//! The shared memory between backends and the event writer (`writer`).
 //!
 //! A backend that refuses a token must leave a trace even if its transaction then rolls back,
 //! and a successful validation must update `last_used_at` without writing or waiting on a row
-//! lock. Both needs are met the same way: the backend copies a fixed-size record into a ring
+//! lock. Both needs are met the same way: the backend records what happened in shared memory
 //! for its database, outside any transaction, and a background worker connected to that
-//! database writes the records in its own transactions.
+//! database writes it in its own transactions.
 //!
-//! Each database using pg_token claims one of `MAX_DATABASES` slots. A slot has two rings:
-//! refusal events (`Record`, `QUEUE_LEN` of them), written promptly, and last-use updates
-//! (`Touch`, 32 bytes, `TOUCH_LEN` of them), which the writer lets accumulate for up to
-//! `TOUCH_DELAY` so that one transaction applies thousands (a last-use time is only kept to
-//! the `token.last_used_interval` anyway). When a ring is full, new records are dropped and
-//! counted (a refusal is still in the server log; a last use is queued again at the next use
-//! after the interval). The queue lives in shared memory requested at postmaster start, so
-//! pg_token must be in `shared_preload_libraries`.
+//! Each database using pg_token claims one of `MAX_DATABASES` slots. A slot holds:
+//! - refusals, counted into a fixed table (`pg_token_core::aggregate::Table`, `EVENT_KEYS`
+//!   entries): one entry per key and window, made into a row at once and then only counted, so
+//!   no amount of refusals can grow memory, rows or the writer's work (the core says how);
+//! - last-use updates (`Touch`, 32 bytes, `TOUCH_LEN` of them in a ring), which the writer
+//!   lets accumulate for up to `TOUCH_DELAY` so that one transaction applies thousands (a
+//!   last-use time is only kept to the `token.last_used_interval` anyway). When the ring is
+//!   full, new ones are dropped and counted (a last use is queued again at the next use after
+//!   the interval).
 //!
-//! Never put a token in a record: records hold prefixes and 4-character hints only. A new kind
-//! of record that must outlive the caller's transaction gets its own ring in `Slot` (its own
-//! bound and dropped count), not a field squeezed into `Record`.
+//! The memory is requested at postmaster start, so pg_token must be in
+//! `shared_preload_libraries`.
+//!
+//! Never put a token in shared memory: keys and samples hold prefixes and 4-character hints
+//! only. A new kind of record that must outlive the caller's transaction gets its own place in
+//! `Slot` (its own bound and count), not a field squeezed into an existing one.
 //!
 //! # Shared memory through pgrx
 //! `pg_shmem_init!` installs the request and startup hooks (chaining whatever was installed
 //! before, and using PostgreSQL 14's request-in-_PG_init where 15+ has a request hook), through
 //! our `PgSharedMemoryInitialization` impl. We do not use `PgLwLock<T>` itself: it builds the
 //! initial `T` by value on the postmaster's stack and moves it into place, and `Shared` is
-//! several megabytes (8 MB of rings here, sized by settings later); we zero the area where it
+//! several megabytes (the refusal tables and last-use rings); we zero the area where it
 //! lies instead, which is a valid empty state for every field. Every access goes through
 //! `locked`, whose guard releases the LWLock when dropped, on unwind too.
 
@@ -33,8 +37,8 @@ use std::ffi::CStr;
 use std::mem::size_of;
 use std::ptr;
 
+use pg_token_core::aggregate::{Counted, Entry, Key, Limits, Sample, Table};
 use pg_token_core::clock;
-pub use pg_token_core::ring::FixedStr;
 use pg_token_core::ring::Ring;
 use pgrx::pg_sys;
 use pgrx::{PGRXSharedMemory, PgSharedMemoryInitialization};
@@ -42,12 +46,15 @@ use pgrx::{PGRXSharedMemory, PgSharedMemoryInitialization};
 use crate::error;
 
 pub const MAX_DATABASES: usize = 8;
-/// Refusal events queued per database.
-pub const QUEUE_LEN: usize = 1024;
+/// Refusal keys counted per database at once (16 of them are the reasons' overflow rows).
+pub const EVENT_KEYS: usize = 512;
 /// Last-use updates queued per database.
 pub const TOUCH_LEN: usize = 8192;
-/// Refusal events written per writer transaction.
-pub const BATCH: usize = 512;
+/// Refusal rows written per writer transaction (every entry: one transaction).
+pub const BATCH: usize = EVENT_KEYS;
+/// How long the writer lets count increments gather before writing them (a new row is
+/// written at once).
+pub const EVENT_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Last-use updates written per writer transaction; the writer is woken when this many wait.
 pub const TOUCH_BATCH: usize = 2048;
 /// How long the writer lets last-use updates accumulate before writing them.
@@ -56,25 +63,6 @@ pub const TOUCH_DELAY: std::time::Duration = std::time::Duration::from_millis(10
 /// could not start it) and replaced by the next record.
 const STARTING_TIMEOUT_US: i64 = 60_000_000;
 const SHMEM_NAME: &CStr = c"pg_token";
-
-/// A refused validation, to be inserted into token.events.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Record {
-    pub reason: u8,
-    pub at: i64,
-    pub token_id: Option<[u8; 16]>,
-    pub caller_token_id: Option<[u8; 16]>,
-    pub backend_pid: i32,
-    pub account: FixedStr<128>,
-    pub prefix: FixedStr<32>,
-    pub hint: FixedStr<40>,
-    pub environment: FixedStr<32>,
-    pub client_addr: FixedStr<64>,
-    pub application_name: FixedStr<64>,
-    pub db_user: FixedStr<64>,
-    pub detail: FixedStr<200>,
-}
 
 /// A successful validation: set `last_used_at` of `token_id` to `at`, unless the row was used
 /// less than `interval_s` seconds before `at` (the validating session's setting).
@@ -116,16 +104,23 @@ struct Slot {
     /// batch at the tail is discarded (something in it cannot be written).
     event_failures: u32,
     touch_failures: u32,
-    /// flush_events() is waiting for the last-use updates up to this sequence number: write
-    /// them without delay until then.
+    /// flush_events() is waiting for the last-use updates up to this sequence number, and
+    /// for the refusals counted up to this number: write them without delay until then.
     flush_touches_until: u64,
-    events: Ring<Record, QUEUE_LEN>,
+    flush_refusals_until: u64,
+    /// Refusals that could not be written (a batch discarded after three failed attempts).
+    refusals_dropped: u64,
+    refusals: Table<EVENT_KEYS>,
     touches: Ring<Touch, TOUCH_LEN>,
 }
 
 impl Slot {
     fn is_empty(&self) -> bool {
-        self.events.len() == 0 && self.touches.len() == 0
+        self.refusals_pending() == 0 && self.touches.is_empty()
+    }
+
+    fn refusals_pending(&self) -> u64 {
+        self.refusals.pending().saturating_sub(self.refusals_dropped)
     }
 
     fn poisoned(&self) -> bool {
@@ -274,20 +269,43 @@ fn slot_for(shared: &mut Shared, dboid: pg_sys::Oid, claim: bool) -> Option<usiz
         .iter()
         .position(|s| s.state == WorkerState::Stopped && (s.is_empty() || s.poisoned()))?;
     let s = &mut shared.slots[i];
-    s.events.reset();
+    s.refusals.reset();
     s.touches.reset();
     s.dboid = dboid;
     s.event_failures = 0;
     s.touch_failures = 0;
     s.flush_touches_until = 0;
+    s.flush_refusals_until = 0;
+    s.refusals_dropped = 0;
     s.phase = Phase::Idle;
     Some(i)
 }
 
-/// Queues a refusal event; the writer is woken when the ring was empty (it re-reads the rings
-/// after every batch, so later records need no signal).
-pub fn push_event(dboid: pg_sys::Oid, record: &Record) -> Pushed {
-    push(dboid, |slot| slot.events.push(record).map(|before| before == 0))
+/// Counts a refusal into its database's table; the writer is woken when it made a new row
+/// (which is written at once: the first refusal of a key is visible within the writer's delay).
+pub fn push_refusal(dboid: pg_sys::Oid, key: &Key, sample: &Sample, limits: &Limits) -> Pushed {
+    let now = clock::now();
+    push(dboid, |slot| Some(slot.refusals.count(key, sample, now, limits) == Counted::NewRow))
+}
+
+/// On a hot standby nothing can be written: counts a refusal and reports whether it made a
+/// new key (the caller logs that one line), marking it written at once so the table keeps
+/// making room. None when pg_token was not preloaded or no slot was free.
+pub fn count_on_standby(dboid: pg_sys::Oid, key: &Key, sample: &Sample, limits: &Limits) -> Option<bool> {
+    let now = clock::now();
+    locked(|shared| {
+        let i = slot_for(shared, dboid, true)?;
+        let table = &mut shared.slots[i].refusals;
+        let new = table.count(key, sample, now, limits) == Counted::NewRow;
+        let mut out = Vec::new();
+        table.to_write(&mut out, EVENT_KEYS);
+        for (j, e) in &out {
+            table.mark_written(*j, e, -1);
+        }
+        table.expire_overflow(now, limits.window_us);
+        Some(new)
+    })
+    .flatten()
 }
 
 /// Queues a last-use update; the writer is woken when the ring was empty (to start its delay)
@@ -327,6 +345,7 @@ pub fn nudge(dboid: pg_sys::Oid) -> Option<usize> {
         let i = slot_for(shared, dboid, false)?;
         let slot = &mut shared.slots[i];
         slot.flush_touches_until = slot.flush_touches_until.max(slot.touches.head());
+        slot.flush_refusals_until = slot.flush_refusals_until.max(slot.refusals.counted);
         if slot.is_empty() {
             return None;
         }
@@ -351,12 +370,15 @@ pub fn start_failed(slot: usize) {
     locked(|shared| shared.slots[slot].state = WorkerState::Stopped);
 }
 
-/// Where a database's rings are: (events, touches) head sequence numbers.
+/// How far a database's records go: (refusals counted, last-use updates queued).
 pub type Marks = (u64, u64);
 
-/// The head sequence numbers for a database: everything queued so far.
+/// Everything recorded so far for a database.
 pub fn head(dboid: pg_sys::Oid) -> Option<Marks> {
-    locked(|shared| slot_for(shared, dboid, false).map(|i| (shared.slots[i].events.head(), shared.slots[i].touches.head()))).flatten()
+    locked(|shared| {
+        slot_for(shared, dboid, false).map(|i| (shared.slots[i].refusals.counted, shared.slots[i].touches.head()))
+    })
+    .flatten()
 }
 
 /// Whether everything up to `marks` has been committed by the writer.
@@ -364,7 +386,7 @@ pub fn written_up_to(dboid: pg_sys::Oid, marks: Marks) -> bool {
     locked(|shared| {
         slot_for(shared, dboid, false).is_none_or(|i| {
             let s = &shared.slots[i];
-            s.events.tail() >= marks.0 && s.touches.tail() >= marks.1
+            s.refusals.written + s.refusals_dropped >= marks.0 && s.touches.tail() >= marks.1
         })
     })
     .unwrap_or(true)
@@ -378,10 +400,24 @@ pub struct RingStatus {
     pub dropped: u64,
 }
 
+/// Counts of a database's refusals since the slot was claimed.
+#[derive(Clone, Copy)]
+pub struct RefusalStatus {
+    /// Refusals counted, written (into rows), counted into folded rows, and dropped (a batch
+    /// that could not be written three times running).
+    pub counted: u64,
+    pub written: u64,
+    pub folded: u64,
+    pub dropped: u64,
+    /// Rows made, and the table entries in use now.
+    pub rows: u64,
+    pub keys: u64,
+}
+
 pub struct SlotStatus {
     pub database: pg_sys::Oid,
     pub worker_pid: Option<i32>,
-    pub events: RingStatus,
+    pub refusals: RefusalStatus,
     pub touches: RingStatus,
 }
 
@@ -397,7 +433,14 @@ pub fn status() -> Vec<SlotStatus> {
             .map(|s| SlotStatus {
                 database: s.dboid,
                 worker_pid: (s.state == WorkerState::Running).then_some(s.worker_pid),
-                events: ring(&s.events),
+                refusals: RefusalStatus {
+                    counted: s.refusals.counted,
+                    written: s.refusals.written,
+                    folded: s.refusals.folded,
+                    dropped: s.refusals_dropped,
+                    rows: s.refusals.rows,
+                    keys: s.refusals.in_use() as u64,
+                },
                 touches: ring(&s.touches),
             })
             .collect()
@@ -425,7 +468,14 @@ pub fn worker_attach(slot: usize) -> Option<(pg_sys::Oid, bool)> {
         s.phase = Phase::Idle;
         let mut discarded = false;
         if s.event_failures >= 3 {
-            s.events.discard(BATCH);
+            // Something in the pending refusals cannot be written: give up on them, counted.
+            let mut out = Vec::new();
+            s.refusals.to_write(&mut out, EVENT_KEYS);
+            for (i, e) in &out {
+                s.refusals_dropped += e.count - e.written;
+                s.refusals.mark_written(*i, e, e.row_id);
+            }
+            s.refusals.written -= out.iter().map(|(_, e)| e.count - e.written).sum::<u64>();
             s.event_failures = 0;
             discarded = true;
         }
@@ -443,22 +493,69 @@ pub fn worker_database(slot: usize) -> Option<pg_sys::Oid> {
     locked(|shared| shared.slots.get(slot).map(|s| s.dboid)).flatten()
 }
 
-/// What waits: (refusal events, last-use updates, whether someone waits for those updates).
-pub fn worker_counts(slot: usize) -> (usize, usize, bool) {
-    locked(|shared| {
-        let s = &shared.slots[slot];
-        (s.events.len(), s.touches.len(), s.touches.tail() < s.flush_touches_until)
-    })
-    .unwrap_or((0, 0, false))
+/// What waits for the writer.
+pub struct Waiting {
+    /// A refusal key needs its row (write it now).
+    pub new_rows: bool,
+    /// Refusals counted but not written.
+    pub refusals: u64,
+    /// Someone waits in flush_events for the refusals.
+    pub flush_refusals: bool,
+    pub touches: usize,
+    pub flush_touches: bool,
 }
 
-/// Copies up to `BATCH` events from the tail, without consuming them, and records that the
-/// writer is now writing events.
-pub fn worker_peek_events(slot: usize, out: &mut Vec<Record>) {
+pub fn worker_counts(slot: usize) -> Waiting {
+    locked(|shared| {
+        let s = &shared.slots[slot];
+        Waiting {
+            new_rows: s.refusals.has_new_rows(),
+            refusals: s.refusals_pending(),
+            flush_refusals: s.refusals.written + s.refusals_dropped < s.flush_refusals_until,
+            touches: s.touches.len(),
+            flush_touches: s.touches.tail() < s.flush_touches_until,
+        }
+    })
+    .unwrap_or(Waiting { new_rows: false, refusals: 0, flush_refusals: false, touches: 0, flush_touches: false })
+}
+
+/// Copies the refusal entries with something to write, and records that the writer is now
+/// writing refusals.
+pub fn worker_peek_refusals(slot: usize, out: &mut Vec<(usize, Entry)>) {
     locked(|shared| {
         let s = &mut shared.slots[slot];
-        s.events.peek(out, BATCH);
+        s.refusals.to_write(out, BATCH);
         s.phase = Phase::Events;
+    });
+}
+
+/// Gives the entries that have no row yet their row ids (drawn from token.events_id_seq in the
+/// writer's transaction), before the rows are written: if the transaction fails, the next
+/// attempt writes the same ids again, so a row is never made twice. Updates `out` too.
+pub fn worker_assign_rows(slot: usize, out: &mut [(usize, Entry)], ids: &[i64]) {
+    locked(|shared| {
+        let table = &mut shared.slots[slot].refusals;
+        let mut ids = ids.iter();
+        for (i, e) in out.iter_mut().filter(|(_, e)| e.row_id == 0) {
+            if let Some(&id) = ids.next() {
+                e.row_id = id;
+                table.assign_row(*i, e, id);
+            }
+        }
+    });
+}
+
+/// Records that the refusal entries in `written` (as copied) are committed, and frees the
+/// overflow rows whose window has ended.
+pub fn worker_wrote_refusals(slot: usize, written: &[(usize, Entry)], window_us: i64) {
+    locked(|shared| {
+        let s = &mut shared.slots[slot];
+        for (i, e) in written {
+            s.refusals.mark_written(*i, e, e.row_id);
+        }
+        s.refusals.expire_overflow(clock::now(), window_us);
+        s.event_failures = 0;
+        s.phase = Phase::Idle;
     });
 }
 
@@ -471,21 +568,12 @@ pub fn worker_peek_touches(slot: usize, out: &mut Vec<Touch>) {
     });
 }
 
-/// Consumes the records the writer just committed (those it peeked last).
-pub fn worker_consumed(slot: usize, n: usize) {
+/// Consumes the last-use updates the writer just committed (those it peeked last).
+pub fn worker_consumed_touches(slot: usize, n: usize) {
     locked(|shared| {
         let s = &mut shared.slots[slot];
-        match s.phase {
-            Phase::Events => {
-                s.events.consume(n);
-                s.event_failures = 0;
-            }
-            Phase::Touches => {
-                s.touches.consume(n);
-                s.touch_failures = 0;
-            }
-            Phase::Idle => {}
-        }
+        s.touches.consume(n);
+        s.touch_failures = 0;
         s.phase = Phase::Idle;
     });
 }

@@ -1,9 +1,11 @@
 //! The event writer: a background worker, one per database with queued records, started on
 //! demand by the first record and gone after `token.worker_idle_timeout` of quiet (so that it
-//! never holds up DROP DATABASE for long). It writes refusal events as soon as they arrive and
-//! `last_used_at` updates in batches (after `queue::TOUCH_DELAY`, when a batch is full, or when
-//! someone waits in flush_events), each in its own transaction through a plan prepared once,
-//! and purges events past `token.event_retention`.
+//! never holds up DROP DATABASE for long). It writes the refusal table's new rows as soon as
+//! they appear, their count increments at most every `queue::EVENT_DELAY`, and `last_used_at`
+//! updates in batches (after `queue::TOUCH_DELAY`, when a batch is full, or when someone waits
+//! in flush_events), each in its own transaction through a plan prepared once, and purges
+//! events past `token.event_retention`. The server log gets one line per refusal row it
+//! inserts, never one per refusal.
 //!
 //! A new ring in `queue` is drained here, in its own transaction per batch, so that one
 //! kind of record that cannot be written never costs another.
@@ -21,7 +23,9 @@ use pgrx::{PgBuiltInOids, PgOid};
 
 use pg_token_core::reason::Reason;
 
-use super::queue::{self, Record, Touch, TOUCH_BATCH, TOUCH_DELAY};
+use pg_token_core::aggregate::Entry;
+
+use super::queue::{self, Touch, EVENT_DELAY, TOUCH_BATCH, TOUCH_DELAY};
 use crate::error::{self, Error, Kind};
 use crate::guc;
 
@@ -110,11 +114,12 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
             .warn();
     }
 
-    let mut events: Vec<Record> = Vec::with_capacity(queue::BATCH);
+    let mut refusals: Vec<(usize, Entry)> = Vec::with_capacity(queue::BATCH);
     let mut touches: Vec<Touch> = Vec::with_capacity(TOUCH_BATCH);
     let mut plans = Plans::default();
     let mut idle_since = Instant::now();
-    // When the oldest last-use update still queued was first seen.
+    // When the oldest refusal count and last-use update still unwritten were first seen.
+    let mut refusals_since: Option<Instant> = None;
     let mut touches_since: Option<Instant> = None;
     let mut last_purge: Option<Instant> = None;
     loop {
@@ -127,33 +132,49 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
             // SAFETY: the documented way for a worker to reload its configuration.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        let (queued_events, queued_touches, flush) = queue::worker_counts(slot);
-        // Refusal events first and at once, each batch in its own transaction, so a batch of
-        // last-use updates that cannot be written never costs an event.
-        if queued_events > 0 {
-            queue::worker_peek_events(slot, &mut events);
-            write(&mut plans, |plans| write_events(plans, &events));
-            queue::worker_consumed(slot, events.len());
-            idle_since = Instant::now();
-            continue;
+        let waiting = queue::worker_counts(slot);
+        // Refusals first, in their own transaction, so a batch of last-use updates that cannot
+        // be written never costs one: a new row at once, count increments once they have
+        // waited EVENT_DELAY (or someone waits in flush_events).
+        let mut wait = None;
+        if waiting.refusals > 0 {
+            let first = *refusals_since.get_or_insert_with(Instant::now);
+            if waiting.new_rows || waiting.flush_refusals || first.elapsed() >= EVENT_DELAY {
+                queue::worker_peek_refusals(slot, &mut refusals);
+                let mut inserted = Vec::new();
+                write(&mut plans, |plans| inserted = write_refusals(plans, slot, &mut refusals));
+                queue::worker_wrote_refusals(slot, &refusals, guc::event_limits().window_us);
+                log_rows(&inserted);
+                refusals_since = None;
+                idle_since = Instant::now();
+                continue;
+            }
+            wait = Some(EVENT_DELAY.saturating_sub(first.elapsed()));
+        } else {
+            refusals_since = None;
         }
-        if queued_touches > 0 {
+        if waiting.touches > 0 {
             let first = *touches_since.get_or_insert_with(Instant::now);
-            if flush || queued_touches >= TOUCH_BATCH || first.elapsed() >= TOUCH_DELAY {
+            if waiting.flush_touches || waiting.touches >= TOUCH_BATCH || first.elapsed() >= TOUCH_DELAY {
                 queue::worker_peek_touches(slot, &mut touches);
                 write(&mut plans, |plans| write_touches(plans, &touches));
-                queue::worker_consumed(slot, touches.len());
+                queue::worker_consumed_touches(slot, touches.len());
                 touches_since = None;
                 idle_since = Instant::now();
                 continue;
             }
-            // Let more gather; woken early by events, a full batch or a flush request.
-            if !BackgroundWorker::wait_latch(Some(at_least_1ms(TOUCH_DELAY.saturating_sub(first.elapsed())))) {
+            let left = TOUCH_DELAY.saturating_sub(first.elapsed());
+            wait = Some(wait.map_or(left, |w| w.min(left)));
+        } else {
+            touches_since = None;
+        }
+        if let Some(w) = wait {
+            // Let more gather; woken early by a new row, a full batch or a flush request.
+            if !BackgroundWorker::wait_latch(Some(at_least_1ms(w))) {
                 return;
             }
             continue;
         }
-        touches_since = None;
         if last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
             BackgroundWorker::transaction(purge_expired_events);
             last_purge = Some(Instant::now());
@@ -202,26 +223,51 @@ fn tstz(at: i64) -> Option<TimestampWithTimeZone> {
     unsafe { TimestampWithTimeZone::from_datum(pg_sys::Datum::from(at), false) }
 }
 
-/// The writer's two statements, prepared on first use and kept for the life of the process.
+/// The writer's statements, prepared on first use and kept for the life of the process.
 #[derive(Default)]
 struct Plans {
-    insert_events: Option<OwnedPreparedStatement>,
+    write_refusals: Option<OwnedPreparedStatement>,
+    write_refusals_0_1: Option<OwnedPreparedStatement>,
     apply_touches: Option<OwnedPreparedStatement>,
 }
 
-const INSERT_EVENTS: &str = "INSERT INTO token.events (occurred_at, event, reason, token_id, caller_token_id, account, prefix, \
-     hint, environment, detail, client_addr, application_name, db_user, backend_pid) \
-     SELECT u.at, 'refused', u.reason, u.token_id, u.caller_token_id, u.account, u.prefix, u.hint, \
-            u.environment, u.detail, u.client_addr, u.application_name, u.db_user, u.pid \
-     FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.timestamptz[]), pg_catalog.unnest($2::pg_catalog.text[]), \
-          pg_catalog.unnest($3::pg_catalog.uuid[]), pg_catalog.unnest($4::pg_catalog.uuid[]), \
+/// One row per refusal entry, with the id given to it before (so a retry after a failed
+/// transaction rewrites the same row): inserted the first time, its count and last time
+/// updated afterwards. The count is the entry's total, not an increment, so writing it again
+/// changes nothing.
+const WRITE_REFUSALS: &str = "INSERT INTO token.events AS e (id, occurred_at, last_at, count, folded, event, reason, token_id, \
+     caller_token_id, account, prefix, hint, environment, detail, client_addr, application_name, db_user, backend_pid) \
+     SELECT u.id, u.first_at, u.last_at, u.n, u.folded, 'refused', u.reason, u.token_id, u.caller_token_id, u.account, \
+            u.prefix, u.hint, u.environment, u.detail, u.client_addr, u.application_name, u.db_user, u.pid \
+     FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.timestamptz[]), \
+          pg_catalog.unnest($3::pg_catalog.timestamptz[]), pg_catalog.unnest($4::pg_catalog.int8[]), \
           pg_catalog.unnest($5::pg_catalog.text[]), pg_catalog.unnest($6::pg_catalog.text[]), \
+          pg_catalog.unnest($7::pg_catalog.uuid[]), pg_catalog.unnest($8::pg_catalog.uuid[]), \
+          pg_catalog.unnest($9::pg_catalog.text[]), pg_catalog.unnest($10::pg_catalog.text[]), \
+          pg_catalog.unnest($11::pg_catalog.text[]), pg_catalog.unnest($12::pg_catalog.text[]), \
+          pg_catalog.unnest($13::pg_catalog.text[]), pg_catalog.unnest($14::pg_catalog.text[]), \
+          pg_catalog.unnest($15::pg_catalog.text[]), pg_catalog.unnest($16::pg_catalog.text[]), \
+          pg_catalog.unnest($17::pg_catalog.int4[])) \
+          AS u(id, first_at, last_at, n, folded, reason, token_id, caller_token_id, account, prefix, hint, environment, \
+               detail, client_addr, application_name, db_user, pid) \
+     ON CONFLICT (id) DO UPDATE SET count = EXCLUDED.count, last_at = EXCLUDED.last_at";
+
+/// The same for a database still on 0.1.0's schema (no count): a row when a key first appears,
+/// its count noted in the detail; nothing afterwards.
+const WRITE_REFUSALS_0_1: &str = "INSERT INTO token.events (id, occurred_at, event, reason, token_id, caller_token_id, account, \
+     prefix, hint, environment, detail, client_addr, application_name, db_user, backend_pid) \
+     SELECT u.id, u.first_at, 'refused', u.reason, u.token_id, u.caller_token_id, u.account, u.prefix, u.hint, \
+            u.environment, u.detail, u.client_addr, u.application_name, u.db_user, u.pid \
+     FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.timestamptz[]), \
+          pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.uuid[]), \
+          pg_catalog.unnest($5::pg_catalog.uuid[]), pg_catalog.unnest($6::pg_catalog.text[]), \
           pg_catalog.unnest($7::pg_catalog.text[]), pg_catalog.unnest($8::pg_catalog.text[]), \
           pg_catalog.unnest($9::pg_catalog.text[]), pg_catalog.unnest($10::pg_catalog.text[]), \
           pg_catalog.unnest($11::pg_catalog.text[]), pg_catalog.unnest($12::pg_catalog.text[]), \
-          pg_catalog.unnest($13::pg_catalog.int4[])) \
-          AS u(at, reason, token_id, caller_token_id, account, prefix, hint, environment, detail, \
-               client_addr, application_name, db_user, pid)";
+          pg_catalog.unnest($13::pg_catalog.text[]), pg_catalog.unnest($14::pg_catalog.int4[])) \
+          AS u(id, first_at, reason, token_id, caller_token_id, account, prefix, hint, environment, detail, \
+               client_addr, application_name, db_user, pid) \
+     ON CONFLICT (id) DO NOTHING";
 
 /// One row per token: the latest use, applied unless the row's last_used_at is within the
 /// interval before it (the smallest interval any of the validating sessions asked for). So
@@ -267,43 +313,119 @@ fn still_installed(client: &pgrx::spi::SpiClient<'_>, plans: &mut Plans) -> bool
     false
 }
 
-fn write_events(plans: &mut Plans, events: &[Record]) {
+fn events_have_counts(client: &pgrx::spi::SpiClient<'_>) -> bool {
+    client
+        .select(
+            "SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid OPERATOR(pg_catalog.=) 'token.events'::pg_catalog.regclass \
+             AND attname OPERATOR(pg_catalog.=) 'count' AND NOT attisdropped",
+            None,
+            &[],
+        )
+        .map(|t| !t.is_empty())
+        .unwrap_or(false)
+}
+
+/// Writes the refusal entries; returns those whose rows it inserted (for the log lines).
+fn write_refusals(plans: &mut Plans, slot: usize, entries: &mut [(usize, Entry)]) -> Vec<Entry> {
     Spi::connect_mut(|client| {
-        if events.is_empty() || !still_installed(client, plans) {
-            return;
+        if entries.is_empty() || !still_installed(client, plans) {
+            return Vec::new();
         }
-        let col = |f: &dyn Fn(&Record) -> Option<String>| -> Vec<Option<String>> { events.iter().map(f).collect() };
-        let at: Vec<Option<TimestampWithTimeZone>> = events.iter().map(|r| tstz(r.at)).collect();
-        let reason = col(&|r| Reason::from_u8(r.reason).map(|x| x.as_str().to_owned()));
-        let token_id: Vec<Option<pgrx::Uuid>> = events.iter().map(|r| uuid(&r.token_id)).collect();
-        let caller_id: Vec<Option<pgrx::Uuid>> = events.iter().map(|r| uuid(&r.caller_token_id)).collect();
-        let pid: Vec<Option<i32>> = events.iter().map(|r| Some(r.backend_pid)).collect();
-        let args = [
-            at.into(),
-            reason.into(),
-            token_id.into(),
-            caller_id.into(),
-            col(&|r| r.account.get().map(str::to_owned)).into(),
-            col(&|r| r.prefix.get().map(str::to_owned)).into(),
-            col(&|r| r.hint.get().map(str::to_owned)).into(),
-            col(&|r| r.environment.get().map(str::to_owned)).into(),
-            col(&|r| r.detail.get().map(str::to_owned)).into(),
-            col(&|r| r.client_addr.get().map(str::to_owned)).into(),
-            col(&|r| r.application_name.get().map(str::to_owned)).into(),
-            col(&|r| r.db_user.get().map(str::to_owned)).into(),
-            pid.into(),
-        ];
-        let (times, texts, uuids, ints) = (
+        let new: Vec<usize> = entries.iter().filter(|(_, e)| e.row_id == 0).map(|(i, _)| *i).collect();
+        if !new.is_empty() {
+            let ids: Option<Vec<i64>> = error::spi_or(
+                client
+                    .update(
+                        "SELECT pg_catalog.array_agg(pg_catalog.nextval('token.events_id_seq')) \
+                         FROM pg_catalog.generate_series(1, $1)",
+                        Some(1),
+                        &[(new.len() as i32).into()],
+                    )
+                    .and_then(|t| t.first().get_one()),
+                "pg_token writer could not draw event ids",
+            );
+            queue::worker_assign_rows(slot, entries, &ids.unwrap_or_default());
+        }
+        let text = |f: &dyn Fn(&Entry) -> Option<&str>| -> Vec<Option<String>> {
+            entries.iter().map(|(_, e)| f(e).map(str::to_owned)).collect()
+        };
+        let ids: Vec<Option<i64>> = entries.iter().map(|(_, e)| Some(e.row_id)).collect();
+        let first: Vec<Option<TimestampWithTimeZone>> = entries.iter().map(|(_, e)| tstz(e.first_at)).collect();
+        let last: Vec<Option<TimestampWithTimeZone>> = entries.iter().map(|(_, e)| tstz(e.last_at)).collect();
+        let counts: Vec<Option<i64>> = entries.iter().map(|(_, e)| Some(i64::try_from(e.count).unwrap_or(i64::MAX))).collect();
+        let folded = text(&|e| e.key.folded.as_str());
+        let reason = text(&|e| Reason::from_u8(e.key.reason).map(Reason::as_str));
+        let token_id: Vec<Option<pgrx::Uuid>> = entries.iter().map(|(_, e)| uuid(&e.sample.token_id)).collect();
+        let caller_id: Vec<Option<pgrx::Uuid>> = entries.iter().map(|(_, e)| uuid(&e.sample.caller_token_id)).collect();
+        let account = text(&|e| e.sample.account.get());
+        let prefix = text(&|e| e.key.prefix.get());
+        let hint = text(&|e| e.key.hint.get());
+        let environment = text(&|e| e.key.environment.get());
+        let detail = text(&|e| e.sample.detail.get());
+        let client_addr = text(&|e| e.key.client_addr.get());
+        let application = text(&|e| e.key.application_name.get());
+        let user = text(&|e| e.key.db_user.get());
+        let pid: Vec<Option<i32>> = entries.iter().map(|(_, e)| Some(e.sample.backend_pid)).collect();
+        let (int8s, times, texts, uuids, int4s) = (
+            PgBuiltInOids::INT8ARRAYOID,
             PgBuiltInOids::TIMESTAMPTZARRAYOID,
             PgBuiltInOids::TEXTARRAYOID,
             PgBuiltInOids::UUIDARRAYOID,
             PgBuiltInOids::INT4ARRAYOID,
         );
-        let types = [times, texts, uuids, uuids, texts, texts, texts, texts, texts, texts, texts, texts, ints];
-        if let Some(plan) = prepared(client, &mut plans.insert_events, INSERT_EVENTS, &types) {
-            error::spi_or(client.update(plan, None, &args), "pg_token writer could not insert events");
+        if events_have_counts(client) {
+            let args = [
+                ids.into(), first.into(), last.into(), counts.into(), folded.into(), reason.into(), token_id.into(),
+                caller_id.into(), account.into(), prefix.into(), hint.into(), environment.into(), detail.into(),
+                client_addr.into(), application.into(), user.into(), pid.into(),
+            ];
+            let types = [int8s, times, times, int8s, texts, texts, uuids, uuids, texts, texts, texts, texts, texts, texts,
+                         texts, texts, int4s];
+            if let Some(plan) = prepared(client, &mut plans.write_refusals, WRITE_REFUSALS, &types) {
+                error::spi_or(client.update(plan, None, &args), "pg_token writer could not write refusal events");
+            }
+        } else {
+            let detail: Vec<Option<String>> = entries
+                .iter()
+                .map(|(_, e)| Some(format!("{} (first of {} refusals counted; ALTER EXTENSION pg_token UPDATE records counts)",
+                                           e.sample.detail.get().unwrap_or(""), e.count)))
+                .collect();
+            let args = [
+                ids.into(), first.into(), reason.into(), token_id.into(), caller_id.into(), account.into(), prefix.into(),
+                hint.into(), environment.into(), detail.into(), client_addr.into(), application.into(), user.into(), pid.into(),
+            ];
+            let types = [int8s, times, texts, uuids, uuids, texts, texts, texts, texts, texts, texts, texts, texts, int4s];
+            if let Some(plan) = prepared(client, &mut plans.write_refusals_0_1, WRITE_REFUSALS_0_1, &types) {
+                error::spi_or(client.update(plan, None, &args), "pg_token writer could not write refusal events");
+            }
         }
-    });
+        entries.iter().filter(|(i, _)| new.contains(i)).map(|(_, e)| *e).collect()
+    })
+}
+
+/// One server-log line per refusal row inserted (never one per refusal).
+fn log_rows(inserted: &[Entry]) {
+    if !guc::LOG_EVENTS.get() {
+        return;
+    }
+    for e in inserted {
+        let mut line = format!("pg_token: refused count={}", e.count);
+        let mut field = |k: &str, v: Option<&str>| {
+            if let Some(v) = v {
+                line.push_str(&format!(" {k}={v}"));
+            }
+        };
+        field("reason", Reason::from_u8(e.key.reason).map(Reason::as_str));
+        field("folded", e.key.folded.as_str());
+        field("hint", e.key.hint.get());
+        field("prefix", e.key.prefix.get());
+        field("environment", e.key.environment.get());
+        field("detail", e.sample.detail.get());
+        field("client", e.key.client_addr.get());
+        field("application", e.key.application_name.get());
+        field("user", e.key.db_user.get());
+        error::log_server_only(line);
+    }
 }
 
 fn write_touches(plans: &mut Plans, touches: &[Touch]) {

@@ -46,6 +46,10 @@ def test_validator_is_denied(db, app, what, sql):
     ("SET token.event_retention = 0", "55P02"),
     ("SET token.worker_idle_timeout = '1h'", "55P02"),
     ("SET token.min_event_retention = 0", "55P02"),
+    ("SET token.max_event_rows = 100000", "55P02"),
+    ("SET token.event_window = 1", "55P02"),
+    ("SET token.max_event_hints = 10000", "55P02"),
+    ("SET token.flood_nice = 0", "55P02"),
 ])
 def test_validator_cannot_change_settings(db, app, sql, sqlstate):
     err = refusal(app, sql)
@@ -56,7 +60,8 @@ def test_validator_cannot_change_settings(db, app, sql, sqlstate):
 def test_every_token_setting_is_covered_above(app):
     names = {r[0] for r in app.execute("SELECT name FROM pg_settings WHERE name LIKE 'token.%'")}
     assert names == {"token.environment", "token.cache_size", "token.last_used_interval", "token.log_events",
-                     "token.event_retention", "token.worker_idle_timeout", "token.min_event_retention"}
+                     "token.event_retention", "token.worker_idle_timeout", "token.min_event_retention",
+                     "token.max_event_rows", "token.event_window", "token.max_event_hints", "token.flood_nice"}
 
 
 def test_validator_validates(db, admin, app):
