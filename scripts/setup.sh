@@ -79,4 +79,16 @@ if ! "$VENV/bin/python" -c 'import psycopg, matplotlib, pytest' 2>/dev/null; the
   echo "setup: installing psycopg, matplotlib and pytest into $VENV"
   $SUDO "$VENV/bin/pip" install -q 'psycopg[binary]==3.2.*' 'matplotlib==3.9.*' 'pytest==8.*'
 fi
+# The HTTP example and its test (examples/http, tests/http).
+if ! "$VENV/bin/python" -c 'import fastapi, uvicorn, httpx, psycopg_pool' 2>/dev/null; then
+  echo "setup: installing examples/http/requirements.txt into $VENV"
+  $SUDO "$VENV/bin/pip" install -q -r "$(cd "$(dirname "$0")/.." && pwd)/examples/http/requirements.txt"
+fi
+# Node.js (18 or later) and npm for tests/client-node; its run.sh installs pg from
+# package-lock.json with npm ci.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "setup: installing nodejs and npm"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+fi
 echo "setup: ready"

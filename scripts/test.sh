@@ -14,8 +14,10 @@
 #      validation on a fresh cluster
 #   5. the README's demo command, checked for the lifecycle it must print
 #   6. end-to-end tests from real clients over TCP on a throwaway cluster: Python psycopg
-#      (pytest, on a fresh install and again on a database upgraded from 0.1.0), Rust
-#      tokio-postgres, pgbouncer, isolation specs (pg_isolation_regress), a hot standby (TAP)
+#      (pytest, on a fresh install and again on a database upgraded from 0.1.0; PostgREST's
+#      transaction, pgbouncer), Rust tokio-postgres, Node.js pg, the HTTP example over real
+#      HTTP (uvicorn + httpx, with a load run), isolation specs (pg_isolation_regress), a hot
+#      standby (TAP)
 # The matrix, for each other version: cargo pgrx test pgNN; the package (tarball) installed into
 # a clean copy of that server; the end-to-end pytest suite on a fresh install and on an upgraded
 # one; the isolation specs.
@@ -132,7 +134,7 @@ full_suite() {
   start_cluster "$v" "$(pg_bindir_for "$v")"
   e2e "$v" "fresh install" tests/e2e
   PGT_UPGRADE_FROM=0.1.0 e2e "$v" "on a database upgraded from 0.1.0" tests/e2e
-  for suite in tests/client-rust tests/standby; do
+  for suite in tests/client-rust tests/client-node tests/http tests/standby; do
     step "PostgreSQL $v: end-to-end, $suite"
     bash "$suite/run.sh"
   done
