@@ -60,5 +60,10 @@ GRANT EXECUTE ON FUNCTION
     token.restore_prefix_tokens(text),
     token.purge_events(interval),
     token.flush_events(interval),
-    token.worker_status()
+    token.worker_status(),
+    token.metrics(),
+    token.refusal_metrics()
 TO token_admin;
+
+-- Monitoring roles read the counters too (postgres_exporter connects as one).
+GRANT EXECUTE ON FUNCTION token.metrics(), token.refusal_metrics() TO pg_monitor;

@@ -104,3 +104,92 @@ LANGUAGE c
 AS 'MODULE_PATHNAME', 'worker_status_v2_wrapper';
 REVOKE EXECUTE ON FUNCTION token.worker_status() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION token.worker_status() TO token_admin;
+
+-- Counters for monitoring (token.metrics, token.refusal_metrics), read by token_admin and by
+-- pg_monitor, the role postgres_exporter connects as.
+CREATE FUNCTION token.metrics() RETURNS TABLE (
+	"validations_total" bigint,
+	"refusals_total" bigint,
+	"cache_hits_total" bigint,
+	"cache_misses_total" bigint,
+	"refusals_pending" bigint,
+	"refusals_dropped_total" bigint,
+	"event_rows_total" bigint,
+	"touches_queued" bigint,
+	"touches_dropped_total" bigint,
+	"writer_running" bool,
+	"writer_lag_seconds" double precision
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'metrics_wrapper';
+CREATE FUNCTION token.refusal_metrics() RETURNS TABLE (
+	"reason" TEXT,
+	"refusals_total" bigint
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'refusal_metrics_wrapper';
+REVOKE EXECUTE ON FUNCTION token.metrics(), token.refusal_metrics() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION token.metrics(), token.refusal_metrics() TO token_admin, pg_monitor;
+
+-- A comment on every function and type (sql/comments.sql, repeated here).
+COMMENT ON TYPE token.identity IS
+    'What validate_token and authenticate return and current_identity reads: the token''s id, account, key type, environment, scopes, name, expiry, end of grace and metadata';
+COMMENT ON TYPE token.verdict IS
+    'What check_token returns: valid, the refusal reason, and the identity columns when valid';
+
+COMMENT ON FUNCTION token.create_key_type(text, text, text[], interval, interval, text[], boolean) IS
+    'Defines a kind of key: which key types its tokens may validate, default and maximum TTL, allowed scopes (token_admin)';
+COMMENT ON FUNCTION token.register_prefix(text, text, text) IS
+    'Registers a token prefix for a key type in an environment; no prefix may start another (token_admin)';
+COMMENT ON FUNCTION token.unregister_prefix(text) IS
+    'Removes a prefix and revokes every token that carries it (token_admin)';
+COMMENT ON FUNCTION token.restore_prefix_tokens(text) IS
+    'Brings back the tokens unregister_prefix revoked, under the prefix''s current registration (token_admin)';
+COMMENT ON FUNCTION token.generate_token(text, text, text, text[], interval, jsonb, text) IS
+    'Issues a token for an account under a key type; returns its id and the token, shown this once (token_admin)';
+COMMENT ON FUNCTION token.rotate_token(uuid, interval) IS
+    'Issues a successor; the old token keeps validating for the grace period (token_admin)';
+COMMENT ON FUNCTION token.rotate_own_token(text, interval) IS
+    'Rotation by presenting the current token instead of its id (token_admin; grant it to let applications rotate their own)';
+COMMENT ON FUNCTION token.revoke_token(uuid, text) IS
+    'Revokes one token at once: refused by the very next validation in every session (token_admin)';
+COMMENT ON FUNCTION token.revoke_token_tree(uuid, text) IS
+    'Revokes a token and every token rotated from it, at once: the incident-response call (token_admin)';
+COMMENT ON FUNCTION token.revoke_account_tokens(text, text) IS
+    'Revokes every live token of an account, in any spelling of it (token_admin)';
+COMMENT ON FUNCTION token.hash_token(text) IS
+    'SHA-256 of a token: what token.tokens stores';
+COMMENT ON FUNCTION token.reasons() IS
+    'Every refusal reason with a one-line explanation';
+COMMENT ON FUNCTION token.canonical_account(text) IS
+    'An account id''s one spelling, as pg_token stores and compares it (''00042'' -> ''42'', uuids lowercase)';
+COMMENT ON FUNCTION token.cache_stats() IS
+    'This backend''s validation cache: entries, bytes, budget, hits and misses (token_validator)';
+COMMENT ON FUNCTION token.current_account() IS
+    'The account of the identity authenticate bound in this transaction, or NULL (for policies)';
+COMMENT ON FUNCTION token.current_account_uuid() IS
+    'current_account() as a uuid, or NULL when it is not one (for policies on uuid tenant keys)';
+COMMENT ON FUNCTION token.current_account_bigint() IS
+    'current_account() as a bigint, or NULL when it is not one (for policies on bigint tenant keys)';
+COMMENT ON FUNCTION token.current_token_id() IS
+    'The id of the token authenticate bound in this transaction, or NULL';
+COMMENT ON FUNCTION token.current_key_type() IS
+    'The key type of the token authenticate bound in this transaction, or NULL';
+COMMENT ON FUNCTION token.current_scopes() IS
+    'The scopes of the token authenticate bound in this transaction, or NULL';
+COMMENT ON FUNCTION token.has_scope(text) IS
+    'Whether the token authenticate bound in this transaction carries a scope; false when unauthenticated';
+COMMENT ON FUNCTION token.purge_events(interval) IS
+    'Deletes events older than an interval (default token.event_retention), recorded; below token.min_event_retention superuser only';
+COMMENT ON FUNCTION token.flush_events(interval) IS
+    'Waits until the event writer has written every refusal and last-use update queued so far in this database (token_admin)';
+COMMENT ON FUNCTION token.worker_status() IS
+    'The event writers per database: refusals counted, written, pending, folded, dropped; rows; last-use updates (token_admin)';
+COMMENT ON FUNCTION token.metrics() IS
+    'One row for monitoring: validations, refusals, cache hits and misses since server start, and this database''s event writer (token_admin, pg_monitor)';
+COMMENT ON FUNCTION token.refusal_metrics() IS
+    'Refusals by reason since server start, for monitoring (token_admin, pg_monitor)';
+COMMENT ON FUNCTION token.invalidate_caches() IS
+    'pg_token''s cache trigger: a change to tokens, key types or prefixes empties every backend''s validation cache';

@@ -12,6 +12,7 @@
 //! own fields) and never carry a token: a prefix and a 4-character hint at most. Add a new
 //! kind here, with its SQLSTATE, before raising it anywhere.
 
+use pg_token_core::limits;
 use pg_token_core::reason::Reason;
 use pg_token_core::verdict::Refusal;
 use pgrx::pg_sys::panic::ErrorReport;
@@ -146,7 +147,18 @@ pub fn log_server_only(line: String) {
 /// Raises a refusal: SQLSTATE 28000, the reason word (or the environment-mismatch wording) as
 /// the message, and a detail that names the hint, never the token.
 pub fn refuse(refusal: &Refusal) -> ! {
-    Error::new(Kind::Refused(refusal.reason), refusal.message()).detail(refusal.detail.clone()).raise()
+    let e = Error::new(Kind::Refused(refusal.reason), refusal.message()).detail(refusal.detail.clone());
+    match refusal.hint() {
+        Some(h) => e.hint(h).raise(),
+        None => e.raise(),
+    }
+}
+
+/// 42704 for a key type name that is not defined, saying where the defined ones are.
+pub fn unknown_key_type(name: &str) -> ! {
+    Error::new(Kind::UndefinedObject, format!("key type \"{}\" does not exist", limits::quoted(name)))
+        .hint("SELECT name FROM token.key_types lists them; token.create_key_type(name, ...) defines one.")
+        .raise()
 }
 
 /// Raises `kind` with `message` and an optional hint.

@@ -12,7 +12,8 @@
 //! | `registry`   | key types and prefixes |
 //! | `store`      | the per-backend cache, its freshness, the hash-index scan |
 //! | `events`     | event recording, the shared-memory queue, the writer, event SQL |
-//! | `logscrub`   | the log hook that masks tokens |
+//! | `logscrub`   | the log hook that masks tokens, and the backend's activity text |
+//! | `metrics`    | counters summed over backends, for monitoring |
 //! | `guc`        | every `token.*` setting |
 //! | `error`      | every SQLSTATE, from one map |
 //! | `datum`, `v1`| composite rows kept as bytes; hand-declared V1 functions |
@@ -27,6 +28,7 @@ mod events;
 mod guc;
 mod lifecycle;
 mod logscrub;
+mod metrics;
 mod registry;
 mod schema;
 mod session;
@@ -38,6 +40,7 @@ mod validation;
 
 pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+pgrx::extension_sql_file!("../sql/comments.sql", name = "comments", requires = ["finalize"]);
 
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
@@ -48,6 +51,7 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: reads a flag set by the postmaster while loading shared_preload_libraries.
     if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
         events::queue::init_shared_memory();
+        metrics::init_shared_memory();
     }
 }
 

@@ -73,7 +73,11 @@ fn create_key_type(
             .and_then(|t| t.first().get_one()));
         if let Some(unknown) = unknown {
             let list: Vec<String> = unknown.into_iter().flatten().collect();
-            fail(Kind::UndefinedObject, format!("can_validate names unknown key types: {}", limits::quoted(&list.join(", "))), None);
+            fail(
+                Kind::UndefinedObject,
+                format!("can_validate names unknown key types: {}", limits::quoted(&list.join(", "))),
+                Some("Create those key types first (a key type may name itself), or check the spelling against token.key_types."),
+            );
         }
         if let (Some(d), Some(m)) = (default_ttl, max_ttl) {
             let longer: Option<bool> = spi(client
@@ -145,7 +149,7 @@ fn register_prefix(prefix: Option<&str>, key_type: Option<&str>, environment: Op
         spi(client.update("LOCK TABLE token.prefixes IN SHARE ROW EXCLUSIVE MODE", None, &[]));
         let kt = spi(client.select("SELECT 1 FROM token.key_types WHERE name OPERATOR(pg_catalog.=) $1", Some(1), &[key_type.into()]));
         if kt.is_empty() {
-            fail(Kind::UndefinedObject, format!("key type \"{}\" does not exist", limits::quoted(key_type)), None);
+            crate::error::unknown_key_type(key_type);
         }
         // The lock above is granted only once every registration before ours has committed; a
         // READ COMMITTED statement from here sees them all, but a REPEATABLE READ snapshot may
@@ -156,7 +160,11 @@ fn register_prefix(prefix: Option<&str>, key_type: Option<&str>, environment: Op
             Some(c) if c == prefix => {
                 fail(Kind::DuplicateObject, format!("prefix \"{prefix}\" is already registered"), None)
             }
-            Some(c) => invalid(format!("prefix \"{prefix}\" overlaps registered prefix \"{c}\"; no prefix may start another")),
+            Some(c) => fail(
+                Kind::InvalidValue,
+                format!("prefix \"{prefix}\" overlaps registered prefix \"{c}\"; no prefix may start another"),
+                Some("A token's prefix must name one key type: pick one that neither starts nor is started by a registered prefix (e.g. 'acme_live_' beside 'acme_test_', not 'acme_' beside 'acme_live_')."),
+            ),
             None => {}
         }
         spi(client.update(

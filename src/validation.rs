@@ -28,6 +28,7 @@ use crate::error;
 use crate::events;
 use crate::guc;
 use crate::logscrub;
+use crate::metrics;
 use crate::store::{self, Stored};
 use crate::v1;
 
@@ -44,6 +45,7 @@ pub fn judge(req: Request<'_>) -> Result<Rc<Stored>, Refusal> {
     });
     match result {
         Ok(accepted) => {
+            metrics::accepted();
             touch(&accepted.token, now);
             if let Some(caller) = &accepted.caller {
                 touch(caller, now);
@@ -51,6 +53,7 @@ pub fn judge(req: Request<'_>) -> Result<Rc<Stored>, Refusal> {
             Ok(accepted.token)
         }
         Err(refusal) => {
+            metrics::refused(refusal.reason);
             events::refused(&refusal);
             Err(refusal)
         }

@@ -137,6 +137,8 @@ pub struct Entry {
     pub row_id: i64,
     /// Distinct hints made under this entry's key, when it is a source's entry.
     distinct: u32,
+    /// When its oldest refusal not yet written was counted (meaningful while count > written).
+    pending_since: i64,
 }
 
 impl Entry {
@@ -272,12 +274,16 @@ impl<const N: usize> Table<N> {
             written: 0,
             row_id: 0,
             distinct: 0,
+            pending_since: now,
         };
         Some(i)
     }
 
     fn bump(&mut self, i: usize, now: i64) -> Counted {
         let e = &mut self.entries[i];
+        if e.count == e.written {
+            e.pending_since = now;
+        }
         e.count += 1;
         e.last_at = now;
         if e.count == 1 { Counted::NewRow } else { Counted::Increment }
@@ -313,6 +319,7 @@ impl<const N: usize> Table<N> {
                 written: 0,
                 row_id: 0,
                 distinct: 0,
+                pending_since: now,
             };
             self.rows += 1;
         }
@@ -328,6 +335,11 @@ impl<const N: usize> Table<N> {
                 *e = Entry { hash: 0, generation, ..*e };
             }
         }
+    }
+
+    /// When the oldest refusal not yet written was counted, if any is waiting.
+    pub fn oldest_pending(&self) -> Option<i64> {
+        self.entries.iter().filter(|e| !e.free() && e.count > e.written).map(|e| e.pending_since).min()
     }
 
     /// Refusals counted but not yet written.
@@ -414,7 +426,7 @@ mod tests {
                        client_addr: FixedStr::EMPTY, db_user: FixedStr::EMPTY, application_name: FixedStr::EMPTY,
                        hint: FixedStr::EMPTY },
             sample: Sample { token_id: None, caller_token_id: None, account: FixedStr::EMPTY, detail: FixedStr::EMPTY, backend_pid: 0 },
-            first_at: 0, last_at: 0, count: 0, written: 0, row_id: 0, distinct: 0,
+            first_at: 0, last_at: 0, count: 0, written: 0, row_id: 0, distinct: 0, pending_since: 0,
         };
         Box::new(Table { entries: [zero; N], budget: 0, refilled_at: 0, counted: 0, written: 0, folded: 0, rows: 0 })
     }
@@ -556,6 +568,20 @@ mod tests {
             t.mark_written(*i, e, 99);
         }
         assert_eq!(t.written, before);
+    }
+
+    #[test]
+    fn the_oldest_unwritten_refusal_is_known() {
+        let mut t = table::<64>();
+        assert_eq!(t.oldest_pending(), None);
+        t.count(&key(Reason::Expired, "a", Some("hk_live_a")), &sample(), 5 * SEC, &LIMITS);
+        t.count(&key(Reason::Expired, "a", Some("hk_live_a")), &sample(), 6 * SEC, &LIMITS);
+        assert_eq!(t.oldest_pending(), Some(5 * SEC));
+        let mut id = 0;
+        write_all(&mut t, &mut id);
+        assert_eq!(t.oldest_pending(), None);
+        t.count(&key(Reason::Expired, "a", Some("hk_live_a")), &sample(), 7 * SEC, &LIMITS);
+        assert_eq!(t.oldest_pending(), Some(7 * SEC), "pending again from the first increment after the write");
     }
 
     #[test]

@@ -100,9 +100,33 @@ pub fn message(reason: Reason, token_environment: Option<&str>, database_environ
     }
 }
 
+/// What to do about a refusal, when the fix is the operator's rather than the caller's: a
+/// database without `token.environment` refuses every token, which looks like an attack on
+/// the tokens but is a missing setting.
+pub fn hint(reason: Reason, database_environment: Option<&str>) -> Option<&'static str> {
+    match (reason, database_environment) {
+        (Reason::EnvironmentMismatch, None) => Some(
+            "token.environment is not set here, so every token is refused; a superuser sets it \
+             (ALTER DATABASE ... SET token.environment = 'prod', or ALTER SYSTEM).",
+        ),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_unset_environment_gets_a_hint() {
+        assert!(hint(Reason::EnvironmentMismatch, None).is_some_and(|h| h.contains("token.environment")));
+        assert_eq!(hint(Reason::EnvironmentMismatch, Some("prod")), None);
+        for r in Reason::ALL {
+            if r != Reason::EnvironmentMismatch {
+                assert_eq!(hint(r, None), None, "{r:?}");
+            }
+        }
+    }
 
     #[test]
     fn words_are_unique_and_round_trip_through_u8() {

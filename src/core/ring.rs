@@ -84,6 +84,11 @@ impl<T: Copy, const N: usize> Ring<T, N> {
         Some(len)
     }
 
+    /// The oldest record not yet consumed.
+    pub fn oldest(&self) -> Option<T> {
+        (!self.is_empty()).then(|| self.items[(self.tail % N as u64) as usize])
+    }
+
     /// Copies up to `max` records from the tail without consuming them.
     pub fn peek(&self, out: &mut Vec<T>, max: usize) {
         out.clear();

@@ -116,6 +116,10 @@ impl Refusal {
             self.database_environment.as_deref(),
         )
     }
+
+    pub fn hint(&self) -> Option<&'static str> {
+        reason::hint(self.reason, self.database_environment.as_deref())
+    }
 }
 
 /// The longest scope name quoted back in a detail.

@@ -448,6 +448,49 @@ pub fn status() -> Vec<SlotStatus> {
     .unwrap_or_default()
 }
 
+/// What a scraper reads about this database's event writer (`token.metrics`).
+pub struct WriterMetrics {
+    pub refusals_pending: u64,
+    pub refusals_dropped: u64,
+    pub rows: u64,
+    pub touches_queued: u64,
+    pub touches_dropped: u64,
+    pub writer_running: bool,
+    /// How long the oldest record still unwritten (refusal or last-use update) has waited.
+    pub lag_us: i64,
+}
+
+pub fn writer_metrics() -> WriterMetrics {
+    // SAFETY: MyDatabaseId is set in a connected backend.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    let now = clock::now();
+    locked(|shared| {
+        slot_for(shared, db, false).map(|i| {
+            let s = &shared.slots[i];
+            let oldest = [s.refusals.oldest_pending(), s.touches.oldest().map(|t| t.at)].into_iter().flatten().min();
+            WriterMetrics {
+                refusals_pending: s.refusals_pending(),
+                refusals_dropped: s.refusals_dropped,
+                rows: s.refusals.rows,
+                touches_queued: s.touches.len() as u64,
+                touches_dropped: s.touches.dropped(),
+                writer_running: s.state == WorkerState::Running,
+                lag_us: oldest.map_or(0, |t| now.saturating_sub(t).max(0)),
+            }
+        })
+    })
+    .flatten()
+    .unwrap_or(WriterMetrics {
+        refusals_pending: 0,
+        refusals_dropped: 0,
+        rows: 0,
+        touches_queued: 0,
+        touches_dropped: 0,
+        writer_running: false,
+        lag_us: 0,
+    })
+}
+
 // ---- The worker's side ----
 
 /// Called by the writer once connected: takes ownership of the slot, unless another writer

@@ -71,7 +71,7 @@ fn generate_token(
             &[key_type.into(), expires_in.into()],
         ));
         if kt.is_empty() {
-            fail(Kind::UndefinedObject, format!("key type \"{}\" does not exist", limits::quoted(key_type)), None);
+            crate::error::unknown_key_type(key_type);
         }
         let row = kt.first();
         let expires_at: Option<TimestampWithTimeZone> = spi(row.get(1));

@@ -28,6 +28,7 @@ use pg_token_core::verdict::{Refusal, Subject};
 use crate::error;
 use crate::events;
 use crate::guc;
+use crate::metrics;
 use crate::store::Stored;
 use crate::v1;
 use crate::validation;
@@ -120,6 +121,7 @@ pub unsafe extern "C-unwind" fn pg_token_authenticate(fcinfo: pg_sys::FunctionCa
             caller: None,
             database_environment: guc::environment(),
         };
+        metrics::refused(refusal.reason);
         events::refused(&refusal);
         error::refuse(&refusal);
     }

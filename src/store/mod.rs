@@ -31,6 +31,7 @@ pub use catalog::Catalog;
 use crate::datum::{deform_composite, form_composite, palloc_copy, DatumBytes};
 use crate::error;
 use crate::guc;
+use crate::metrics;
 
 /// A stored token as this backend holds it: the verdict inputs, and the identity row already
 /// built as a composite datum, so that returning it costs one palloc and a memcpy.
@@ -211,8 +212,10 @@ impl Backend {
     /// Finds a stored token by hash: cache first, then one index scan.
     fn find(cat: &Catalog, cache: &mut TokenCache<Stored>, hash: &TokenHash) -> Option<Rc<Stored>> {
         if let Some(hit) = cache.get(hash) {
+            metrics::cache_hit();
             return Some(hit);
         }
+        metrics::cache_miss();
         let before = freshness::data_generation();
         let (stored, own_uncommitted) = scan::scan_token(cat, hash)?;
         if own_uncommitted || freshness::data_generation() != before {
