@@ -274,13 +274,15 @@ ROWS = {
     "select1": ("`SELECT 1` (the floor)", ""),
     "pick_hot": ("harness: pick a hot-set token, no validation", ""),
     "hash_hot": ("call shape: `SELECT * FROM token.hash_token(…)` on a hot-set token", ""),
-    "identity_constant": ("output shape: the identity's nine columns as constants, no call", ""),
+    "identity_constant": ("output shape: the identity's fourteen columns as constants, no call", ""),
     "pick_uniform": ("harness: pick a token from `bench.plain`, no validation", ""),
     "pk_lookup": ("primary-key lookup of a token row (`SELECT *`), uniform", ""),
     "baseline_hot": ("plain SQL + pgcrypto validation (bench/baseline.sql), hot set", ""),
     "baseline_uniform": ("plain SQL + pgcrypto validation (bench/baseline.sql), uniform", ""),
     "validate_hot": ("`token.validate_token`, hot set of 1,000 tokens", "defaults"),
     "validate_hot_narrow": ("the same, `SELECT account, scopes` instead of `SELECT *`", "defaults"),
+    "validate_hot_limited": ("`token.validate_token`, hot set, each token rate-limited (1e9/s and 2e9/h, never reached)", "defaults"),
+    "validate_hot_capped": ("`token.validate_token`, hot set, each token capped (1e12 uses, never spent)", "defaults"),
     "validate_uniform": ("`token.validate_token`, uniform over all tokens", "defaults"),
     "validate_uniform_no_touch": ("the same, `token.last_used_interval = -1`", "no last-use updates"),
     "authenticate_rls": ("`token.authenticate` + RLS-filtered select, one transaction, hot set", "defaults, as `bench_app`"),
@@ -334,7 +336,7 @@ def report(args):
         f"Uniform rows draw a token (or id) from the {args.tokens:,}-row side table `bench.plain` in the same statement;",
         "hot-set rows get theirs from `bench.hot(n)`, a subscript into a constant array of 1,000 tokens. The harness",
         "rows show what that costs alone; the call-shape row what any function called as `SELECT * FROM f($1)` costs;",
-        "the output-shape row what sending the identity's nine columns costs with no function called at all.",
+        "the output-shape row what sending the identity's fourteen columns costs with no function called at all.",
         "",
         "| workload | TPS | range | vs SELECT 1 | latency | pg_token settings | last-use updates written / dropped |",
         "|---|---:|---:|---:|---:|---|---:|",
@@ -369,7 +371,7 @@ def report(args):
     targets = []
     if "validate_hot" in tps:
         r = tps["validate_hot"] / floor
-        note = (f" (returning the identity's nine columns with no call at all: {tps['identity_constant'] / floor:.0%})"
+        note = (f" (returning the identity's fourteen columns with no call at all: {tps['identity_constant'] / floor:.0%})"
                 if "identity_constant" in tps else "")
         targets.append(("validate_token, hot set ≥ 85% of `SELECT 1` TPS", f"{r:.0%}{note}", verdict(r >= 0.85)))
     if "validate_uniform" in tps and "pk_lookup" in tps:
@@ -395,6 +397,29 @@ def report(args):
     if "one_token" in tps and "four_tokens" in tps:
         r = tps["one_token"] / tps["four_tokens"]
         targets.append(("4 sessions on one token ≥ 90% of 4 sessions on 4 tokens", f"{r:.0%}", verdict(r >= 0.9)))
+    if "validate_hot_limited" in tps and "validate_hot" in tps:
+        targets.append(("a rate limit costs ≤ 10% of hot-set TPS",
+                        f"{tps['validate_hot_limited'] / tps['validate_hot']:.0%} of `validate_hot`",
+                        verdict(tps["validate_hot_limited"] >= 0.9 * tps["validate_hot"])))
+    if "validate_hot_capped" in tps and "validate_hot" in tps:
+        targets.append(("a usage cap costs ≤ 10% of hot-set TPS",
+                        f"{tps['validate_hot_capped'] / tps['validate_hot']:.0%} of `validate_hot`",
+                        verdict(tps["validate_hot_capped"] >= 0.9 * tps["validate_hot"])))
+    if args.rate:
+        ra = json.load(open(args.rate))
+        targets.append(("a rate limit shared by 4 sessions holds within 1% (every full window)",
+                        f"{ra['worst_pct']:.2f}% off at worst over {ra['windows']} windows",
+                        verdict(ra["worst_pct"] <= 1.0)))
+        lines += ["", "## A rate limit shared by 4 sessions", "",
+                  f"One token limited to {ra['limit']:,} validations per second; 4 sessions call `token.check_token` on it "
+                  f"as fast as they can for {ra['seconds']} s ({ra['calls']:,} calls, {ra['calls'] / ra['seconds']:,.0f} "
+                  "per second). Each accepted call returns `rate_reset_at`, the end of the window it was counted in; the "
+                  "table counts acceptances per window, leaving out the first and last (partly outside the run).", "",
+                  "| | |", "|---|---:|",
+                  f"| full windows | {ra['windows']} |",
+                  f"| acceptances per window: least, most | {ra['min']:,}, {ra['max']:,} |",
+                  f"| worst deviation from the limit | {ra['worst_pct']:.2f}% |",
+                  f"| refused as rate_limited | {ra['refused']:,} |"]
     if args.flood:
         fl = json.load(open(args.flood))
         targets.append(("refusal flood: events + WAL + server log < 0.1 MB/s", f"{fl['total_mb_s']:.4f} MB/s",
@@ -565,6 +590,55 @@ def flood(args):
           f"with token.flood_nice = 0: {row['good_kept_nice0']:.0%})")
 
 
+def rate_accuracy(args):
+    """4 sessions share one token limited to --limit per second for --seconds: acceptances per
+    window (told apart by the rate_reset_at each accepted call returns), full windows only."""
+    import threading
+    with connect(args, autocommit=True) as c:
+        c.execute("SELECT token.create_key_type('rate_bench') WHERE NOT EXISTS "
+                  "(SELECT 1 FROM token.key_types WHERE name = 'rate_bench')")
+        c.execute("SELECT token.register_prefix('ratebench_', 'rate_bench', current_setting('token.environment')) "
+                  "WHERE NOT EXISTS (SELECT 1 FROM token.prefixes WHERE prefix = 'ratebench_')")
+        token = c.execute("SELECT token FROM token.generate_token('rate-bench', 'rate_bench', rate_limits => %s)",
+                          (f'{{"({args.limit},\\"1 second\\")"}}',)).fetchone()[0]
+    per_window, refused, calls = {}, [0], [0]
+    lock = threading.Lock()
+    deadline = time.time() + args.seconds
+    barrier = threading.Barrier(4)
+
+    def run():
+        local, local_refused, n = {}, 0, 0
+        with connect(args, autocommit=True) as s:
+            s.execute("SET token.last_used_interval = -1")
+            barrier.wait()
+            while time.time() < deadline:
+                valid, reset = s.execute("SELECT valid, rate_reset_at FROM token.check_token(%s)", (token,)).fetchone()
+                n += 1
+                if valid:
+                    local[reset] = local.get(reset, 0) + 1
+                else:
+                    local_refused += 1
+        with lock:
+            for k, v in local.items():
+                per_window[k] = per_window.get(k, 0) + v
+            refused[0] += local_refused
+            calls[0] += n
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    windows = [per_window[k] for k in sorted(per_window)][1:-1]
+    worst = max(abs(w - args.limit) / args.limit * 100 for w in windows) if windows else 100.0
+    row = {"limit": args.limit, "seconds": args.seconds, "calls": calls[0], "refused": refused[0],
+           "windows": len(windows), "min": min(windows, default=0), "max": max(windows, default=0), "worst_pct": worst}
+    with open(args.json, "w") as f:
+        json.dump(row, f)
+    print(f"bench: rate limit {args.limit}/s shared by 4 sessions: {len(windows)} full windows, "
+          f"{row['min']}..{row['max']} accepted per window ({worst:.2f}% off at worst), {calls[0] / args.seconds:,.0f} calls/s")
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -583,6 +657,13 @@ def main():
         r.add_argument(opt, type=int, required=True)
     r.add_argument("--setting", action="append", default=[])
     r.add_argument("--flood", help="flood.json from `bench.py flood`")
+    r.add_argument("--rate", help="rate.json from `bench.py rate-accuracy`")
+    ra = sub.add_parser("rate-accuracy")
+    ra.add_argument("--host", required=True)
+    ra.add_argument("--port", type=int, required=True)
+    ra.add_argument("--json", required=True)
+    for opt in ("--seconds", "--limit"):
+        ra.add_argument(opt, type=int, required=True)
     fl = sub.add_parser("flood")
     fl.add_argument("--host", required=True)
     fl.add_argument("--port", type=int, required=True)
@@ -592,7 +673,8 @@ def main():
         fl.add_argument(opt, type=int, required=True)
     r.add_argument("--date", help="the run's date (UTC) when re-rendering a report from its CSVs")
     args = p.parse_args()
-    {"load": load, "per-token": per_token, "check-suite": check_suite, "report": report, "flood": flood}[args.cmd](args)
+    {"load": load, "per-token": per_token, "check-suite": check_suite, "report": report, "flood": flood,
+     "rate-accuracy": rate_accuracy}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
 #   BENCH_FLOOD_SECONDS  seconds of the refusal flood and of each good-traffic run (default 30)
 #   BENCH_FLOOD_ROUNDS   good traffic alone / beside a flood, rounds (default 3)
 #   BENCH_ROUNDS         rounds over all workloads (median reported) (default 5)
+#   BENCH_RATE_SECONDS   seconds 4 sessions share one rate-limited token (default 20)
+#   BENCH_RATE_LIMIT     that token's limit per second              (default 2000)
 #   BENCH_TOKENS         tokens in the table for the pgbench runs   (default 1000000)
 #   BENCH_SIZES          table sizes for the one-statement cost     (default 10000,1000000,10000000)
 #   BENCH_LOOKUPS        validations in that one statement          (default 200000)
@@ -26,6 +28,8 @@ SECONDS_PER_RUN=${BENCH_SECONDS:-8}
 FLOOD_SECONDS=${BENCH_FLOOD_SECONDS:-30}
 FLOOD_ROUNDS=${BENCH_FLOOD_ROUNDS:-3}
 ROUNDS=${BENCH_ROUNDS:-5}
+RATE_SECONDS=${BENCH_RATE_SECONDS:-20}
+RATE_LIMIT=${BENCH_RATE_LIMIT:-2000}
 NTOKENS=${BENCH_TOKENS:-1000000}
 SIZES=${BENCH_SIZES:-10000,1000000,10000000}
 LOOKUPS=${BENCH_LOOKUPS:-200000}
@@ -88,14 +92,22 @@ psql_su >/dev/null <<'SQL'
 -- The hot set, tokens 1..1000, as one inlinable function over a constant name[] (fixed-width
 -- elements, so the subscript costs the same for every n): pgbench can only draw integers,
 -- and this hands a statement the n-th hot token for about the cost of a parameter.
+-- Two more hot sets of 1,000 for the rows that measure what limits cost: tokens 1001..2000
+-- carry a rate limit they never reach, 2001..3000 a usage cap they never spend.
 DO $do$
-DECLARE hot text;
+DECLARE hot text; fn text; first int;
 BEGIN
-  SELECT '{' || string_agg(token, ',' ORDER BY n) || '}' INTO hot FROM bench.plain WHERE n <= 1000;
-  EXECUTE format('CREATE FUNCTION bench.hot(n integer) RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS %L',
-                 format('SELECT (%L::pg_catalog.name[])[n]::text', hot));
+  FOR fn, first IN SELECT * FROM (VALUES ('hot', 0), ('hot_limited', 1000), ('hot_capped', 2000)) v LOOP
+    SELECT '{' || string_agg(token, ',' ORDER BY n) || '}' INTO hot FROM bench.plain WHERE n > first AND n <= first + 1000;
+    EXECUTE format('CREATE FUNCTION bench.%I(n integer) RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS %L',
+                   fn, format('SELECT (%L::pg_catalog.name[])[n]::text', hot));
+  END LOOP;
 END
 $do$;
+UPDATE token.tokens t SET rate_limits = '{"(1000000000,\"1 second\")","(2000000000,\"1 hour\")"}'
+  FROM bench.plain p WHERE p.id = t.id AND p.n > 1000 AND p.n <= 2000;
+UPDATE token.tokens t SET uses_remaining = 1000000000000
+  FROM bench.plain p WHERE p.id = t.id AND p.n > 2000 AND p.n <= 3000;
 INSERT INTO baseline.api_keys (id, key_hash, account, scopes, expires_at)
 SELECT p.id, public.digest(p.token, 'sha256'), t.account, t.scopes, t.expires_at
   FROM bench.plain p JOIN token.tokens t USING (id)
@@ -144,6 +156,8 @@ for round in $(seq 1 "$ROUNDS"); do
   run_pgbench baseline_uniform baseline_uniform postgres
   run_pgbench validate_hot validate_hot postgres
   run_pgbench validate_hot_narrow validate_hot_narrow postgres
+  run_pgbench validate_hot_limited validate_hot_limited postgres
+  run_pgbench validate_hot_capped validate_hot_capped postgres
   run_pgbench validate_uniform_no_touch validate_uniform postgres "-c token.last_used_interval=-1"
   run_pgbench validate_uniform validate_uniform postgres
   run_pgbench one_token one_token postgres
@@ -154,6 +168,9 @@ done
 echo "bench: refusal flood (${FLOOD_SECONDS} s)"
 py flood --host "$DIR" --port "$PORT" --pgbin "$PGBIN" --scripts "$ROOT/bench/scripts" --out "$OUT" \
   --log "$DIR/server.log" --json "$OUT/flood.json" --seconds "$FLOOD_SECONDS" --rounds "$FLOOD_ROUNDS"
+
+echo "bench: a rate limit shared by 4 sessions"
+py rate-accuracy --host "$DIR" --port "$PORT" --json "$OUT/rate.json" --seconds "$RATE_SECONDS" --limit "$RATE_LIMIT"
 
 for size in "${sizes[@]}"; do if [ "$size" -gt "$NTOKENS" ]; then per_token "$size"; fi; done
 
@@ -168,6 +185,6 @@ settings=(
 )
 py report --pgbench "$OUT/pgbench.csv" --per-token "$OUT/per_token.csv" --seconds "$SECONDS_PER_RUN" --rounds "$ROUNDS" \
   --tokens "$NTOKENS" --lookups "$LOOKUPS" --cache-bytes "$cache_bytes" --version "$version, release build installed $built; repository at $commit" \
-  --flood "$OUT/flood.json" --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
+  --flood "$OUT/flood.json" --rate "$OUT/rate.json" --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
 cat "$RESULTS/latest.md"
 echo "bench: done in $(( ($(date +%s) - started) / 60 )) min; $RESULTS/latest.md and latest.png"

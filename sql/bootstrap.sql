@@ -17,6 +17,15 @@ $encoding$;
 -- token_validator; DBAs manage through functions granted to token_admin and read the
 -- token_list view and the events table.
 
+-- A rate limit: at most `requests` accepted validations per `per` (fixed windows, counted
+-- across the server). Tokens and key types hold a list of them.
+CREATE TYPE token.rate_limit AS (
+    requests  integer,
+    per       interval
+);
+COMMENT ON TYPE token.rate_limit IS
+    'A rate limit: at most requests accepted validations per window (per), counted across every backend of the server';
+
 CREATE TABLE token.key_types (
     name            text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_]{0,62}$'),
     description     text,
@@ -25,7 +34,13 @@ CREATE TABLE token.key_types (
     max_ttl         interval CHECK (max_ttl > interval '0'),
     allowed_scopes  text[],
     created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    CHECK (default_ttl IS NULL OR max_ttl IS NULL OR default_ttl <= max_ttl)
+    CHECK (default_ttl IS NULL OR max_ttl IS NULL OR default_ttl <= max_ttl),
+    -- What its tokens inherit unless they carry their own: the networks they may be used
+    -- from (NULL: anywhere) and their rate limits. And whether a caller token of another
+    -- account is told not_found instead of cross_account.
+    allowed_networks       cidr[],
+    rate_limits            token.rate_limit[],
+    conceal_cross_account  boolean NOT NULL DEFAULT false
 );
 COMMENT ON TABLE token.key_types IS
     'Kinds of keys: which other kinds they may validate, their TTL bounds and allowed scopes';
@@ -63,6 +78,25 @@ CREATE TABLE token.tokens (
     -- issued (rotation never carries a family past that plus its key type's max_ttl).
     family_id         uuid NOT NULL,
     family_issued_at  timestamptz NOT NULL,
+    -- disable_token / enable_token: reversible, unlike revocation.
+    disabled_at       timestamptz,
+    disabled_reason   text,
+    -- derive_token: the token this one was derived from; removing a parent removes its
+    -- descendants (they would be refused anyway).
+    parent_id         uuid REFERENCES token.tokens (id) ON DELETE CASCADE,
+    -- The token's own networks and rate limits (NULL: its key type's).
+    allowed_networks  cidr[],
+    rate_limits       token.rate_limit[],
+    -- The usage cap: uses not yet reserved (NULL: uncapped), refilled to refill_uses every
+    -- refill_interval. The event writer reserves uses in blocks for the server's backends;
+    -- uses_version changes with every administrative change of the cap.
+    uses_remaining    bigint CHECK (uses_remaining >= 0),
+    uses_version      bigint NOT NULL DEFAULT 0,
+    refill_uses       bigint CHECK (refill_uses > 0),
+    refill_interval   interval CHECK (refill_interval > interval '0'),
+    refilled_at       timestamptz,
+    CONSTRAINT tokens_refill_check CHECK ((refill_uses IS NULL) = (refill_interval IS NULL)
+                                          AND (refill_uses IS NULL OR uses_remaining IS NOT NULL)),
     -- Unique through a hash index: validation looks a token up by its hash and nothing else,
     -- and a hash index finds it in one bucket page however large the table grows, where a
     -- B-tree over 32-byte keys gains a level each time the table grows a few hundredfold.
@@ -71,6 +105,7 @@ CREATE TABLE token.tokens (
 CREATE INDEX tokens_account_idx ON token.tokens (account);
 CREATE INDEX tokens_rotated_from_idx ON token.tokens (rotated_from) WHERE rotated_from IS NOT NULL;
 CREATE INDEX tokens_family_id_idx ON token.tokens (family_id);
+CREATE INDEX tokens_parent_id_idx ON token.tokens (parent_id) WHERE parent_id IS NOT NULL;
 COMMENT ON TABLE token.tokens IS
     'Issued tokens. Only the SHA-256 hash of a token is stored, never the token';
 
@@ -125,7 +160,14 @@ CREATE TYPE token.identity AS (
     name          text,
     expires_at    timestamptz,
     revoke_after  timestamptz,
-    metadata      jsonb
+    metadata      jsonb,
+    parent_id       uuid,
+    -- Per call: uses left after this one, and the binding rate limit's state (for
+    -- RateLimit-Limit / -Remaining / -Reset headers). NULL when the token has none.
+    uses_remaining  bigint,
+    rate_limit      integer,
+    rate_remaining  integer,
+    rate_reset_at   timestamptz
 );
 
 -- What check_token returns: the verdict and, when valid, the identity.
@@ -140,7 +182,12 @@ CREATE TYPE token.verdict AS (
     name          text,
     expires_at    timestamptz,
     revoke_after  timestamptz,
-    metadata      jsonb
+    metadata      jsonb,
+    parent_id       uuid,
+    uses_remaining  bigint,
+    rate_limit      integer,
+    rate_remaining  integer,
+    rate_reset_at   timestamptz
 );
 
 CREATE VIEW token.token_list AS
@@ -151,9 +198,12 @@ SELECT id, hint, prefix, account, key_type, environment, name, scopes, metadata,
            WHEN revoked_at IS NOT NULL THEN 'revoked'
            WHEN revoke_after IS NOT NULL AND revoke_after <= pg_catalog.clock_timestamp() THEN 'revoked'
            WHEN expires_at IS NOT NULL AND expires_at <= pg_catalog.clock_timestamp() THEN 'expired'
+           WHEN disabled_at IS NOT NULL THEN 'disabled'
            WHEN revoke_after IS NOT NULL THEN 'rotating'
            ELSE 'active'
-       END AS status
+       END AS status,
+       disabled_at, disabled_reason, parent_id, uses_remaining, refill_uses, refill_interval,
+       rate_limits, allowed_networks
 FROM token.tokens;
 COMMENT ON VIEW token.token_list IS 'Every token with everything but its hash, and its status now';
 
@@ -174,6 +224,14 @@ BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'token_admin') THEN
         CREATE ROLE token_admin NOLOGIN;
         COMMENT ON ROLE token_admin IS 'pg_token: manages key types, prefixes and tokens; reads events';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'token_reporter') THEN
+        CREATE ROLE token_reporter NOLOGIN;
+        COMMENT ON ROLE token_reporter IS 'pg_token: may report leaked tokens (report_leaked) and read scanner_patterns; nothing else';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'token_gateway') THEN
+        CREATE ROLE token_gateway NOLOGIN;
+        COMMENT ON ROLE token_gateway IS 'pg_token: a trusted gateway that may state the end client''s address (validate_token_from and friends)';
     END IF;
 END
 $roles$;

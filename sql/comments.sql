@@ -7,16 +7,32 @@ COMMENT ON TYPE token.identity IS
 COMMENT ON TYPE token.verdict IS
     'What check_token returns: valid, the refusal reason, and the identity columns when valid';
 
-COMMENT ON FUNCTION token.create_key_type(text, text, text[], interval, interval, text[], boolean) IS
-    'Defines a kind of key: which key types its tokens may validate, default and maximum TTL, allowed scopes (token_admin)';
+COMMENT ON FUNCTION token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean) IS
+    'Defines a kind of key: which key types its tokens may validate, TTLs, allowed scopes, networks, rate limits, whether cross_account is concealed (token_admin)';
 COMMENT ON FUNCTION token.register_prefix(text, text, text) IS
     'Registers a token prefix for a key type in an environment; no prefix may start another (token_admin)';
 COMMENT ON FUNCTION token.unregister_prefix(text) IS
     'Removes a prefix and revokes every token that carries it (token_admin)';
 COMMENT ON FUNCTION token.restore_prefix_tokens(text) IS
     'Brings back the tokens unregister_prefix revoked, under the prefix''s current registration (token_admin)';
-COMMENT ON FUNCTION token.generate_token(text, text, text, text[], interval, jsonb, text) IS
-    'Issues a token for an account under a key type; returns its id and the token, shown this once (token_admin)';
+COMMENT ON FUNCTION token.generate_token(text, text, text, text[], interval, jsonb, text, bigint, bigint, interval, token.rate_limit[], inet[]) IS
+    'Issues a token for an account under a key type, optionally capped, rate-limited or bound to networks; returns its id and the token, shown this once (token_admin)';
+COMMENT ON FUNCTION token.derive_token(uuid, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]) IS
+    'Issues a child of a token: at most its scopes, expiry and networks; refused once any ancestor is revoked, disabled or expired (token_admin)';
+COMMENT ON FUNCTION token.derive_own_token(text, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]) IS
+    'derive_token by presenting the parent token instead of its id (token_admin; grant it to let holders derive their own)';
+COMMENT ON FUNCTION token.update_token(uuid, text, text[], jsonb, timestamptz, bigint, bigint, interval, token.rate_limit[], inet[], text[]) IS
+    'Changes a live token in place: name, scopes, metadata, expiry, usage cap, rate limits, networks; unset names fields to clear (token_admin)';
+COMMENT ON FUNCTION token.disable_token(uuid, text) IS
+    'Refuses a token (disabled) from every session''s next call until enable_token; who and why are recorded (token_admin)';
+COMMENT ON FUNCTION token.enable_token(uuid) IS
+    'Lets a disabled token validate again (token_admin)';
+COMMENT ON FUNCTION token.token_uses(uuid) IS
+    'A capped token''s uses, exactly: left in the table plus reserved in shared memory, and its refill (token_admin)';
+COMMENT ON FUNCTION token.report_leaked(text[]) IS
+    'For secret scanners: revokes every reported token that exists here (reason leaked); one row per input with its hint and outcome (token_reporter, token_admin)';
+COMMENT ON FUNCTION token.scanner_patterns() IS
+    'Per registered prefix, a regular expression that finds its tokens in text (token_reporter, token_admin)';
 COMMENT ON FUNCTION token.rotate_token(uuid, interval) IS
     'Issues a successor; the old token keeps validating for the grace period (token_admin)';
 COMMENT ON FUNCTION token.rotate_own_token(text, interval) IS

@@ -1,12 +1,15 @@
 -- pg_token: triggers and privileges, after every function exists.
 
 -- Any change to what decides a verdict empties every backend's validation cache. The
--- worker's last_used_at writes are left out on purpose (they would empty caches constantly);
--- pgrx-tests checks that every other column of token.tokens is listed.
+-- worker's writes are left out on purpose (they would empty caches constantly): last_used_at,
+-- and uses_remaining / refilled_at (use reservations; an administrator's change of a cap bumps
+-- uses_version, which is listed). pgrx-tests checks that every other column is listed.
 CREATE TRIGGER tokens_invalidate_caches
     AFTER UPDATE OF id, token_hash, hint, prefix, account, key_type, environment, name, scopes,
                     metadata, created_at, expires_at, revoke_after, revoked_at, revoked_reason,
-                    rotated_from, family_id, family_issued_at
+                    rotated_from, family_id, family_issued_at, disabled_at, disabled_reason,
+                    parent_id, allowed_networks, rate_limits, uses_version, refill_uses,
+                    refill_interval
        OR DELETE OR TRUNCATE ON token.tokens
     FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
 CREATE TRIGGER key_types_invalidate_caches
@@ -46,12 +49,31 @@ GRANT EXECUTE ON FUNCTION
     token.cache_stats()
 TO token_validator;
 
+-- A gateway validates like an application and may state the end client's address.
+GRANT token_validator TO token_gateway;
+GRANT EXECUTE ON FUNCTION
+    token.validate_token_from(inet, text, text, text),
+    token.check_token_from(inet, text, text, text),
+    token.authenticate_from(inet, text, text, text)
+TO token_gateway;
+
+-- A secret-scanning service reports leaks and reads the patterns; nothing else.
+GRANT EXECUTE ON FUNCTION token.report_leaked(text[]), token.scanner_patterns() TO token_reporter;
+
 GRANT token_validator TO token_admin;
 GRANT EXECUTE ON FUNCTION
-    token.create_key_type(text, text, text[], interval, interval, text[], boolean),
+    token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean),
     token.register_prefix(text, text, text),
     token.unregister_prefix(text),
-    token.generate_token(text, text, text, text[], interval, jsonb, text),
+    token.generate_token(text, text, text, text[], interval, jsonb, text, bigint, bigint, interval, token.rate_limit[], inet[]),
+    token.derive_token(uuid, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]),
+    token.derive_own_token(text, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]),
+    token.update_token(uuid, text, text[], jsonb, timestamptz, bigint, bigint, interval, token.rate_limit[], inet[], text[]),
+    token.disable_token(uuid, text),
+    token.enable_token(uuid),
+    token.report_leaked(text[]),
+    token.scanner_patterns(),
+    token.token_uses(uuid),
     token.rotate_token(uuid, interval),
     token.rotate_own_token(text, interval),
     token.revoke_token(uuid, text),
@@ -64,6 +86,9 @@ GRANT EXECUTE ON FUNCTION
     token.metrics(),
     token.refusal_metrics()
 TO token_admin;
+
+-- The gateway functions are granted to token_gateway alone; token_admin can grant that role.
+GRANT token_gateway, token_reporter TO token_admin WITH ADMIN OPTION;
 
 -- Monitoring roles read the counters too (postgres_exporter connects as one).
 GRANT EXECUTE ON FUNCTION token.metrics(), token.refusal_metrics() TO pg_monitor;

@@ -32,16 +32,6 @@ UPDATE token.tokens t SET family_id = l.root, family_issued_at = l.root_issued
 ALTER TABLE token.tokens ALTER COLUMN family_id SET NOT NULL, ALTER COLUMN family_issued_at SET NOT NULL;
 CREATE INDEX tokens_family_id_idx ON token.tokens (family_id);
 
--- The cache trigger watches the new columns too.
-DROP TRIGGER tokens_invalidate_caches ON token.tokens;
-CREATE TRIGGER tokens_invalidate_caches
-    AFTER UPDATE OF id, token_hash, hint, prefix, account, key_type, environment, name, scopes,
-                    metadata, created_at, expires_at, revoke_after, revoked_at, revoked_reason,
-                    rotated_from, family_id, family_issued_at
-       OR DELETE OR TRUNCATE ON token.tokens
-    FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
-ALTER TABLE token.tokens ENABLE ALWAYS TRIGGER tokens_invalidate_caches;
-
 -- Unregistering a prefix is final for its tokens (0.2.0 revokes them when it happens; a 0.1.0
 -- database may hold tokens whose prefix was unregistered, or registered again for another key
 -- type or environment, which 0.1.0 would bring back): revoke those now, as 0.2.0 would have.
@@ -118,7 +108,8 @@ CREATE FUNCTION token.metrics() RETURNS TABLE (
 	"touches_queued" bigint,
 	"touches_dropped_total" bigint,
 	"writer_running" bool,
-	"writer_lag_seconds" double precision
+	"writer_lag_seconds" double precision,
+	"rate_limit_untracked_total" bigint
 )
 STRICT VOLATILE PARALLEL RESTRICTED
 LANGUAGE c
@@ -133,22 +124,339 @@ AS 'MODULE_PATHNAME', 'refusal_metrics_wrapper';
 REVOKE EXECUTE ON FUNCTION token.metrics(), token.refusal_metrics() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION token.metrics(), token.refusal_metrics() TO token_admin, pg_monitor;
 
+-- Key management (issue 15): disable/enable, update, usage caps, rate limits, bound networks,
+-- child tokens, leak reports, concealed cross-account refusals.
+CREATE TYPE token.rate_limit AS (
+    requests  integer,
+    per       interval
+);
+COMMENT ON TYPE token.rate_limit IS
+    'A rate limit: at most requests accepted validations per window (per), counted across every backend of the server';
+ALTER TABLE token.key_types
+    ADD COLUMN allowed_networks cidr[],
+    ADD COLUMN rate_limits token.rate_limit[],
+    ADD COLUMN conceal_cross_account boolean NOT NULL DEFAULT false;
+ALTER TABLE token.tokens
+    ADD COLUMN disabled_at timestamptz,
+    ADD COLUMN disabled_reason text,
+    ADD COLUMN parent_id uuid REFERENCES token.tokens (id) ON DELETE CASCADE,
+    ADD COLUMN allowed_networks cidr[],
+    ADD COLUMN rate_limits token.rate_limit[],
+    ADD COLUMN uses_remaining bigint CHECK (uses_remaining >= 0),
+    ADD COLUMN uses_version bigint NOT NULL DEFAULT 0,
+    ADD COLUMN refill_uses bigint CHECK (refill_uses > 0),
+    ADD COLUMN refill_interval interval CHECK (refill_interval > interval '0'),
+    ADD COLUMN refilled_at timestamptz,
+    ADD CONSTRAINT tokens_refill_check CHECK ((refill_uses IS NULL) = (refill_interval IS NULL)
+                                              AND (refill_uses IS NULL OR uses_remaining IS NOT NULL));
+CREATE INDEX tokens_parent_id_idx ON token.tokens (parent_id) WHERE parent_id IS NOT NULL;
+ALTER TYPE token.identity
+    ADD ATTRIBUTE parent_id uuid,
+    ADD ATTRIBUTE uses_remaining bigint,
+    ADD ATTRIBUTE rate_limit integer,
+    ADD ATTRIBUTE rate_remaining integer,
+    ADD ATTRIBUTE rate_reset_at timestamptz;
+ALTER TYPE token.verdict
+    ADD ATTRIBUTE parent_id uuid,
+    ADD ATTRIBUTE uses_remaining bigint,
+    ADD ATTRIBUTE rate_limit integer,
+    ADD ATTRIBUTE rate_remaining integer,
+    ADD ATTRIBUTE rate_reset_at timestamptz;
+CREATE OR REPLACE VIEW token.token_list AS
+SELECT id, hint, prefix, account, key_type, environment, name, scopes, metadata,
+       created_at, expires_at, revoke_after, revoked_at, revoked_reason, last_used_at,
+       rotated_from,
+       CASE
+           WHEN revoked_at IS NOT NULL THEN 'revoked'
+           WHEN revoke_after IS NOT NULL AND revoke_after <= pg_catalog.clock_timestamp() THEN 'revoked'
+           WHEN expires_at IS NOT NULL AND expires_at <= pg_catalog.clock_timestamp() THEN 'expired'
+           WHEN disabled_at IS NOT NULL THEN 'disabled'
+           WHEN revoke_after IS NOT NULL THEN 'rotating'
+           ELSE 'active'
+       END AS status,
+       disabled_at, disabled_reason, parent_id, uses_remaining, refill_uses, refill_interval,
+       rate_limits, allowed_networks
+FROM token.tokens;
+
+-- The cache trigger watches the columns 0.2.0 added (not the writer's: uses_remaining and
+-- refilled_at are use reservations; an administrator's change of a cap bumps uses_version).
+DROP TRIGGER tokens_invalidate_caches ON token.tokens;
+CREATE TRIGGER tokens_invalidate_caches
+    AFTER UPDATE OF id, token_hash, hint, prefix, account, key_type, environment, name, scopes,
+                    metadata, created_at, expires_at, revoke_after, revoked_at, revoked_reason,
+                    rotated_from, family_id, family_issued_at, disabled_at, disabled_reason,
+                    parent_id, allowed_networks, rate_limits, uses_version, refill_uses,
+                    refill_interval
+       OR DELETE OR TRUNCATE ON token.tokens
+    FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
+ALTER TABLE token.tokens ENABLE ALWAYS TRIGGER tokens_invalidate_caches;
+
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'token_reporter') THEN
+        CREATE ROLE token_reporter NOLOGIN;
+        COMMENT ON ROLE token_reporter IS 'pg_token: may report leaked tokens (report_leaked) and read scanner_patterns; nothing else';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'token_gateway') THEN
+        CREATE ROLE token_gateway NOLOGIN;
+        COMMENT ON ROLE token_gateway IS 'pg_token: a trusted gateway that may state the end client''s address (validate_token_from and friends)';
+    END IF;
+END
+$roles$;
+GRANT token_validator TO token_gateway;
+GRANT token_gateway, token_reporter TO token_admin WITH ADMIN OPTION;
+
+-- generate_token and create_key_type take the new options (the library keeps 0.1.0's symbols
+-- for databases not yet updated).
+DROP FUNCTION token.generate_token(text, text, text, text[], interval, jsonb, text);
+DROP FUNCTION token.create_key_type(text, text, text[], interval, interval, text[], boolean);
+CREATE FUNCTION token.generate_token(
+	"account" TEXT,
+	"key_type" TEXT,
+	"name" TEXT DEFAULT NULL,
+	"scopes" TEXT[] DEFAULT '{}',
+	"expires_in" interval DEFAULT NULL,
+	"metadata" jsonb DEFAULT '{}',
+	"prefix" TEXT DEFAULT NULL,
+	"uses" bigint DEFAULT NULL,
+	"refill_uses" bigint DEFAULT NULL,
+	"refill_interval" interval DEFAULT NULL,
+	"rate_limits" token.rate_limit[] DEFAULT NULL,
+	"allowed_networks" inet[] DEFAULT NULL
+) RETURNS TABLE (
+	"token_id" uuid,
+	"token" TEXT
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'generate_token_v2_wrapper';
+
+CREATE FUNCTION token.derive_token(
+	"parent_id" uuid,
+	"name" TEXT DEFAULT NULL,
+	"scopes" TEXT[] DEFAULT NULL,
+	"expires_in" interval DEFAULT NULL,
+	"metadata" jsonb DEFAULT NULL,
+	"uses" bigint DEFAULT NULL,
+	"rate_limits" token.rate_limit[] DEFAULT NULL,
+	"allowed_networks" inet[] DEFAULT NULL
+) RETURNS TABLE (
+	"token_id" uuid,
+	"token" TEXT
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'derive_token_wrapper';
+
+CREATE FUNCTION token.derive_own_token(
+	"token" TEXT,
+	"name" TEXT DEFAULT NULL,
+	"scopes" TEXT[] DEFAULT NULL,
+	"expires_in" interval DEFAULT NULL,
+	"metadata" jsonb DEFAULT NULL,
+	"uses" bigint DEFAULT NULL,
+	"rate_limits" token.rate_limit[] DEFAULT NULL,
+	"allowed_networks" inet[] DEFAULT NULL
+) RETURNS TABLE (
+	"token_id" uuid,
+	"token" TEXT
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'derive_own_token_wrapper';
+
+CREATE FUNCTION token.update_token(
+	"token_id" uuid,
+	"name" TEXT DEFAULT NULL,
+	"scopes" TEXT[] DEFAULT NULL,
+	"metadata" jsonb DEFAULT NULL,
+	"expires_at" timestamp with time zone DEFAULT NULL,
+	"uses" bigint DEFAULT NULL,
+	"refill_uses" bigint DEFAULT NULL,
+	"refill_interval" interval DEFAULT NULL,
+	"rate_limits" token.rate_limit[] DEFAULT NULL,
+	"allowed_networks" inet[] DEFAULT NULL,
+	"unset" TEXT[] DEFAULT '{}'
+) RETURNS void
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'update_token_wrapper';
+
+CREATE FUNCTION token.disable_token(
+	"token_id" uuid,
+	"reason" TEXT DEFAULT NULL
+) RETURNS bool
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'disable_token_wrapper';
+
+CREATE FUNCTION token.enable_token(
+	"token_id" uuid
+) RETURNS bool
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'enable_token_wrapper';
+
+CREATE FUNCTION token.report_leaked(
+	"tokens" TEXT[]
+) RETURNS TABLE (
+	"hint" TEXT,
+	"outcome" TEXT
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'report_leaked_wrapper';
+
+CREATE FUNCTION token.scanner_patterns() RETURNS TABLE (
+	"prefix" TEXT,
+	"key_type" TEXT,
+	"environment" TEXT,
+	"pattern" TEXT,
+	"bounded_pattern" TEXT
+)
+STRICT STABLE SECURITY DEFINER PARALLEL SAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'scanner_patterns_wrapper';
+
+CREATE FUNCTION token.token_uses(
+	"token_id" uuid
+) RETURNS TABLE (
+	"uses_remaining" bigint,
+	"reserved" bigint,
+	"in_table" bigint,
+	"refill_uses" bigint,
+	"refill_interval" interval,
+	"next_refill_at" timestamp with time zone
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'token_uses_wrapper';
+
+CREATE FUNCTION token.create_key_type(
+	"name" TEXT,
+	"description" TEXT DEFAULT NULL,
+	"can_validate" TEXT[] DEFAULT '{}',
+	"default_ttl" interval DEFAULT NULL,
+	"max_ttl" interval DEFAULT NULL,
+	"allowed_scopes" TEXT[] DEFAULT NULL,
+	"replace" bool DEFAULT false,
+	"allowed_networks" inet[] DEFAULT NULL,
+	"rate_limits" token.rate_limit[] DEFAULT NULL,
+	"conceal_cross_account" bool DEFAULT false
+) RETURNS void
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'create_key_type_v2_wrapper';
+
+CREATE FUNCTION token.validate_token_from(
+    client_addr     inet,
+    token           text,
+    caller_token    text DEFAULT NULL,
+    required_scope  text DEFAULT NULL
+) RETURNS token.identity
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pg_token_validate_token_from';
+COMMENT ON FUNCTION token.validate_token_from(inet, text, text, text) IS
+    'validate_token judged as if the client connected from client_addr (token_gateway)';
+
+CREATE FUNCTION token.check_token_from(
+    client_addr     inet,
+    token           text,
+    caller_token    text DEFAULT NULL,
+    required_scope  text DEFAULT NULL
+) RETURNS token.verdict
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pg_token_check_token_from';
+COMMENT ON FUNCTION token.check_token_from(inet, text, text, text) IS
+    'check_token judged as if the client connected from client_addr (token_gateway)';
+
+CREATE FUNCTION token.authenticate_from(
+    client_addr     inet,
+    token           text,
+    caller_token    text DEFAULT NULL,
+    required_scope  text DEFAULT NULL
+) RETURNS token.identity
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pg_token_authenticate_from';
+COMMENT ON FUNCTION token.authenticate_from(inet, text, text, text) IS
+    'authenticate judged as if the client connected from client_addr (token_gateway)';
+
+REVOKE EXECUTE ON FUNCTION
+    token.generate_token(text, text, text, text[], interval, jsonb, text, bigint, bigint, interval, token.rate_limit[], inet[]),
+    token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean),
+    token.derive_token(uuid, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]),
+    token.derive_own_token(text, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]),
+    token.update_token(uuid, text, text[], jsonb, timestamptz, bigint, bigint, interval, token.rate_limit[], inet[], text[]),
+    token.disable_token(uuid, text),
+    token.enable_token(uuid),
+    token.report_leaked(text[]),
+    token.scanner_patterns(),
+    token.token_uses(uuid),
+    token.validate_token_from(inet, text, text, text),
+    token.check_token_from(inet, text, text, text),
+    token.authenticate_from(inet, text, text, text)
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    token.validate_token_from(inet, text, text, text),
+    token.check_token_from(inet, text, text, text),
+    token.authenticate_from(inet, text, text, text)
+TO token_gateway;
+GRANT EXECUTE ON FUNCTION token.report_leaked(text[]), token.scanner_patterns() TO token_reporter;
+GRANT EXECUTE ON FUNCTION
+    token.generate_token(text, text, text, text[], interval, jsonb, text, bigint, bigint, interval, token.rate_limit[], inet[]),
+    token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean),
+    token.derive_token(uuid, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]),
+    token.derive_own_token(text, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]),
+    token.update_token(uuid, text, text[], jsonb, timestamptz, bigint, bigint, interval, token.rate_limit[], inet[], text[]),
+    token.disable_token(uuid, text),
+    token.enable_token(uuid),
+    token.report_leaked(text[]),
+    token.scanner_patterns(),
+    token.token_uses(uuid)
+TO token_admin;
+
 -- A comment on every function and type (sql/comments.sql, repeated here).
 COMMENT ON TYPE token.identity IS
     'What validate_token and authenticate return and current_identity reads: the token''s id, account, key type, environment, scopes, name, expiry, end of grace and metadata';
 COMMENT ON TYPE token.verdict IS
     'What check_token returns: valid, the refusal reason, and the identity columns when valid';
 
-COMMENT ON FUNCTION token.create_key_type(text, text, text[], interval, interval, text[], boolean) IS
-    'Defines a kind of key: which key types its tokens may validate, default and maximum TTL, allowed scopes (token_admin)';
+COMMENT ON FUNCTION token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean) IS
+    'Defines a kind of key: which key types its tokens may validate, TTLs, allowed scopes, networks, rate limits, whether cross_account is concealed (token_admin)';
 COMMENT ON FUNCTION token.register_prefix(text, text, text) IS
     'Registers a token prefix for a key type in an environment; no prefix may start another (token_admin)';
 COMMENT ON FUNCTION token.unregister_prefix(text) IS
     'Removes a prefix and revokes every token that carries it (token_admin)';
 COMMENT ON FUNCTION token.restore_prefix_tokens(text) IS
     'Brings back the tokens unregister_prefix revoked, under the prefix''s current registration (token_admin)';
-COMMENT ON FUNCTION token.generate_token(text, text, text, text[], interval, jsonb, text) IS
-    'Issues a token for an account under a key type; returns its id and the token, shown this once (token_admin)';
+COMMENT ON FUNCTION token.generate_token(text, text, text, text[], interval, jsonb, text, bigint, bigint, interval, token.rate_limit[], inet[]) IS
+    'Issues a token for an account under a key type, optionally capped, rate-limited or bound to networks; returns its id and the token, shown this once (token_admin)';
+COMMENT ON FUNCTION token.derive_token(uuid, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]) IS
+    'Issues a child of a token: at most its scopes, expiry and networks; refused once any ancestor is revoked, disabled or expired (token_admin)';
+COMMENT ON FUNCTION token.derive_own_token(text, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]) IS
+    'derive_token by presenting the parent token instead of its id (token_admin; grant it to let holders derive their own)';
+COMMENT ON FUNCTION token.update_token(uuid, text, text[], jsonb, timestamptz, bigint, bigint, interval, token.rate_limit[], inet[], text[]) IS
+    'Changes a live token in place: name, scopes, metadata, expiry, usage cap, rate limits, networks; unset names fields to clear (token_admin)';
+COMMENT ON FUNCTION token.disable_token(uuid, text) IS
+    'Refuses a token (disabled) from every session''s next call until enable_token; who and why are recorded (token_admin)';
+COMMENT ON FUNCTION token.enable_token(uuid) IS
+    'Lets a disabled token validate again (token_admin)';
+COMMENT ON FUNCTION token.token_uses(uuid) IS
+    'A capped token''s uses, exactly: left in the table plus reserved in shared memory, and its refill (token_admin)';
+COMMENT ON FUNCTION token.report_leaked(text[]) IS
+    'For secret scanners: revokes every reported token that exists here (reason leaked); one row per input with its hint and outcome (token_reporter, token_admin)';
+COMMENT ON FUNCTION token.scanner_patterns() IS
+    'Per registered prefix, a regular expression that finds its tokens in text (token_reporter, token_admin)';
 COMMENT ON FUNCTION token.rotate_token(uuid, interval) IS
     'Issues a successor; the old token keeps validating for the grace period (token_admin)';
 COMMENT ON FUNCTION token.rotate_own_token(text, interval) IS

@@ -33,6 +33,42 @@ CREATE FUNCTION token.authenticate(
 COMMENT ON FUNCTION token.authenticate(text, text, text) IS
     'validate_token, then binds the identity to the current transaction for row-level security';
 
+-- The same three, for a trusted gateway (token_gateway) that states the end client's address:
+-- behind a pooler or an HTTP layer the connection's own address is the gateway's, so a token
+-- bound to networks would be judged against the wrong address.
+CREATE FUNCTION token.validate_token_from(
+    client_addr     inet,
+    token           text,
+    caller_token    text DEFAULT NULL,
+    required_scope  text DEFAULT NULL
+) RETURNS token.identity
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pg_token_validate_token_from';
+COMMENT ON FUNCTION token.validate_token_from(inet, text, text, text) IS
+    'validate_token judged as if the client connected from client_addr (token_gateway)';
+
+CREATE FUNCTION token.check_token_from(
+    client_addr     inet,
+    token           text,
+    caller_token    text DEFAULT NULL,
+    required_scope  text DEFAULT NULL
+) RETURNS token.verdict
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pg_token_check_token_from';
+COMMENT ON FUNCTION token.check_token_from(inet, text, text, text) IS
+    'check_token judged as if the client connected from client_addr (token_gateway)';
+
+CREATE FUNCTION token.authenticate_from(
+    client_addr     inet,
+    token           text,
+    caller_token    text DEFAULT NULL,
+    required_scope  text DEFAULT NULL
+) RETURNS token.identity
+    LANGUAGE c VOLATILE PARALLEL UNSAFE
+    AS 'MODULE_PATHNAME', 'pg_token_authenticate_from';
+COMMENT ON FUNCTION token.authenticate_from(inet, text, text, text) IS
+    'authenticate judged as if the client connected from client_addr (token_gateway)';
+
 -- PARALLEL RESTRICTED: parallel workers do not share the backend memory the identity is in.
 CREATE FUNCTION token.current_identity() RETURNS token.identity
     LANGUAGE c STABLE PARALLEL RESTRICTED

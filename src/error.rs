@@ -145,9 +145,10 @@ pub fn log_server_only(line: String) {
 }
 
 /// Raises a refusal: SQLSTATE 28000, the reason word (or the environment-mismatch wording) as
-/// the message, and a detail that names the hint, never the token.
+/// the message, and a detail that names the hint, never the token. What the caller is told: a
+/// concealed refusal shows its disguise (the events keep the truth).
 pub fn refuse(refusal: &Refusal) -> ! {
-    let e = Error::new(Kind::Refused(refusal.reason), refusal.message()).detail(refusal.detail.clone());
+    let e = Error::new(Kind::Refused(refusal.shown_reason()), refusal.message()).detail(refusal.shown_detail().to_owned());
     match refusal.hint() {
         Some(h) => e.hint(h).raise(),
         None => e.raise(),

@@ -22,6 +22,8 @@ pub static EVENT_WINDOW_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static MAX_EVENT_HINTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static FLOOD_NICE: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static WORKER_IDLE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
+pub static MAX_TOKEN_DEPTH: GucSetting<i32> = GucSetting::<i32>::new(3);
+pub static MAX_CHILD_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(100);
 
 pub fn register() {
     define();
@@ -45,6 +47,26 @@ fn define() {
         c"A token whose prefix is registered for another environment is refused with \
           environment_mismatch, before any lookup. Unset refuses every token.",
         &ENVIRONMENT,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"token.max_token_depth",
+        c"How many levels of derived tokens derive_token may make below a token made otherwise.",
+        c"A derived token's parent may itself be derived, down to this depth (1: children only).",
+        &MAX_TOKEN_DEPTH,
+        1,
+        16,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"token.max_child_tokens",
+        c"How many live tokens derive_token may make from one parent.",
+        c"Revoked and expired children do not count.",
+        &MAX_CHILD_TOKENS,
+        1,
+        100_000,
         GucContext::Suset,
         GucFlags::default(),
     );

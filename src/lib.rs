@@ -8,12 +8,13 @@
 //! |--------------|------|
 //! | `validation` | validate_token, check_token, hash_token, reasons, cache_stats |
 //! | `session`    | authenticate and the identity accessors RLS policies read |
-//! | `lifecycle`  | generate, rotate, revoke |
+//! | `lifecycle`  | generate, derive, rotate, revoke, disable, update, leak reports |
 //! | `registry`   | key types and prefixes |
 //! | `store`      | the per-backend cache, its freshness, the hash-index scan |
 //! | `events`     | event recording, the shared-memory queue, the writer, event SQL |
 //! | `logscrub`   | the log hook that masks tokens, and the backend's activity text |
 //! | `metrics`    | counters summed over backends, for monitoring |
+//! | `quota`      | rate limits and usage caps, applied to accepted tokens |
 //! | `guc`        | every `token.*` setting |
 //! | `error`      | every SQLSTATE, from one map |
 //! | `datum`, `v1`| composite rows kept as bytes; hand-declared V1 functions |
@@ -29,6 +30,7 @@ mod guc;
 mod lifecycle;
 mod logscrub;
 mod metrics;
+mod quota;
 mod registry;
 mod schema;
 mod session;
@@ -52,6 +54,7 @@ pub extern "C-unwind" fn _PG_init() {
     if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
         events::queue::init_shared_memory();
         metrics::init_shared_memory();
+        quota::init_shared_memory();
     }
 }
 

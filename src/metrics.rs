@@ -26,7 +26,7 @@ use crate::events::queue::Zeroed;
 /// Backends counted in slots of their own; process numbers beyond share the last slot (with
 /// atomic additions there).
 const SLOTS: usize = 4096;
-const REASONS: usize = 16;
+const REASONS: usize = Reason::SLOTS;
 const SHMEM_NAME: &CStr = c"pg_token metrics";
 
 /// One backend's counts. All-zero to start.
@@ -36,7 +36,8 @@ struct Counters {
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     refusals: [AtomicU64; REASONS],
-    /// Pads a slot to whole cache lines, so neighbours never share one.
+    /// Pads a slot to whole cache lines (3 + 32 + 5 = 40 words, five lines), so neighbours never
+    /// share one.
     _pad: [u64; 5],
 }
 
@@ -165,6 +166,7 @@ fn metrics() -> TableIterator<
         name!(touches_dropped_total, i64),
         name!(writer_running, bool),
         name!(writer_lag_seconds, f64),
+        name!(rate_limit_untracked_total, i64),
     ),
 > {
     events::require_preload();
@@ -183,6 +185,7 @@ fn metrics() -> TableIterator<
         n(w.touches_dropped),
         w.writer_running,
         w.lag_us as f64 / 1e6,
+        n(crate::quota::untracked()),
     ))
 }
 

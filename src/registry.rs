@@ -12,7 +12,8 @@ use pgrx::prelude::*;
 
 use crate::error::{fail, invalid, require_writable, required, spi, Error, Kind};
 use crate::events::{self, Lifecycle};
-use crate::lifecycle::{check_scopes, check_text};
+use crate::datum::{RawInets, RawRateLimits};
+use crate::lifecycle::{check_networks, check_rate_limits, check_scopes, check_text, inets, networks_sql};
 use crate::schema;
 use crate::store;
 
@@ -33,10 +34,10 @@ fn uses_transaction_snapshot() -> bool {
     unsafe { pgrx::pg_sys::XactIsoLevel >= pgrx::pg_sys::XACT_REPEATABLE_READ as i32 }
 }
 
-/// Creates a key type (or, with replace => true, replaces its definition).
+/// 0.1.0's `create_key_type` (its SQL calls this symbol until ALTER EXTENSION pg_token
+/// UPDATE, and refuses to write before that): the same, without the 0.2.0 options.
 #[allow(clippy::too_many_arguments)]
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
-#[search_path(pg_catalog, pg_temp)]
+#[pg_extern(sql = false, volatile, parallel_unsafe, security_definer)]
 fn create_key_type(
     name: Option<&str>,
     description: default!(Option<&str>, "NULL"),
@@ -45,6 +46,27 @@ fn create_key_type(
     max_ttl: default!(Option<Interval>, "NULL"),
     allowed_scopes: default!(Option<Vec<Option<String>>>, "NULL"),
     replace: default!(bool, false),
+) {
+    create_key_type_v2(name, description, can_validate, default_ttl, max_ttl, allowed_scopes, replace, None, None, false);
+}
+
+/// Creates a key type (or, with replace => true, replaces its definition). Its tokens inherit
+/// `allowed_networks` and `rate_limits` unless they carry their own; `conceal_cross_account`
+/// makes a caller token of another account see `not_found` instead of `cross_account`.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(name = "create_key_type", volatile, parallel_unsafe, security_definer)]
+#[search_path(pg_catalog, pg_temp)]
+fn create_key_type_v2(
+    name: Option<&str>,
+    description: default!(Option<&str>, "NULL"),
+    can_validate: default!(Option<Vec<Option<String>>>, "'{}'"),
+    default_ttl: default!(Option<Interval>, "NULL"),
+    max_ttl: default!(Option<Interval>, "NULL"),
+    allowed_scopes: default!(Option<Vec<Option<String>>>, "NULL"),
+    replace: default!(bool, false),
+    allowed_networks: default!(Option<RawInets>, "NULL"),
+    rate_limits: default!(Option<RawRateLimits>, "NULL"),
+    conceal_cross_account: default!(bool, false),
 ) {
     require_writable("create_key_type");
     schema::require_current("create_key_type");
@@ -62,6 +84,8 @@ fn create_key_type(
         }
     }
     Spi::connect_mut(|client| {
+        let rate_limits = check_rate_limits(client, rate_limits);
+        let networks = check_networks(client, allowed_networks);
         let unknown: Option<Vec<Option<String>>> = spi(client
             .select(
                 "SELECT pg_catalog.array_agg(c) FROM pg_catalog.unnest($1::pg_catalog.text[]) AS c \
@@ -104,13 +128,30 @@ fn create_key_type(
                 Some("Pass replace => true to redefine it."),
             );
         }
-        let result = client.update(
-            "INSERT INTO token.key_types AS k (name, description, can_validate, default_ttl, max_ttl, allowed_scopes) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
+        let sql = format!(
+            "INSERT INTO token.key_types AS k (name, description, can_validate, default_ttl, max_ttl, allowed_scopes, \
+                                               allowed_networks, rate_limits, conceal_cross_account) \
+             VALUES ($1, $2, $3, $4, $5, $6, {}, $8, $9) \
              ON CONFLICT (name) DO UPDATE SET description = EXCLUDED.description, can_validate = EXCLUDED.can_validate, \
-                 default_ttl = EXCLUDED.default_ttl, max_ttl = EXCLUDED.max_ttl, allowed_scopes = EXCLUDED.allowed_scopes",
+                 default_ttl = EXCLUDED.default_ttl, max_ttl = EXCLUDED.max_ttl, allowed_scopes = EXCLUDED.allowed_scopes, \
+                 allowed_networks = EXCLUDED.allowed_networks, rate_limits = EXCLUDED.rate_limits, \
+                 conceal_cross_account = EXCLUDED.conceal_cross_account",
+            networks_sql(7)
+        );
+        let result = client.update(
+            &sql,
             None,
-            &[name.into(), description.into(), can_validate.into(), default_ttl.into(), max_ttl.into(), allowed_scopes.into()],
+            &[
+                name.into(),
+                description.into(),
+                can_validate.into(),
+                default_ttl.into(),
+                max_ttl.into(),
+                allowed_scopes.into(),
+                inets(networks),
+                rate_limits,
+                conceal_cross_account.into(),
+            ],
         );
         if let Err(e) = result {
             invalid(format!("invalid key type definition: {e}"));

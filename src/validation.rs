@@ -15,15 +15,18 @@
 //! A new check on a presented token belongs in the core's `verdict` (with its `Reason`); a new
 //! input to it is loaded by `store`. Keep this file a thin adapter.
 
+use std::net::IpAddr;
 use std::rc::Rc;
 
 use pg_token_core::clock::{self, Micros};
-use pg_token_core::format::MAX_TOKEN_BYTES;
+use pg_token_core::format::{self, MAX_TOKEN_BYTES};
+use pg_token_core::ratelimit::Admission;
 use pg_token_core::reason::Reason;
-use pg_token_core::verdict::{self, Context, Refusal, Request};
+use pg_token_core::verdict::{self, Context, Refusal, Registry, Request, Subject};
 use pgrx::prelude::*;
 
 use crate::datum::{form_composite, palloc_copy};
+use crate::quota::{self, Applied, PerCall};
 use crate::error;
 use crate::events;
 use crate::guc;
@@ -34,38 +37,169 @@ use crate::v1;
 
 pgrx::extension_sql_file!("../sql/validation.sql", name = "validation", requires = ["bootstrap"]);
 
-/// Judges a request; records the refusal (never raises for it). Raises only for faults that
-/// are not about the token (pg_token not installed or not preloaded).
-pub fn judge(req: Request<'_>) -> Result<Rc<Stored>, Refusal> {
-    events::require_preload();
-    logscrub::scrub_activity();
-    let now = clock::now();
-    let result = guc::with_environment(|environment| {
-        store::with(|_, registry, find| verdict::decide(req, Context { environment, now }, registry, find))
-    });
-    match result {
-        Ok(accepted) => {
-            metrics::accepted();
-            touch(&accepted.token, now);
-            if let Some(caller) = &accepted.caller {
-                touch(caller, now);
-            }
-            Ok(accepted.token)
+/// Where the client is: the connection's own address, or one a trusted gateway stated.
+#[derive(Clone, Copy)]
+pub enum Origin {
+    Connection,
+    Stated(IpAddr),
+}
+
+/// What a validation is for: a request (counts against rate limits and usage caps) or an
+/// administrative act by the holder (rotate_own_token, derive_own_token: counts nothing).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Request,
+    Manage,
+}
+
+/// An accepted token and what this call counted for it.
+pub struct Judged {
+    pub token: Rc<Stored>,
+    pub per_call: PerCall,
+}
+
+impl Judged {
+    /// The identity row of this call: the cached one, or (for a token with limits or a cap)
+    /// the cached one with this call's figures.
+    pub fn identity_datum(&self) -> pg_sys::Datum {
+        if self.per_call.is_empty() {
+            return self.token.identity_datum();
         }
-        Err(refusal) => {
-            metrics::refused(refusal.reason);
-            events::refused(&refusal);
-            Err(refusal)
-        }
+        store::catalog(|cat| self.token.identity_with(cat, &per_call_columns(&self.per_call)))
     }
 }
 
-/// Judges and raises on refusal.
-pub fn judge_or_raise(req: Request<'_>) -> Rc<Stored> {
-    match judge(req) {
-        Ok(token) => token,
-        Err(refusal) => error::refuse(&refusal),
+/// A refusal, and the rate state when it was refused for its rate (for check_token's row).
+pub struct Rejection {
+    pub refusal: Refusal,
+    pub rate: Option<Admission>,
+}
+
+impl From<Refusal> for Rejection {
+    fn from(refusal: Refusal) -> Rejection {
+        Rejection { refusal, rate: None }
     }
+}
+
+/// The per-call identity columns (uses_remaining, rate_limit, rate_remaining, rate_reset_at).
+fn per_call_columns(p: &PerCall) -> [Option<pg_sys::Datum>; 4] {
+    let rate = p.rate;
+    [
+        p.uses_remaining.map(pg_sys::Datum::from),
+        rate.map(|r| pg_sys::Datum::from(i32::try_from(r.limit).unwrap_or(i32::MAX))),
+        rate.map(|r| pg_sys::Datum::from(i32::try_from(r.remaining).unwrap_or(i32::MAX))),
+        rate.map(|r| pg_sys::Datum::from(r.reset_at)),
+    ]
+}
+
+/// Judges a request from this connection; records the refusal (never raises for it).
+pub fn judge(req: Request<'_>) -> Result<Judged, Rejection> {
+    judge_with(req, Origin::Connection, Purpose::Request, |_| None)
+}
+
+/// Judges a request. `check` may refuse an accepted token before anything is counted for it
+/// (authenticate's session check). Raises only for faults that are not about the token
+/// (pg_token not installed or not preloaded).
+pub fn judge_with(
+    req: Request<'_>,
+    origin: Origin,
+    purpose: Purpose,
+    check: impl Fn(&Stored) -> Option<(Reason, String)>,
+) -> Result<Judged, Rejection> {
+    events::require_preload();
+    logscrub::scrub_activity();
+    let client = match origin {
+        Origin::Connection => connection_address(),
+        Origin::Stated(ip) => Some(ip),
+    };
+    // A token whose cap an administrator changed while we read it is judged again (twice at
+    // most; a third change in that window is refused as stale).
+    for _ in 0..3 {
+        let now = clock::now();
+        let result = guc::with_environment(|environment| {
+            store::with(|_, registry, find, find_id| {
+                verdict::decide(req, Context { environment, now, client }, registry, find, find_id).map(|accepted| {
+                    let s = &accepted.token.state;
+                    let limits = s.effective_rate_limits(registry.key_type(&s.key_type)).to_vec();
+                    (accepted, limits)
+                })
+            })
+        });
+        let (accepted, limits) = match result {
+            Ok(a) => a,
+            Err(refusal) => return Err(refused(refusal, None)),
+        };
+        let hint = || req.token.and_then(|t| format::split(t).ok()).map_or_else(String::new, |p| p.hint());
+        if let Some((reason, detail)) = check(&accepted.token) {
+            return Err(refused(limit_refusal(&accepted.token, reason, detail, req), None));
+        }
+        let per_call = if purpose == Purpose::Manage {
+            PerCall::default()
+        } else {
+            match quota::apply(&accepted.token.state, &limits, &hint(), now) {
+                Applied::Accepted(p) => p,
+                Applied::Stale => continue,
+                Applied::Refused(l) => {
+                    return Err(refused(limit_refusal(&accepted.token, l.reason, l.detail, req), l.rate));
+                }
+            }
+        };
+        metrics::accepted();
+        touch(&accepted.token, now);
+        if let Some(caller) = &accepted.caller {
+            touch(caller, now);
+        }
+        return Ok(Judged { token: accepted.token, per_call });
+    }
+    Err(refused(
+        Refusal::new(Reason::UsageExceeded, "the token's usage cap kept changing while it was judged".into(), Subject::default(), guc::environment()),
+        None,
+    ))
+}
+
+/// Records a refusal (metrics, events) and hands it back.
+fn refused(refusal: Refusal, rate: Option<Admission>) -> Rejection {
+    metrics::refused(refusal.reason);
+    events::refused(&refusal);
+    Rejection { refusal, rate }
+}
+
+/// A refusal of a token the verdict rules accepted (its session, rate or cap).
+pub fn limit_refusal(token: &Stored, reason: Reason, detail: String, req: Request<'_>) -> Refusal {
+    let parsed = req.token.and_then(|t| format::split(t).ok());
+    let s = &token.state;
+    let subject = Subject {
+        prefix: parsed.as_ref().map(|p| p.prefix.to_owned()),
+        hint: parsed.as_ref().map(|p| p.hint()),
+        token_id: Some(s.id),
+        account: Some(s.account.clone()),
+        key_type: Some(s.key_type.clone()),
+        environment: Some(s.environment.clone()),
+    };
+    Refusal::new(reason, detail, subject, guc::environment())
+}
+
+/// Judges and raises on refusal.
+pub fn judge_or_raise(req: Request<'_>) -> Judged {
+    match judge(req) {
+        Ok(judged) => judged,
+        Err(r) => error::refuse(&r.refusal),
+    }
+}
+
+/// The connection's client address; None for a Unix-domain socket (and processes without a
+/// client). It never changes for a backend, so it is read once (inet_client_addr's text, parsed).
+fn connection_address() -> Option<IpAddr> {
+    thread_local! {
+        static ADDRESS: std::cell::OnceCell<Option<IpAddr>> = const { std::cell::OnceCell::new() };
+    }
+    ADDRESS.with(|a| {
+        *a.get_or_init(|| {
+            // SAFETY: inet_client_addr reads MyProcPort and returns NULL without a TCP client.
+            let text = unsafe { pgrx::direct_function_call::<pgrx::Inet>(pg_sys::inet_client_addr, &[]) };
+            text.and_then(|i| i.0.split('/').next().and_then(|a| a.parse().ok()))
+        })
+    })
 }
 
 /// Queues a last_used_at update when this backend has not seen one within the interval. The
@@ -85,19 +219,19 @@ fn touch(stored: &Stored, now: Micros) {
 }
 
 /// The `(token, caller_token, required_scope)` arguments of validate_token, check_token and
-/// authenticate.
+/// authenticate, from argument `first` on (1 for the `_from` functions).
 ///
 /// # Safety
 /// `fcinfo` is the live call of one of those functions.
-pub unsafe fn request<'a>(fcinfo: pg_sys::FunctionCallInfo) -> Request<'a> {
-    // SAFETY: all three arguments are text.
+pub unsafe fn request<'a>(fcinfo: pg_sys::FunctionCallInfo, first: usize) -> Request<'a> {
+    // SAFETY: the three arguments from `first` on are text.
     unsafe {
         Request {
-            token: v1::text_arg(fcinfo, 0),
-            caller: v1::text_arg(fcinfo, 1),
+            token: v1::text_arg(fcinfo, first),
+            caller: v1::text_arg(fcinfo, first + 1),
             // Text in a UTF8 database is UTF-8 (pg_token is only installed in one); anything
             // else could name no scope a token carries, and "" is no valid scope.
-            required_scope: v1::text_arg(fcinfo, 2).map(|b| std::str::from_utf8(b).unwrap_or("")),
+            required_scope: v1::text_arg(fcinfo, first + 2).map(|b| std::str::from_utf8(b).unwrap_or("")),
         }
     }
 }
@@ -109,8 +243,22 @@ v1::v1_function_info!(pg_finfo_pg_token_validate_token);
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pg_token_validate_token(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: called by Postgres as declared in sql/validation.sql.
-    let req = unsafe { request(fcinfo) };
+    let req = unsafe { request(fcinfo, 0) };
     judge_or_raise(req).identity_datum()
+}
+
+v1::v1_function_info!(pg_finfo_pg_token_validate_token_from);
+/// `token.validate_token_from(client_addr, token, caller_token, required_scope)`: the same, with
+/// the client address a gateway states (token_gateway only, by grant).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pg_token_validate_token_from(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: called by Postgres as declared in sql/validation.sql.
+    let (origin, req) = unsafe { (stated_origin(fcinfo), request(fcinfo, 1)) };
+    match judge_with(req, origin, Purpose::Request, |_| None) {
+        Ok(judged) => judged.identity_datum(),
+        Err(r) => error::refuse(&r.refusal),
+    }
 }
 
 v1::v1_function_info!(pg_finfo_pg_token_check_token);
@@ -120,18 +268,64 @@ v1::v1_function_info!(pg_finfo_pg_token_check_token);
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pg_token_check_token(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: called by Postgres as declared in sql/validation.sql.
-    let req = unsafe { request(fcinfo) };
-    let result = judge(req);
+    let req = unsafe { request(fcinfo, 0) };
+    verdict_row(judge(req))
+}
+
+v1::v1_function_info!(pg_finfo_pg_token_check_token_from);
+/// `token.check_token_from(client_addr, token, ...)`: check_token with a stated client address.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pg_token_check_token_from(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: called by Postgres as declared in sql/validation.sql.
+    let (origin, req) = unsafe { (stated_origin(fcinfo), request(fcinfo, 1)) };
+    verdict_row(judge_with(req, origin, Purpose::Request, |_| None))
+}
+
+/// check_token's row: (true, NULL, identity) or (false, reason, NULLs but the rate state of a
+/// token refused for its rate). The reason is the one the caller is told.
+fn verdict_row(result: Result<Judged, Rejection>) -> pg_sys::Datum {
     // The catalog judge() just refreshed: nothing has run since that could change it.
     store::catalog(|cat| match result {
-        Ok(stored) => stored.verdict_datum(cat),
-        Err(refusal) => {
-            let reason = refusal.reason.as_str().into_datum().unwrap_or(pg_sys::Datum::from(0));
-            let head = [(pg_sys::Datum::from(false), false), (reason, false)];
-            let rest = std::iter::repeat_n((pg_sys::Datum::from(0), true), 9);
-            palloc_copy(form_composite(cat.verdict_desc, head.into_iter().chain(rest)).as_bytes())
+        Ok(judged) if judged.per_call.is_empty() => judged.token.verdict_datum(cat),
+        Ok(judged) => judged.token.verdict_with(cat, &per_call_columns(&judged.per_call)),
+        Err(r) => {
+            let reason = r.refusal.shown_reason().as_str().into_datum().unwrap_or(pg_sys::Datum::from(0));
+            let natts = unsafe { (*cat.verdict_desc).natts } as usize;
+            let mut cols = vec![(pg_sys::Datum::from(0), true); natts];
+            cols[0] = (pg_sys::Datum::from(false), false);
+            cols[1] = (reason, false);
+            if let (Some(rate), Some(at)) = (r.rate, cat.verdict_per_call) {
+                let per_call = per_call_columns(&PerCall { uses_remaining: None, rate: Some(rate) });
+                for (i, v) in at.iter().zip(per_call) {
+                    if let Some(v) = v {
+                        cols[*i] = (v, false);
+                    }
+                }
+            }
+            palloc_copy(form_composite(cat.verdict_desc, cols).as_bytes())
         }
     })
+}
+
+/// The client address a gateway stated (argument 0, inet); NULL means the connection's own.
+///
+/// # Safety
+/// `fcinfo` is the live call of a `_from` function, whose argument 0 is inet.
+pub unsafe fn stated_origin(fcinfo: pg_sys::FunctionCallInfo) -> Origin {
+    const PGSQL_AF_INET: u8 = 2;
+    const PGSQL_AF_INET6: u8 = 3;
+    // SAFETY: per the contract; an inet datum is a varlena inet struct (family, bits, address).
+    let bytes = unsafe { v1::text_arg(fcinfo, 0) };
+    match bytes {
+        Some([PGSQL_AF_INET, _, a @ ..]) if a.len() >= 4 => Origin::Stated(IpAddr::from([a[0], a[1], a[2], a[3]])),
+        Some([PGSQL_AF_INET6, _, a @ ..]) if a.len() >= 16 => {
+            let mut o = [0u8; 16];
+            o.copy_from_slice(&a[..16]);
+            Origin::Stated(IpAddr::from(o))
+        }
+        _ => Origin::Connection,
+    }
 }
 
 /// SHA-256 of a token: what token.tokens stores. Inputs over 256 bytes are refused.

@@ -7,6 +7,7 @@ message (which carries no token: pg_token shows at most the prefix and 4 charact
 DETAIL this module does not use).
 """
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -31,17 +32,18 @@ RULES = {
     "caller_not_permitted": Rule(403, "insufficient_scope"),
     "cross_account": Rule(403, "insufficient_scope"),
     "insufficient_scope": Rule(403, "insufficient_scope"),
+    "disabled": Rule(401, "invalid_token"),
+    "parent_invalid": Rule(401, "invalid_token"),
+    # The token is fine but not from here: 403 without a Bearer challenge (no other token
+    # would do better from this address).
+    "network_not_allowed": Rule(403, "forbidden"),
     # Not the caller's fault: the pooled connection holds temporary objects or a WITH HOLD
     # cursor made under another identity. The service drops that connection; retry later.
     "tainted_session": Rule(503, "unavailable"),
-    # Announced, not produced by pg_token yet: answered with Retry-After and RateLimit.
+    # Answered with Retry-After and RateLimit: when the window resets.
     "rate_limited": Rule(429, "rate_limited"),
-    # Announced too; their lines will read like these once the reasons exist:
-    #   "disabled": Rule(401, "invalid_token"),
-    #   "legacy_token_retired": Rule(401, "invalid_token"),
-    #   "family_revoked": Rule(401, "invalid_token"),
-    #   "network_not_allowed": Rule(403, "insufficient_scope"),
-    #   "usage_exhausted": Rule(429, "rate_limited"),
+    # A spent cap: 429 with Retry-After when it refills, 403 when it never will.
+    "usage_exceeded": Rule(429, "usage_exceeded"),
 }
 
 # A reason this table does not know (a newer pg_token): refuse, never answer 500.
@@ -66,9 +68,21 @@ def reason_of(message):
     return None
 
 
+_RETRY = re.compile(r"(?:retry after|refill in) ([0-9]+(?:\.[0-9]+)?) s")
+
+
+def retry_after_of(detail):
+    """Seconds until a rate_limited or usage_exceeded token may succeed, from pg_token's DETAIL
+    ("... retry after 0.412 s", "... until its refill in 3600 s"), or None."""
+    m = _RETRY.search(detail or "")
+    return float(m.group(1)) if m else None
+
+
 def refusal(reason, message=None, scope=None, retry_after=None):
     """(status, headers, body) for a refused token. `message` is the database's own text."""
     rule = RULES.get(reason, FALLBACK)
+    if reason == "usage_exceeded" and retry_after is None:
+        rule = Rule(403, "usage_exceeded")  # no refill: retrying never helps
     body = {"error": rule.error, "reason": reason or "rejected"}
     if message:
         body["message"] = message
@@ -78,15 +92,26 @@ def refusal(reason, message=None, scope=None, retry_after=None):
     elif rule.status == 429:
         # Retry-After (RFC 9110) for every client, and the IETF RateLimit field for those that
         # read it: the "pg_token" policy has 0 left and resets in `retry_after` seconds.
-        seconds = max(1, int(retry_after or 1))
+        seconds = max(1, math.ceil(retry_after or 1))
         headers["Retry-After"] = str(seconds)
         headers["RateLimit"] = f'"pg_token";r=0;t={seconds}'
+    elif rule.error in ("forbidden", "usage_exceeded"):
+        pass
     else:
         challenge = f'Bearer realm="{REALM}", error="{rule.error}"'
         if rule.error == "insufficient_scope" and scope:
             challenge += f', scope="{scope}"'
         headers["WWW-Authenticate"] = challenge
     return rule.status, headers, body
+
+
+def rate_headers(limit, remaining, reset_in):
+    """The IETF RateLimit fields of an accepted request whose token has a rate limit: the
+    binding limit, what is left of it, and the seconds until its window resets."""
+    if limit is None:
+        return {}
+    seconds = max(0, math.ceil(reset_in))
+    return {"RateLimit-Policy": f'"pg_token";q={limit}', "RateLimit": f'"pg_token";r={remaining};t={seconds}'}
 
 
 def missing(error=None):

@@ -27,7 +27,9 @@ Answers (refusals.py holds the reason -> status table):
     401  no or unusable Authorization header; a refused token (body: the reason word and the
          database's message, e.g. "Token environment mismatch: dev token used in prod")
     403  the token is valid but lacks the scope (insufficient_scope)
-    429  rate_limited (reserved: pg_token does not produce it yet), with Retry-After
+    403  also network_not_allowed, and usage_exceeded for a cap that never refills
+    429  rate_limited, and usage_exceeded until a refill, with Retry-After and RateLimit;
+         an accepted request whose token has a rate limit gets RateLimit-Policy and RateLimit
     503  the database cannot be reached or gave no connection in time, with Retry-After
     500  anything else, as {"error": "internal_error"}: never the input, never a traceback
 A token is never logged, nor put in any response: the access log shows the prefix and 4
@@ -84,7 +86,9 @@ class PgToken:
     """pg_token: one call validates the token and binds its identity to the transaction."""
 
     name = "pg_token"
-    AUTHENTICATE = "SELECT account, scopes FROM token.authenticate(%s, required_scope => %s)"
+    AUTHENTICATE = ("SELECT account, scopes, rate_limit, rate_remaining, "
+                    "extract(epoch FROM rate_reset_at - clock_timestamp()) "
+                    "FROM token.authenticate(%s, required_scope => %s)")
     LIST = "SELECT id, tenant, name FROM app.projects ORDER BY id"
     INSERT = ("INSERT INTO app.projects (tenant, name) VALUES (token.current_account(), %s) "
               "RETURNING id, tenant, name")
@@ -96,7 +100,8 @@ class PgToken:
             message = e.diag.message_primary
             if message and token in message:  # pg_token never does this; refuse to pass it on
                 message = None
-            status, headers, body = refusals.refusal(refusals.reason_of(message), message, scope)
+            retry = refusals.retry_after_of(e.diag.message_detail)
+            status, headers, body = refusals.refusal(refusals.reason_of(message), message, scope, retry)
             if status >= 500:  # the connection's fault, not the token's: let the pool replace it
                 await conn.close()
             raise ApiError(status, headers, body) from None
@@ -119,7 +124,7 @@ class Baseline:
             raise ApiError(*refusals.refusal(None))
         if scope not in row[1]:
             raise ApiError(*refusals.refusal("insufficient_scope", scope=scope))
-        return row[:2]
+        return (row[0], row[1], None, None, None)
 
 
 BACKENDS = {b.name: b for b in (PgToken(), Baseline())}
@@ -137,8 +142,9 @@ def bearer_token(request):
     return token
 
 
-async def authenticated(request, scope, work):
-    """Runs `work(conn, (account, scopes))` in one transaction after token.authenticate."""
+async def authenticated(request, scope, work, status=200):
+    """Runs `work(conn, (account, scopes, rate_limit, rate_remaining, reset_in))` in one
+    transaction after token.authenticate; the answer carries the token's RateLimit fields."""
     token = bearer_token(request)
     pool, backend = request.app.state.pool, request.app.state.backend
     for attempt in (1, 2):
@@ -148,7 +154,9 @@ async def authenticated(request, scope, work):
                 async with conn.transaction():
                     identity = await backend.authenticate(conn, token, scope)
                     began = True
-                    return await work(conn, identity)
+                    result = await work(conn, identity)
+            headers = refusals.rate_headers(*identity[2:5])
+            return JSONResponse(result, status_code=status, headers=headers) if headers else result
         except (PoolTimeout, TooManyRequests):
             raise unavailable() from None
         except psycopg.OperationalError as e:
@@ -238,7 +246,7 @@ def create_app(backend_name=None):
                                          "fields": [list(err["loc"]) for err in e.errors()]}) from None
             row = await (await conn.execute(backend.INSERT, (project.name,))).fetchone()
             return {"id": row[0], "tenant": row[1], "name": row[2]}
-        return await authenticated(request, "write", work)
+        return await authenticated(request, "write", work, status=201)
 
     return Guard(app)
 

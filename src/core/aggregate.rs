@@ -170,10 +170,10 @@ pub enum Counted {
 }
 
 /// Reserved overflow entries, one per reason (index = reason).
-const OVERFLOW: usize = 16;
+const OVERFLOW: usize = crate::reason::Reason::SLOTS;
 const MICRO: i64 = 1_000_000;
 
-/// `N` entries, of which the first 16 are the reasons' overflow rows. All-zero is an empty table.
+/// `N` entries, of which the first `OVERFLOW` are the reasons' overflow rows. All-zero is an empty table.
 #[repr(C)]
 pub struct Table<const N: usize> {
     entries: [Entry; N],
@@ -519,12 +519,12 @@ mod tests {
         assert!(rows <= 100 * 11 + 1, "at most 100 a second (and the first second's burst), one overflow row: {rows}");
         assert_eq!(sum_written(&t), 50_000);
         assert_eq!(t.written, 50_000);
-        assert!(t.entries[Reason::Malformed as usize % 16].key.folded == Folded::Rate);
+        assert!(t.entries[Reason::Malformed as usize % OVERFLOW].key.folded == Folded::Rate);
     }
 
     #[test]
     fn a_full_table_counts_into_the_overflow_row() {
-        let mut t = table::<24>(); // 16 overflow + 8 keys
+        let mut t = table::<{ OVERFLOW + 8 }>(); // the overflow rows + 8 keys
         let limits = Limits { max_rows_per_s: 1_000, ..LIMITS };
         for n in 0..100 {
             t.count(&key(Reason::Revoked, &format!("c{n}"), Some("hk_live_x")), &sample(), SEC, &limits);
@@ -532,7 +532,7 @@ mod tests {
         let mut id = 0;
         write_all(&mut t, &mut id);
         assert_eq!(t.written, 100);
-        assert_eq!(t.entries[Reason::Revoked as usize % 16].count, 100 - 4, "8 entries: 4 sources and their 4 rows");
+        assert_eq!(t.entries[Reason::Revoked as usize % OVERFLOW].count, 100 - 4, "8 entries: 4 sources and their 4 rows");
     }
 
     #[test]
@@ -549,7 +549,7 @@ mod tests {
 
     #[test]
     fn marking_a_reused_entry_is_ignored() {
-        let mut t = table::<20>();
+        let mut t = table::<{ OVERFLOW + 4 }>();
         let a = key(Reason::Expired, "a", Some("hk_live_a"));
         t.count(&a, &sample(), SEC, &LIMITS);
         let mut out = Vec::new();
@@ -591,6 +591,6 @@ mod tests {
         for n in 0..50 {
             t.count(&key(Reason::NotFound, &format!("c{n}"), Some("h")), &sample(), SEC, &limits);
         }
-        assert_eq!(t.entries[Reason::NotFound as usize % 16].count, 50);
+        assert_eq!(t.entries[Reason::NotFound as usize % OVERFLOW].count, 50);
     }
 }

@@ -23,23 +23,39 @@ pub enum Reason {
     CrossAccount,
     InsufficientScope,
     TaintedSession,
+    Disabled,
+    ParentInvalid,
+    NetworkNotAllowed,
+    RateLimited,
+    UsageExceeded,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 12] = [
+    /// Every reason, in the order the checks run (a caller token is checked first; any
+    /// refusal of it is `CallerInvalid`).
+    pub const ALL: [Reason; 17] = [
         Reason::Malformed,
         Reason::BadChecksum,
         Reason::UnknownPrefix,
+        Reason::CallerNotPermitted,
         Reason::EnvironmentMismatch,
         Reason::NotFound,
-        Reason::Expired,
         Reason::Revoked,
-        Reason::CallerInvalid,
-        Reason::CallerNotPermitted,
+        Reason::Expired,
+        Reason::Disabled,
+        Reason::ParentInvalid,
+        Reason::NetworkNotAllowed,
         Reason::CrossAccount,
         Reason::InsufficientScope,
+        Reason::RateLimited,
+        Reason::UsageExceeded,
+        Reason::CallerInvalid,
         Reason::TaintedSession,
     ];
+
+    /// Room for reasons in fixed per-reason arrays (metrics, the events table's overflow
+    /// rows): every discriminant is below it.
+    pub const SLOTS: usize = 32;
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -55,6 +71,11 @@ impl Reason {
             Reason::CrossAccount => "cross_account",
             Reason::InsufficientScope => "insufficient_scope",
             Reason::TaintedSession => "tainted_session",
+            Reason::Disabled => "disabled",
+            Reason::ParentInvalid => "parent_invalid",
+            Reason::NetworkNotAllowed => "network_not_allowed",
+            Reason::RateLimited => "rate_limited",
+            Reason::UsageExceeded => "usage_exceeded",
         }
     }
 
@@ -77,6 +98,11 @@ impl Reason {
             Reason::CrossAccount => "the caller and the presented token belong to different accounts",
             Reason::InsufficientScope => "the token lacks the required scope",
             Reason::TaintedSession => "authenticate: the connection carries temporary objects or a WITH HOLD cursor made under another identity",
+            Reason::Disabled => "disabled by an administrator (disable_token); enable_token brings it back",
+            Reason::ParentInvalid => "a token derive_token made: its parent (or an ancestor) is revoked, disabled, expired or gone",
+            Reason::NetworkNotAllowed => "the client address is outside the networks the token or its key type allows",
+            Reason::RateLimited => "the token's rate limit is reached for the current window; retry when it resets",
+            Reason::UsageExceeded => "the token's usage cap is spent (until its next refill, if it has one)",
         }
     }
 }
@@ -138,6 +164,7 @@ mod tests {
             assert_eq!(Reason::from_u8(r as u8), Some(r));
         }
         assert_eq!(Reason::from_u8(0), None);
+        assert!(Reason::ALL.iter().all(|r| (*r as usize) < Reason::SLOTS));
     }
 
     #[test]

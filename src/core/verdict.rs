@@ -10,8 +10,12 @@
 //! This module must never see a token outside the call, log, or build a message containing
 //! more than a prefix and a 4-character hint.
 
+use std::net::IpAddr;
+
 use crate::format::{self, FormatError, ParsedToken};
 use crate::hash::{token_hash, TokenHash};
+use crate::network::{self, Network};
+use crate::ratelimit::RateLimit;
 use crate::reason::{self, Reason};
 
 pub use crate::clock::Micros;
@@ -26,6 +30,28 @@ pub struct PrefixInfo {
 pub struct KeyTypeInfo {
     /// Key types whose tokens a token of this type may validate as a caller.
     pub can_validate: Vec<String>,
+    /// Networks its tokens may be used from, unless a token lists its own (None: anywhere).
+    pub networks: Option<Vec<Network>>,
+    /// Rate limits of each of its tokens, unless a token has its own.
+    pub rate_limits: Vec<RateLimit>,
+    /// A caller of another account is told `not_found` instead of `cross_account`.
+    pub conceal_cross_account: bool,
+}
+
+/// How deep a chain of parent tokens is followed before it is refused (the settings bound what
+/// derive_token makes far below this; this only bounds the work of a corrupted chain).
+pub const MAX_ANCESTRY: usize = 32;
+
+/// A token's usage cap, as its row holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uses {
+    /// Bumped by every administrative change of the cap, so reservations made under an older
+    /// cap are not spent under a new one.
+    pub version: i64,
+    /// Uses not yet reserved when the row was read.
+    pub remaining: i64,
+    /// The cap refills (refill_uses is set).
+    pub refills: bool,
 }
 
 pub trait Registry {
@@ -44,6 +70,43 @@ pub struct TokenState {
     pub expires_at: Option<Micros>,
     pub revoke_after: Option<Micros>,
     pub revoked_at: Option<Micros>,
+    pub disabled_at: Option<Micros>,
+    /// The token derive_token made this one from.
+    pub parent_id: Option<[u8; 16]>,
+    /// The token's own networks and rate limits (None: its key type's).
+    pub networks: Option<Vec<Network>>,
+    pub rate_limits: Option<Vec<RateLimit>>,
+    pub uses: Option<Uses>,
+}
+
+impl TokenState {
+    /// A live token's state with nothing set but what every token has.
+    pub fn new(id: [u8; 16], account: &str, key_type: &str, environment: &str) -> TokenState {
+        TokenState {
+            id,
+            account: account.into(),
+            key_type: key_type.into(),
+            environment: environment.into(),
+            scopes: Vec::new(),
+            expires_at: None,
+            revoke_after: None,
+            revoked_at: None,
+            disabled_at: None,
+            parent_id: None,
+            networks: None,
+            rate_limits: None,
+            uses: None,
+        }
+    }
+
+    /// The rate limits that apply: the token's own, else its key type's.
+    pub fn effective_rate_limits<'a>(&'a self, key_type: Option<&'a KeyTypeInfo>) -> &'a [RateLimit] {
+        match (&self.rate_limits, key_type) {
+            (Some(own), _) => own,
+            (None, Some(kt)) => &kt.rate_limits,
+            (None, None) => &[],
+        }
+    }
 }
 
 /// What a finder hands back: anything that holds a stored token's state (the edge's cache
@@ -78,6 +141,8 @@ pub struct Context<'a> {
     /// `token.environment`; `None` when unset, which refuses every token.
     pub environment: Option<&'a str>,
     pub now: Micros,
+    /// The client's address; None for a Unix-domain socket (see `network`).
+    pub client: Option<IpAddr>,
 }
 
 #[derive(Debug)]
@@ -100,18 +165,37 @@ pub struct Subject {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
+    /// The truth, for events, logs and metrics.
     pub reason: Reason,
     pub detail: String,
     pub subject: Subject,
     /// The caller token, when one was given and got far enough to be known.
     pub caller: Option<Subject>,
     pub database_environment: Option<String>,
+    /// What the caller is told instead, when the key type conceals the truth
+    /// (`conceal_cross_account`): a reason and a detail.
+    pub shown: Option<(Reason, String)>,
 }
 
 impl Refusal {
+    pub fn new(reason: Reason, detail: String, subject: Subject, database_environment: Option<String>) -> Refusal {
+        Refusal { reason, detail, subject, caller: None, database_environment, shown: None }
+    }
+
+    /// The reason the caller is told.
+    pub fn shown_reason(&self) -> Reason {
+        self.shown.as_ref().map_or(self.reason, |s| s.0)
+    }
+
+    /// The detail the caller is told.
+    pub fn shown_detail(&self) -> &str {
+        self.shown.as_ref().map_or(&self.detail, |s| &s.1)
+    }
+
+    /// The message the caller is told.
     pub fn message(&self) -> String {
         reason::message(
-            self.reason,
+            self.shown_reason(),
             self.subject.environment.as_deref(),
             self.database_environment.as_deref(),
         )
@@ -152,17 +236,19 @@ fn subject_of(parsed: Option<&ParsedToken<'_>>, info: Option<&PrefixInfo>, state
 
 /// Runs the checks for one token up to and including its stored state. `before_lookup` runs
 /// once the prefix is known and may refuse (the caller-permission rule uses it).
-fn resolve<'t, T, R, F>(
+fn resolve<'t, T, R, F, G>(
     token: Option<&'t [u8]>,
     ctx: &Context<'_>,
     registry: &R,
     find: &mut F,
+    find_id: &mut G,
     before_lookup: impl FnOnce(&PrefixInfo) -> Result<(), Failure>,
 ) -> Result<(T, ParsedToken<'t>), Refused>
 where
     T: Stateful,
     R: Registry,
     F: FnMut(&TokenHash) -> Option<T>,
+    G: FnMut(&[u8; 16]) -> Option<T>,
 {
     let Some(token) = token else {
         return fail(Reason::Malformed, "the token is NULL".into(), Subject::default());
@@ -210,7 +296,41 @@ where
         let detail = format!("token {} {what}", parsed.hint());
         return fail(reason, detail, subject_of(Some(&parsed), Some(info), Some(state)));
     }
+    if let Err(what) = ancestry(state, ctx.now, find_id) {
+        let detail = format!("token {}: {what}", parsed.hint());
+        return fail(Reason::ParentInvalid, detail, subject_of(Some(&parsed), Some(info), Some(state)));
+    }
+    let networks = state.networks.as_ref().or_else(|| registry.key_type(&state.key_type).and_then(|k| k.networks.as_ref()));
+    if let Some(networks) = networks {
+        if !network::allows(networks, ctx.client) {
+            let detail = format!("token {} may not be used from {}", parsed.hint(), network::describe(ctx.client));
+            return fail(Reason::NetworkNotAllowed, detail, subject_of(Some(&parsed), Some(info), Some(state)));
+        }
+    }
     Ok((found, parsed))
+}
+
+/// Follows a derived token's parents: every one must exist and pass `status` now (revoking,
+/// disabling or expiring a parent refuses its descendants at their next call).
+fn ancestry<T: Stateful>(state: &TokenState, now: Micros, find_id: &mut impl FnMut(&[u8; 16]) -> Option<T>) -> Result<(), String> {
+    let mut next = state.parent_id;
+    let mut depth = 0;
+    while let Some(id) = next {
+        depth += 1;
+        if depth > MAX_ANCESTRY {
+            return Err(format!("its chain of parent tokens is deeper than {MAX_ANCESTRY}"));
+        }
+        let Some(parent) = find_id(&id) else {
+            return Err("its parent token no longer exists".into());
+        };
+        let ps = parent.state();
+        if let Err((_, what)) = status(ps, now) {
+            let whose = if depth == 1 { "its parent token" } else { "an ancestor token" };
+            return Err(format!("{whose} {what}"));
+        }
+        next = ps.parent_id;
+    }
+    Ok(())
 }
 
 /// Revocation and expiry against the clock. Checked on every call, cached or not.
@@ -224,20 +344,25 @@ pub fn status(state: &TokenState, now: Micros) -> Result<(), (Reason, &'static s
     if state.expires_at.is_some_and(|t| t <= now) {
         return Err((Reason::Expired, "has expired"));
     }
+    if state.disabled_at.is_some() {
+        return Err((Reason::Disabled, "is disabled"));
+    }
     Ok(())
 }
 
 /// Decides a request. See the module comment for the order of checks.
-pub fn decide<T, R, F>(
+pub fn decide<T, R, F, G>(
     req: Request<'_>,
     ctx: Context<'_>,
     registry: &R,
     mut find: F,
+    mut find_id: G,
 ) -> Result<Accepted<T>, Refusal>
 where
     T: Stateful,
     R: Registry,
     F: FnMut(&TokenHash) -> Option<T>,
+    G: FnMut(&[u8; 16]) -> Option<T>,
 {
     let refusal = |failure: Failure, subject: Subject, caller: Option<Subject>| Refusal {
         reason: failure.reason,
@@ -245,11 +370,12 @@ where
         subject,
         caller,
         database_environment: ctx.environment.map(str::to_owned),
+        shown: None,
     };
 
     let caller = match req.caller {
         None => None,
-        Some(c) => match resolve(Some(c), &ctx, registry, &mut find, |_| Ok(())) {
+        Some(c) => match resolve(Some(c), &ctx, registry, &mut find, &mut find_id, |_| Ok(())) {
             Ok(found) => Some(found),
             Err((inner, s)) => {
                 let failure = Failure {
@@ -277,7 +403,7 @@ where
             })
         }
     };
-    let (found, parsed) = match resolve(req.token, &ctx, registry, &mut find, permission) {
+    let (found, parsed) = match resolve(req.token, &ctx, registry, &mut find, &mut find_id, permission) {
         Ok(found) => found,
         Err((f, subject)) => return Err(refusal(f, subject, caller_subject())),
     };
@@ -290,6 +416,16 @@ where
     if let Some(cs) = caller_state {
         if cs.account != state.account {
             let detail = format!("the caller token and token {} belong to different accounts", parsed.hint());
+            let conceal = registry.key_type(&state.key_type).is_some_and(|k| k.conceal_cross_account);
+            if conceal {
+                // The caller learns what a token that does not exist would tell it; the event
+                // and the server log keep the truth.
+                let shown = (Reason::NotFound, format!("no token matches {}", parsed.hint()));
+                let f = Failure { reason: Reason::CrossAccount, detail };
+                let mut r = refusal(f, subject_of(Some(&parsed), None, Some(state)), caller_subject());
+                r.shown = Some(shown);
+                return Err(r);
+            }
             return refused_here(Reason::CrossAccount, detail);
         }
     }
@@ -346,35 +482,46 @@ mod tests {
                 reg.prefixes.insert(p.into(), PrefixInfo { key_type: kt.into(), environment: env.into() });
             }
             reg.key_types.insert("agent".into(), KeyTypeInfo::default());
-            reg.key_types.insert("mid".into(), KeyTypeInfo { can_validate: vec!["agent".into()] });
+            reg.key_types.insert("mid".into(), KeyTypeInfo { can_validate: vec!["agent".into()], ..KeyTypeInfo::default() });
             World { reg, rows: HashMap::new(), lookups: 0 }
         }
 
         fn issue(&mut self, prefix: &str, body: &str, account: &str, f: impl FnOnce(&mut TokenState)) -> String {
             let t = format::compose(prefix, body);
             let info = self.reg.prefixes[prefix].clone();
-            let mut state = TokenState {
-                id: [self.rows.len() as u8 + 1; 16],
-                account: account.into(),
-                key_type: info.key_type,
-                environment: info.environment,
-                scopes: vec!["read".into()],
-                expires_at: None,
-                revoke_after: None,
-                revoked_at: None,
-            };
+            let mut state = TokenState::new([self.rows.len() as u8 + 1; 16], account, &info.key_type, &info.environment);
+            state.scopes = vec!["read".into()];
             f(&mut state);
             self.rows.insert(token_hash(&t), state);
             t
         }
 
         fn decide(&mut self, req: Request<'_>, env: Option<&str>, now: Micros) -> Result<Accepted<Row>, Refusal> {
+            self.decide_from(req, env, now, Some(IpAddr::from([10, 0, 0, 1])))
+        }
+
+        fn decide_from(&mut self, req: Request<'_>, env: Option<&str>, now: Micros, client: Option<IpAddr>) -> Result<Accepted<Row>, Refusal> {
             let rows = &self.rows;
-            let lookups = &mut self.lookups;
-            decide(req, Context { environment: env, now }, &self.reg, |h: &TokenHash| {
-                *lookups += 1;
-                rows.get(h).cloned().map(Row)
-            })
+            let lookups = std::cell::Cell::new(self.lookups);
+            let r = decide(
+                req,
+                Context { environment: env, now, client },
+                &self.reg,
+                |h: &TokenHash| {
+                    lookups.set(lookups.get() + 1);
+                    rows.get(h).cloned().map(Row)
+                },
+                |id: &[u8; 16]| {
+                    lookups.set(lookups.get() + 1);
+                    rows.values().find(|s| s.id == *id).cloned().map(Row)
+                },
+            );
+            self.lookups = lookups.get();
+            r
+        }
+
+        fn id_of(&self, t: &str) -> [u8; 16] {
+            self.rows[&token_hash(t)].id
         }
 
         fn reason(&mut self, req: Request<'_>) -> Option<Reason> {
@@ -497,5 +644,91 @@ mod tests {
         assert!(!everything.contains(&t));
         assert!(!everything.contains("llllllll"), "more than the 4-char hint leaked: {everything}");
         assert_eq!(r.subject.hint.as_deref(), Some("cf-llll"));
+    }
+    #[test]
+    fn a_disabled_token_is_refused_until_enabled() {
+        let mut w = World::new();
+        let t = w.issue("cf-", "nnnnnnnnnnnnnnnnnnnnnn", "acme", |s| s.disabled_at = Some(NOW - 5));
+        assert_eq!(w.reason(presented(&t)), Some(Reason::Disabled));
+        w.rows.get_mut(&token_hash(&t)).expect("row").disabled_at = None;
+        assert_eq!(w.reason(presented(&t)), None);
+        // Revoked or expired outranks disabled.
+        let both = w.issue("cf-", "oooooooooooooooooooooo", "acme", |s| {
+            s.disabled_at = Some(0);
+            s.revoked_at = Some(0);
+        });
+        assert_eq!(w.reason(presented(&both)), Some(Reason::Revoked));
+    }
+
+    #[test]
+    fn a_derived_token_follows_every_ancestor() {
+        let mut w = World::new();
+        let root = w.issue("cf-", "pppppppppppppppppppppp", "acme", |_| {});
+        let root_id = w.id_of(&root);
+        let child = w.issue("cf-", "qqqqqqqqqqqqqqqqqqqqqq", "acme", |s| s.parent_id = Some(root_id));
+        let child_id = w.id_of(&child);
+        let grandchild = w.issue("cf-", "rrrrrrrrrrrrrrrrrrrrrr", "acme", |s| s.parent_id = Some(child_id));
+        assert_eq!(w.reason(presented(&grandchild)), None);
+        for (field, word) in [("revoked", "was revoked"), ("disabled", "is disabled"), ("expired", "has expired")] {
+            let row = w.rows.get_mut(&token_hash(&root)).expect("root");
+            match field {
+                "revoked" => row.revoked_at = Some(0),
+                "disabled" => row.disabled_at = Some(0),
+                _ => row.expires_at = Some(NOW - 1),
+            }
+            let r = w.decide(presented(&grandchild), Some("dev"), NOW).expect_err("refused");
+            assert_eq!(r.reason, Reason::ParentInvalid, "{field}");
+            assert!(r.detail.contains(&format!("an ancestor token {word}")), "{}", r.detail);
+            assert_eq!(w.reason(presented(&child)), Some(Reason::ParentInvalid));
+            assert_eq!(w.reason(presented(&root)).is_some(), true);
+            let row = w.rows.get_mut(&token_hash(&root)).expect("root");
+            (row.revoked_at, row.disabled_at, row.expires_at) = (None, None, None);
+        }
+        // A parent that is gone, and a cycle no real chain can have, are refused too.
+        w.rows.get_mut(&token_hash(&child)).expect("child").parent_id = Some([0xee; 16]);
+        let r = w.decide(presented(&grandchild), Some("dev"), NOW).expect_err("refused");
+        assert!(r.detail.contains("an ancestor token") || r.detail.contains("no longer exists"), "{}", r.detail);
+        w.rows.get_mut(&token_hash(&child)).expect("child").parent_id = Some(child_id);
+        let r = w.decide(presented(&grandchild), Some("dev"), NOW).expect_err("refused");
+        assert!(r.detail.contains("deeper than"), "{}", r.detail);
+    }
+
+    #[test]
+    fn bound_networks_refuse_other_clients() {
+        let mut w = World::new();
+        let office = Network::new(false, 24, &[192, 0, 2, 0]).expect("net");
+        let t = w.issue("cf-", "ssssssssssssssssssssss", "acme", |s| s.networks = Some(vec![office]));
+        assert!(w.decide_from(presented(&t), Some("dev"), NOW, Some(IpAddr::from([192, 0, 2, 77]))).is_ok());
+        let r = w.decide_from(presented(&t), Some("dev"), NOW, Some(IpAddr::from([198, 51, 100, 1]))).expect_err("refused");
+        assert_eq!(r.reason, Reason::NetworkNotAllowed);
+        assert!(r.detail.contains("198.51.100.1"), "{}", r.detail);
+        assert_eq!(w.decide_from(presented(&t), Some("dev"), NOW, None).err().map(|r| r.reason), Some(Reason::NetworkNotAllowed));
+        // The key type's list applies to tokens without their own; a token's own list wins.
+        let loopback = Network::new(false, 8, &[127, 0, 0, 0]).expect("net");
+        w.reg.key_types.get_mut("agent").expect("agent").networks = Some(vec![loopback]);
+        let plain = w.issue("cf-", "tttttttttttttttttttttt", "acme", |_| {});
+        assert!(w.decide_from(presented(&plain), Some("dev"), NOW, None).is_ok(), "a socket is loopback");
+        assert_eq!(w.reason(presented(&plain)), Some(Reason::NetworkNotAllowed));
+        assert!(w.decide_from(presented(&t), Some("dev"), NOW, Some(IpAddr::from([192, 0, 2, 1]))).is_ok());
+    }
+
+    #[test]
+    fn a_concealing_key_type_shows_cross_account_as_not_found() {
+        let mut w = World::new();
+        let mid = w.issue("mid_", "uuuuuuuuuuuuuuuuuuuuuu", "acme", |_| {});
+        let other = w.issue("cf-", "vvvvvvvvvvvvvvvvvvvvvv", "globex", |_| {});
+        let req = Request { token: Some(other.as_bytes()), caller: Some(mid.as_bytes()), required_scope: None };
+        let plain = w.decide(req, Some("dev"), NOW).expect_err("refused");
+        assert_eq!((plain.reason, plain.shown_reason()), (Reason::CrossAccount, Reason::CrossAccount));
+        w.reg.key_types.get_mut("agent").expect("agent").conceal_cross_account = true;
+        let hidden = w.decide(req, Some("dev"), NOW).expect_err("refused");
+        assert_eq!(hidden.reason, Reason::CrossAccount, "the event keeps the truth");
+        assert_eq!(hidden.shown_reason(), Reason::NotFound);
+        assert_eq!(hidden.message(), "token rejected: not_found");
+        assert!(hidden.shown_detail().starts_with("no token matches cf-vvvv"), "{}", hidden.shown_detail());
+        let missing = format::compose("cf-", "wwwwwwwwwwwwwwwwwwwwww");
+        let absent = w.decide(Request { token: Some(missing.as_bytes()), ..req }, Some("dev"), NOW).expect_err("refused");
+        assert_eq!((absent.message(), absent.shown_detail().replace("wwww", "vvvv")), (hidden.message(), hidden.shown_detail().to_owned()),
+            "indistinguishable from a token that does not exist");
     }
 }

@@ -11,12 +11,15 @@
 //! - `queue`: the shared-memory rings from backends to the writer.
 //! - `writer`: the background worker that writes them.
 //! - `admin`: the SQL functions over them (`flush_events`, `worker_status`, `purge_events`).
+//! - `reserve`: the writer's use reservations for capped tokens (`spend_use` waits for them).
 //!
 //! A new kind of event is recorded from here: lifecycle events through `lifecycle()` (in the
 //! caller's transaction), anything that must survive a rollback through the queue.
 
 mod admin;
+mod plans;
 pub mod queue;
+mod reserve;
 pub mod writer;
 
 use pg_token_core::reason::Reason;
@@ -177,6 +180,69 @@ pub fn touched(token_id: [u8; 16], at: i64, interval_s: i32) {
     // SAFETY: MyDatabaseId is set for every backend connected to a database.
     let db = unsafe { pg_sys::MyDatabaseId };
     start_writer_if_asked(db, queue::push_touch(db, &Touch { token_id, at, interval_s }));
+}
+
+/// What spending a use of a capped token came to.
+pub enum UseOutcome {
+    /// Spent; this many are left across the server.
+    Spent(i64),
+    /// None left, until the refill at this time (0: no refill).
+    Exhausted(i64),
+    /// The cap changed since this backend read the token: read it again.
+    Stale,
+    /// No use could be reserved (why).
+    Unavailable(&'static str),
+}
+
+/// How long a validation waits for the writer to reserve uses before it refuses.
+const RESERVATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Spends one use of a capped token: from the block reserved in shared memory, or after the
+/// writer has reserved one (waiting for it: the use must be subtracted in a committed
+/// transaction before it is granted).
+pub fn spend_use(token_id: &[u8; 16], version: i64, table_remaining: i64, refills: bool) -> UseOutcome {
+    use pg_token_core::uses::Step;
+    // SAFETY: reads process-global state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        return UseOutcome::Unavailable("uses are spent on the primary; a hot standby cannot reserve them");
+    }
+    // SAFETY: MyDatabaseId is set for every backend connected to a database.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    let start = std::time::Instant::now();
+    loop {
+        let (step, writer_slot) = queue::spend_use(db, token_id, version, table_remaining, refills);
+        if let Some(slot) = writer_slot {
+            writer::start(slot, db);
+        }
+        match step {
+            Step::Spent { remaining, .. } => return UseOutcome::Spent(remaining),
+            Step::Exhausted { refill_at } => return UseOutcome::Exhausted(refill_at),
+            Step::Stale => return UseOutcome::Stale,
+            Step::Full => return UseOutcome::Unavailable("too many capped tokens wait for reservations at once"),
+            Step::Requested | Step::Waiting => {}
+        }
+        if start.elapsed() >= RESERVATION_TIMEOUT {
+            return UseOutcome::Unavailable("the event writer reserved no uses within 5 s (see token.worker_status())");
+        }
+        // SAFETY: the standard wait on our own latch, with interrupts checked after.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                1,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pg_sys::check_for_interrupts!();
+    }
+}
+
+/// Uses of a token reserved in this server's shared memory and not yet spent, whether a
+/// reservation is in flight, and the count of completed reservations.
+pub fn reserved_uses(token_id: &[u8; 16]) -> (i64, bool, u64) {
+    // SAFETY: MyDatabaseId is set for every backend connected to a database.
+    queue::reserved_uses(unsafe { pg_sys::MyDatabaseId }, token_id)
 }
 
 fn start_writer_if_asked(db: pg_sys::Oid, pushed: Pushed) {

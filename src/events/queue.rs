@@ -40,6 +40,7 @@ use std::ptr;
 use pg_token_core::aggregate::{Counted, Entry, Key, Limits, Sample, Table};
 use pg_token_core::clock;
 use pg_token_core::ring::Ring;
+use pg_token_core::uses::{self, Request, Reserved, Step};
 use pgrx::pg_sys;
 use pgrx::{PGRXSharedMemory, PgSharedMemoryInitialization};
 
@@ -50,6 +51,8 @@ pub const MAX_DATABASES: usize = 8;
 pub const EVENT_KEYS: usize = 512;
 /// Last-use updates queued per database.
 pub const TOUCH_LEN: usize = 8192;
+/// Capped tokens with reserved uses per database at once.
+pub const USE_ENTRIES: usize = 1024;
 /// Refusal rows written per writer transaction (every entry: one transaction).
 pub const BATCH: usize = EVENT_KEYS;
 /// How long the writer lets count increments gather before writing them (a new row is
@@ -89,6 +92,7 @@ pub enum Phase {
     Idle = 0,
     Events = 1,
     Touches = 2,
+    Uses = 3,
 }
 
 #[repr(C)]
@@ -112,11 +116,14 @@ struct Slot {
     refusals_dropped: u64,
     refusals: Table<EVENT_KEYS>,
     touches: Ring<Touch, TOUCH_LEN>,
+    /// Usage-cap reservations (`pg_token_core::uses`): blocks of uses the writer reserved for
+    /// this database's backends to spend, and the requests for more.
+    uses: uses::Table<USE_ENTRIES>,
 }
 
 impl Slot {
     fn is_empty(&self) -> bool {
-        self.refusals_pending() == 0 && self.touches.is_empty()
+        self.refusals_pending() == 0 && self.touches.is_empty() && !self.uses.has_requests()
     }
 
     fn refusals_pending(&self) -> u64 {
@@ -271,6 +278,7 @@ fn slot_for(shared: &mut Shared, dboid: pg_sys::Oid, claim: bool) -> Option<usiz
     let s = &mut shared.slots[i];
     s.refusals.reset();
     s.touches.reset();
+    s.uses.reset();
     s.dboid = dboid;
     s.event_failures = 0;
     s.touch_failures = 0;
@@ -337,6 +345,44 @@ fn push(dboid: pg_sys::Oid, append: impl FnOnce(&mut Slot) -> Option<bool>) -> P
         }
     })
     .unwrap_or(Pushed::Unavailable)
+}
+
+/// Spends one use of a capped token (see `pg_token_core::uses`), asking the writer for a block
+/// when none is reserved. Returns the step, and a slot whose writer the caller must start.
+pub fn spend_use(dboid: pg_sys::Oid, token_id: &[u8; 16], version: i64, table_remaining: i64, refills: bool) -> (Step, Option<usize>) {
+    let now = clock::now();
+    locked(|shared| {
+        let Some(i) = slot_for(shared, dboid, true) else { return (Step::Full, None) };
+        let slot = &mut shared.slots[i];
+        let step = slot.uses.spend(token_id, version, table_remaining, refills, now);
+        let ask = matches!(step, Step::Requested | Step::Spent { asked: true, .. });
+        if !ask {
+            return (step, None);
+        }
+        if slot.needs_writer() {
+            slot.starting();
+            return (step, Some(i));
+        }
+        if slot.state == WorkerState::Running {
+            // SAFETY: the latch belongs to the running worker's PGPROC, in shared memory.
+            unsafe { pg_sys::SetLatch(slot.latch) };
+        }
+        (step, None)
+    })
+    .unwrap_or((Step::Full, None))
+}
+
+/// Uses reserved in this server's shared memory and not yet spent for a token, whether a
+/// reservation for it is in flight, and how many reservations have completed.
+pub fn reserved_uses(dboid: pg_sys::Oid, token_id: &[u8; 16]) -> (i64, bool, u64) {
+    locked(|shared| {
+        slot_for(shared, dboid, false).map_or((0, false, 0), |i| {
+            let u = &shared.slots[i].uses;
+            let (n, busy) = u.reserved(token_id);
+            (n, busy, u.completed)
+        })
+    })
+    .unwrap_or((0, false, 0))
 }
 
 /// Asks a running writer to write everything now, or reports that one must be started.
@@ -546,6 +592,8 @@ pub struct Waiting {
     pub flush_refusals: bool,
     pub touches: usize,
     pub flush_touches: bool,
+    /// Backends wait for use reservations.
+    pub reservations: bool,
 }
 
 pub fn worker_counts(slot: usize) -> Waiting {
@@ -557,9 +605,10 @@ pub fn worker_counts(slot: usize) -> Waiting {
             flush_refusals: s.refusals.written + s.refusals_dropped < s.flush_refusals_until,
             touches: s.touches.len(),
             flush_touches: s.touches.tail() < s.flush_touches_until,
+            reservations: s.uses.has_requests(),
         }
     })
-    .unwrap_or(Waiting { new_rows: false, refusals: 0, flush_refusals: false, touches: 0, flush_touches: false })
+    .unwrap_or(Waiting { new_rows: false, refusals: 0, flush_refusals: false, touches: 0, flush_touches: false, reservations: false })
 }
 
 /// Copies the refusal entries with something to write, and records that the writer is now
@@ -621,6 +670,26 @@ pub fn worker_consumed_touches(slot: usize, n: usize) {
     });
 }
 
+/// The writer takes the reservation requests waiting.
+pub fn worker_take_reservations(slot: usize, out: &mut Vec<Request>) {
+    locked(|shared| {
+        let s = &mut shared.slots[slot];
+        s.uses.take_requests(out);
+        s.phase = Phase::Uses;
+    });
+}
+
+/// The writer committed these reservations (None: no cap at that version).
+pub fn worker_reserved(slot: usize, answers: &[(Request, Option<Reserved>)]) {
+    locked(|shared| {
+        let s = &mut shared.slots[slot];
+        for (r, a) in answers {
+            s.uses.complete(r, *a);
+        }
+        s.phase = Phase::Idle;
+    });
+}
+
 /// Leaves the slot if nothing is queued; returns false (stay) if records arrived meanwhile.
 pub fn worker_try_detach(slot: usize) -> bool {
     locked(|shared| {
@@ -650,9 +719,12 @@ pub fn worker_exited(slot: usize, abnormal: bool) {
                     match s.phase {
                         Phase::Events => s.event_failures += 1,
                         Phase::Touches => s.touch_failures += 1,
-                        Phase::Idle => {}
+                        Phase::Uses | Phase::Idle => {}
                     }
                 }
+                // Reservations in progress were not committed (or were, and are lost: never
+                // granted twice): the next writer takes the requests again.
+                s.uses.retry_in_progress();
                 s.phase = Phase::Idle;
             }
         }

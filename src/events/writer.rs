@@ -18,14 +18,16 @@ use std::time::{Duration, Instant};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
-use pgrx::{PgBuiltInOids, PgOid};
+use pgrx::PgBuiltInOids;
 
 use pg_token_core::reason::Reason;
 
 use pg_token_core::aggregate::Entry;
+use pg_token_core::uses;
 
 use super::queue::{self, Touch, EVENT_DELAY, TOUCH_BATCH, TOUCH_DELAY};
+use super::plans::{extension_installed, prepared, still_installed, Plans};
+use super::reserve;
 use crate::error::{self, Error, Kind};
 use crate::guc;
 
@@ -116,6 +118,7 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
 
     let mut refusals: Vec<(usize, Entry)> = Vec::with_capacity(queue::BATCH);
     let mut touches: Vec<Touch> = Vec::with_capacity(TOUCH_BATCH);
+    let mut requests: Vec<uses::Request> = Vec::with_capacity(uses::MAX_REQUESTS);
     let mut plans = Plans::default();
     let mut idle_since = Instant::now();
     // When the oldest refusal count and last-use update still unwritten were first seen.
@@ -133,6 +136,16 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         let waiting = queue::worker_counts(slot);
+        // Backends waiting for use reservations come before everything else: they block a
+        // validation each.
+        if waiting.reservations {
+            queue::worker_take_reservations(slot, &mut requests);
+            let mut answers = Vec::new();
+            write(&mut plans, |plans| answers = reserve::reserve_uses(plans, &requests));
+            queue::worker_reserved(slot, &answers);
+            idle_since = Instant::now();
+            continue;
+        }
         // Refusals first, in their own transaction, so a batch of last-use updates that cannot
         // be written never costs one: a new row at once, count increments once they have
         // waited EVENT_DELAY (or someone waits in flush_events).
@@ -207,9 +220,14 @@ fn write(plans: &mut Plans, f: impl FnOnce(&mut Plans)) {
     BackgroundWorker::transaction(std::panic::AssertUnwindSafe(move || f(plans)));
 }
 
-fn extension_installed(client: &pgrx::spi::SpiClient<'_>) -> bool {
+fn events_have_counts(client: &pgrx::spi::SpiClient<'_>) -> bool {
     client
-        .select("SELECT 1 FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_token'", None, &[])
+        .select(
+            "SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid OPERATOR(pg_catalog.=) 'token.events'::pg_catalog.regclass \
+             AND attname OPERATOR(pg_catalog.=) 'count' AND NOT attisdropped",
+            None,
+            &[],
+        )
         .map(|t| !t.is_empty())
         .unwrap_or(false)
 }
@@ -221,14 +239,6 @@ fn uuid(b: &Option<[u8; 16]>) -> Option<pgrx::Uuid> {
 fn tstz(at: i64) -> Option<TimestampWithTimeZone> {
     // SAFETY: a TimestampTz is a plain i64 datum.
     unsafe { TimestampWithTimeZone::from_datum(pg_sys::Datum::from(at), false) }
-}
-
-/// The writer's statements, prepared on first use and kept for the life of the process.
-#[derive(Default)]
-struct Plans {
-    write_refusals: Option<OwnedPreparedStatement>,
-    write_refusals_0_1: Option<OwnedPreparedStatement>,
-    apply_touches: Option<OwnedPreparedStatement>,
 }
 
 /// One row per refusal entry, with the id given to it before (so a retry after a failed
@@ -286,44 +296,6 @@ const APPLY_TOUCHES: &str = "WITH v AS ( \
                 (v.at OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => v.secs::pg_catalog.float8)) \
             FOR NO KEY UPDATE OF t SKIP LOCKED) \
      UPDATE token.tokens t SET last_used_at = due.at FROM due WHERE t.id OPERATOR(pg_catalog.=) due.id";
-
-fn prepared<'p>(
-    client: &pgrx::spi::SpiClient<'_>,
-    plan: &'p mut Option<OwnedPreparedStatement>,
-    sql: &str,
-    args: &[PgBuiltInOids],
-) -> Option<&'p OwnedPreparedStatement> {
-    if plan.is_none() {
-        let args: Vec<PgOid> = args.iter().map(|&o| PgOid::BuiltIn(o)).collect();
-        match client.prepare_mut(sql, &args) {
-            Ok(p) => *plan = Some(p.keep()),
-            Err(e) => error::spi_or(Err(e), "pg_token writer could not prepare a statement"),
-        }
-    }
-    plan.as_ref()
-}
-
-/// Whether the extension is still there to write into; if not (dropped meanwhile), the
-/// records are consumed unwritten and the plans, which name its tables, are forgotten.
-fn still_installed(client: &pgrx::spi::SpiClient<'_>, plans: &mut Plans) -> bool {
-    if extension_installed(client) {
-        return true;
-    }
-    *plans = Plans::default();
-    false
-}
-
-fn events_have_counts(client: &pgrx::spi::SpiClient<'_>) -> bool {
-    client
-        .select(
-            "SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid OPERATOR(pg_catalog.=) 'token.events'::pg_catalog.regclass \
-             AND attname OPERATOR(pg_catalog.=) 'count' AND NOT attisdropped",
-            None,
-            &[],
-        )
-        .map(|t| !t.is_empty())
-        .unwrap_or(false)
-}
 
 /// Writes the refusal entries; returns those whose rows it inserted (for the log lines).
 fn write_refusals(plans: &mut Plans, slot: usize, entries: &mut [(usize, Entry)]) -> Vec<Entry> {

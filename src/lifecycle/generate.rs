@@ -5,21 +5,23 @@ use pg_token_core::limits;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
+use super::options::{check_networks, check_rate_limits, check_uses, inets, networks_sql};
 use super::{
     check_account, check_scopes, check_text, database_environment, fail, invalid, lock_account, new_secret, required,
     require_writable, spi, NewToken,
 };
-use crate::datum::RawJsonb;
+use crate::datum::{RawJsonb, RawInets, RawRateLimits};
 use crate::error::Kind;
 use crate::events::{self, Lifecycle};
 use crate::schema;
 
 /// Issues a token for `account` under `key_type`, in this database's environment. Returns its
-/// id and the token itself; the token is shown this once and can never be read again.
+/// id and the token itself; the token is shown this once and can never be read again. A usage
+/// cap (`uses`, optionally refilled), rate limits and bound networks are optional.
 #[allow(clippy::too_many_arguments)]
-#[pg_extern(volatile, parallel_unsafe, security_definer)]
+#[pg_extern(name = "generate_token", volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
-fn generate_token(
+fn generate_token_v2(
     account: Option<&str>,
     key_type: Option<&str>,
     name: default!(Option<&str>, "NULL"),
@@ -27,6 +29,11 @@ fn generate_token(
     expires_in: default!(Option<Interval>, "NULL"),
     metadata: default!(Option<RawJsonb>, "'{}'"),
     prefix: default!(Option<&str>, "NULL"),
+    uses: default!(Option<i64>, "NULL"),
+    refill_uses: default!(Option<i64>, "NULL"),
+    refill_interval: default!(Option<Interval>, "NULL"),
+    rate_limits: default!(Option<RawRateLimits>, "NULL"),
+    allowed_networks: default!(Option<RawInets>, "NULL"),
 ) -> TableIterator<'static, (name!(token_id, pgrx::Uuid), name!(token, String))> {
     require_writable("generate_token");
     events::require_preload();
@@ -35,9 +42,12 @@ fn generate_token(
     let key_type = required(key_type, "key_type");
     let scopes = check_scopes(&scopes.unwrap_or_default());
     check_text("name", name, limits::MAX_TOKEN_NAME_CHARS);
+    check_uses(uses, refill_uses, refill_interval);
     let env = database_environment();
 
     let issued = Spi::connect_mut(|client| {
+        let rate_limits = check_rate_limits(client, rate_limits);
+        let networks = check_networks(client, allowed_networks);
         // The document as the caller gave it (pgrx's JsonB would round numbers through f64).
         let (is_object, bytes) = spi(client
             .select(
@@ -139,14 +149,20 @@ fn generate_token(
         // us, then revokes this one too).
         lock_account(client, &account, false);
         let secret = new_secret(&chosen);
+        let sql = format!(
+            "INSERT INTO token.tokens (id, token_hash, hint, prefix, account, key_type, environment, name, \
+                                       scopes, metadata, expires_at, family_id, family_issued_at, \
+                                       uses_remaining, refill_uses, refill_interval, refilled_at, rate_limits, \
+                                       allowed_networks) \
+             SELECT u.id, $1, $2, $3, $4, $5, $6, $7, $8, COALESCE($9, '{{}}'::pg_catalog.jsonb), $10, u.id, \
+                    pg_catalog.now(), $11, $12, $13, CASE WHEN $12 IS NOT NULL THEN pg_catalog.now() END, $14, {} \
+               FROM (SELECT pg_catalog.gen_random_uuid() AS id) u \
+             RETURNING id",
+            networks_sql(15)
+        );
         let id = spi(client
             .update(
-                "INSERT INTO token.tokens (id, token_hash, hint, prefix, account, key_type, environment, name, \
-                                           scopes, metadata, expires_at, family_id, family_issued_at) \
-                 SELECT u.id, $1, $2, $3, $4, $5, $6, $7, $8, COALESCE($9, '{}'::pg_catalog.jsonb), $10, u.id, \
-                        pg_catalog.now() \
-                   FROM (SELECT pg_catalog.gen_random_uuid() AS id) u \
-                 RETURNING id",
+                &sql,
                 Some(1),
                 &[
                     secret.hash.clone().into(),
@@ -159,6 +175,11 @@ fn generate_token(
                     scopes.into(),
                     metadata.into(),
                     expires_at.into(),
+                    uses.into(),
+                    refill_uses.into(),
+                    refill_interval.into(),
+                    rate_limits,
+                    inets(networks),
                 ],
             )
             .and_then(|t| t.first().get_one::<pgrx::Uuid>()));
@@ -173,11 +194,27 @@ fn generate_token(
                 prefix: Some(&chosen),
                 hint: hint.as_deref(),
                 environment: Some(&env),
-                detail: Some(format!("key_type={key_type}")),
+                detail: Some(format!("key_type={key_type}{}", uses.map(|u| format!(" uses={u}")).unwrap_or_default())),
             },
         ));
         new
     });
     TableIterator::once((issued.id, issued.token))
+}
+
+/// 0.1.0's `generate_token` (its SQL calls this symbol until ALTER EXTENSION pg_token UPDATE,
+/// and refuses to write before that): the same, without the 0.2.0 options.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(sql = false, volatile, parallel_unsafe, security_definer)]
+fn generate_token(
+    account: Option<&str>,
+    key_type: Option<&str>,
+    name: default!(Option<&str>, "NULL"),
+    scopes: default!(Option<Vec<Option<String>>>, "'{}'"),
+    expires_in: default!(Option<Interval>, "NULL"),
+    metadata: default!(Option<RawJsonb>, "'{}'"),
+    prefix: default!(Option<&str>, "NULL"),
+) -> TableIterator<'static, (name!(token_id, pgrx::Uuid), name!(token, String))> {
+    generate_token_v2(account, key_type, name, scopes, expires_in, metadata, prefix, None, None, None, None, None)
 }
 

@@ -11,7 +11,13 @@
 //! disable flag, a leak report) gets its own file here and records its event through
 //! `events::lifecycle` in the same transaction.
 
+mod derive;
 mod generate;
+mod leaks;
+mod manage;
+mod options;
+
+pub(crate) use options::{check_networks, check_rate_limits, inets, networks_sql};
 mod revoke;
 mod rotate;
 

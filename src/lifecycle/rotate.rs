@@ -1,6 +1,7 @@
-//! Rotation: a successor token with the same account, key type, environment, scopes, name and
-//! metadata; the old one keeps validating for a grace window (`revoke_after`), then fails as
-//! `revoked` with no job needed.
+//! Rotation: a successor token with the same account, key type, environment, scopes, name,
+//! metadata, networks, rate limits and parent; the old one keeps validating for a grace window
+//! (`revoke_after`), then fails as `revoked` with no job needed. A usage cap moves to the
+//! successor (the old token keeps none), and derived children follow it too.
 
 use pg_token_core::verdict::Request;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
@@ -10,7 +11,7 @@ use super::{database_environment, fail, invalid, new_secret, required, require_w
 use crate::error::Kind;
 use crate::events::{self, Lifecycle};
 use crate::schema;
-use crate::validation;
+use crate::validation::{self, Origin, Purpose};
 
 /// Rotates a token: issues a successor in the same family with the same account, key type,
 /// environment, name and metadata, and lets the old one live until `now + grace`.
@@ -37,7 +38,7 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval) -> NewToken {
                           (t.family_issued_at OPERATOR(pg_catalog.+) kt.max_ttl)), \
                     ARRAY(SELECT s FROM pg_catalog.unnest(t.scopes) AS s \
                            WHERE kt.allowed_scopes IS NULL OR s OPERATOR(pg_catalog.=) ANY (kt.allowed_scopes)), \
-                    t.family_issued_at \
+                    t.family_issued_at, t.disabled_at IS NOT NULL \
              FROM token.tokens t JOIN token.key_types kt ON kt.name OPERATOR(pg_catalog.=) t.key_type \
              WHERE t.id OPERATOR(pg_catalog.=) $1 FOR NO KEY UPDATE OF t",
             Some(1),
@@ -64,6 +65,9 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval) -> NewToken {
         }
         if spi(r.get::<bool>(6)).unwrap_or(false) {
             state("has expired");
+        }
+        if spi(r.get::<bool>(12)).unwrap_or(false) {
+            state("is disabled; enable it first");
         }
         let key_type: String = required(spi(r.get(7)), "key_type");
         // FOR SHARE: unregister_prefix waits for this rotation (and then revokes the successor).
@@ -97,9 +101,12 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval) -> NewToken {
         let id = spi(client
             .update(
                 "INSERT INTO token.tokens (id, token_hash, hint, prefix, account, key_type, environment, name, scopes, \
-                                           metadata, expires_at, rotated_from, family_id, family_issued_at) \
+                                           metadata, expires_at, rotated_from, family_id, family_issued_at, parent_id, \
+                                           allowed_networks, rate_limits, uses_remaining, refill_uses, refill_interval, \
+                                           refilled_at) \
                  SELECT pg_catalog.gen_random_uuid(), $1, $2, t.prefix, t.account, t.key_type, t.environment, t.name, \
-                        $3, t.metadata, $4, t.id, t.family_id, t.family_issued_at \
+                        $3, t.metadata, $4, t.id, t.family_id, t.family_issued_at, t.parent_id, t.allowed_networks, \
+                        t.rate_limits, t.uses_remaining, t.refill_uses, t.refill_interval, t.refilled_at \
                    FROM token.tokens t WHERE t.id OPERATOR(pg_catalog.=) $5 \
                  RETURNING id",
                 Some(1),
@@ -107,11 +114,22 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval) -> NewToken {
             )
             .and_then(|t| t.first().get_one::<pgrx::Uuid>()));
         let new = NewToken { id: required(id, "token id"), token: secret.token };
+        // The old token's usage cap moves to the successor (the old one keeps no uses, so the
+        // two never spend more than the cap), and its children become the successor's.
         spi(client.update(
-            "UPDATE token.tokens SET revoke_after = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) $2 \
+            "UPDATE token.tokens SET revoke_after = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) $2, \
+                    uses_remaining = CASE WHEN uses_remaining IS NULL THEN NULL ELSE 0 END, \
+                    refill_uses = NULL, refill_interval = NULL, refilled_at = NULL, \
+                    uses_version = CASE WHEN uses_remaining IS NULL THEN uses_version \
+                                        ELSE uses_version OPERATOR(pg_catalog.+) 1 END \
              WHERE id OPERATOR(pg_catalog.=) $1",
             None,
             &[token_id.into(), grace.into()],
+        ));
+        spi(client.update(
+            "UPDATE token.tokens SET parent_id = $2 WHERE parent_id OPERATOR(pg_catalog.=) $1",
+            None,
+            &[token_id.into(), new.id.into()],
         ));
         let old_hint: Option<String> = spi(client
             .select("SELECT hint FROM token.tokens WHERE id OPERATOR(pg_catalog.=) $1", Some(1), &[token_id.into()])
@@ -155,8 +173,12 @@ fn rotate_own_token(
 ) -> TableIterator<'static, (name!(token_id, pgrx::Uuid), name!(token, String))> {
     require_writable("rotate_own_token");
     schema::require_current("rotate_own_token");
-    let judged = validation::judge_or_raise(Request { token: token.map(str::as_bytes), caller: None, required_scope: None });
-    let new = rotate(pgrx::Uuid::from_bytes(judged.state.id), required(grace, "grace"));
+    let req = Request { token: token.map(str::as_bytes), caller: None, required_scope: None };
+    let judged = match validation::judge_with(req, Origin::Connection, Purpose::Manage, |_| None) {
+        Ok(j) => j,
+        Err(r) => crate::error::refuse(&r.refusal),
+    };
+    let new = rotate(pgrx::Uuid::from_bytes(judged.token.state.id), required(grace, "grace"));
     TableIterator::once((new.id, new.token))
 }
 

@@ -21,26 +21,45 @@ use std::rc::Rc;
 use pgrx::prelude::*;
 
 use pg_token_core::account;
-use pg_token_core::format;
 use pg_token_core::reason::Reason;
-use pg_token_core::verdict::{Refusal, Subject};
 
+use crate::datum::{palloc_copy, DatumBytes};
 use crate::error;
-use crate::events;
-use crate::guc;
-use crate::metrics;
 use crate::store::Stored;
 use crate::v1;
-use crate::validation;
+use crate::validation::{self, Origin, Purpose};
 
 mod guard;
 
-thread_local! {
-    /// (transaction nesting level, identity); the last entry is the current identity.
-    static STACK: RefCell<Vec<(i32, Rc<Stored>)>> = const { RefCell::new(Vec::new()) };
+/// An identity bound by authenticate: the token, and the row authenticate returned when it
+/// carried per-call figures (uses left, rate limit state), which current_identity repeats.
+struct Bound {
+    state_of: Rc<Stored>,
+    row: Option<DatumBytes>,
 }
 
-fn current() -> Option<Rc<Stored>> {
+impl Bound {
+    fn identity_datum(&self) -> pg_sys::Datum {
+        match &self.row {
+            Some(row) => palloc_copy(row.as_bytes()),
+            None => self.state_of.identity_datum(),
+        }
+    }
+}
+
+impl std::ops::Deref for Bound {
+    type Target = Stored;
+    fn deref(&self) -> &Stored {
+        &self.state_of
+    }
+}
+
+thread_local! {
+    /// (transaction nesting level, identity); the last entry is the current identity.
+    static STACK: RefCell<Vec<(i32, Rc<Bound>)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn current() -> Option<Rc<Bound>> {
     STACK.with(|s| s.borrow().last().map(|(_, id)| Rc::clone(id)))
 }
 
@@ -103,36 +122,49 @@ v1::v1_function_info!(pg_finfo_pg_token_authenticate);
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn pg_token_authenticate(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
     // SAFETY: called by Postgres as declared in sql/validation.sql.
-    let req = unsafe { validation::request(fcinfo) };
-    let token = validation::judge_or_raise(req);
-    if let Some(why) = guard::taint_for(&token.state.account) {
-        let parsed = req.token.and_then(|t| format::split(t).ok());
-        let refusal = Refusal {
-            reason: Reason::TaintedSession,
-            detail: why,
-            subject: Subject {
-                prefix: parsed.map(|p| p.prefix.to_owned()),
-                hint: parsed.map(|p| p.hint()),
-                token_id: Some(token.state.id),
-                account: Some(token.state.account.clone()),
-                key_type: Some(token.state.key_type.clone()),
-                environment: Some(token.state.environment.clone()),
-            },
-            caller: None,
-            database_environment: guc::environment(),
-        };
-        metrics::refused(refusal.reason);
-        events::refused(&refusal);
-        error::refuse(&refusal);
-    }
+    let req = unsafe { validation::request(fcinfo, 0) };
+    authenticate(req, Origin::Connection)
+}
+
+v1::v1_function_info!(pg_finfo_pg_token_authenticate_from);
+/// `token.authenticate_from(client_addr, token, ...)`: authenticate with the client address a
+/// gateway states (token_gateway only, by grant).
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub unsafe extern "C-unwind" fn pg_token_authenticate_from(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: called by Postgres as declared in sql/validation.sql.
+    let (origin, req) = unsafe { (validation::stated_origin(fcinfo), validation::request(fcinfo, 1)) };
+    authenticate(req, origin)
+}
+
+fn authenticate(req: pg_token_core::verdict::Request<'_>, origin: Origin) -> pg_sys::Datum {
+    // A session that may not take this account's identity is refused before the token's rate
+    // or uses are counted.
+    let judged = validation::judge_with(req, origin, Purpose::Request, |token| {
+        guard::taint_for(&token.state.account).map(|why| (Reason::TaintedSession, why))
+    });
+    let judged = match judged {
+        Ok(j) => j,
+        Err(r) => error::refuse(&r.refusal),
+    };
     guard::authenticated();
+    let row = (!judged.per_call.is_empty()).then(|| {
+        let datum = judged.identity_datum();
+        // SAFETY: a composite datum just built in this memory context (a whole varlena).
+        let bytes = unsafe {
+            let p = datum.cast_mut_ptr::<pg_sys::varlena>();
+            std::slice::from_raw_parts(p.cast::<u8>(), pgrx::varlena::varsize_any(p)).to_vec()
+        };
+        DatumBytes::from_bytes(&bytes)
+    });
+    let bound = Rc::new(Bound { state_of: Rc::clone(&judged.token), row });
     let level = nest_level();
     STACK.with(|s| {
         let mut s = s.borrow_mut();
         s.retain(|(l, _)| *l != level);
-        s.push((level, Rc::clone(&token)));
+        s.push((level, Rc::clone(&bound)));
     });
-    token.identity_datum()
+    bound.identity_datum()
 }
 
 /// An account id's one spelling, as pg_token stores and compares it: a decimal integer without

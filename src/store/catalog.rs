@@ -22,6 +22,24 @@ pub struct TokenAtts {
     pub revoke_after: usize,
     pub revoked_at: usize,
     pub last_used_at: usize,
+    /// Columns 0.2.0 added: None while a database still has 0.1.0's schema (between a package
+    /// upgrade and ALTER EXTENSION UPDATE), where they read as NULL.
+    pub disabled_at: Option<usize>,
+    pub parent_id: Option<usize>,
+    pub allowed_networks: Option<usize>,
+    pub rate_limits: Option<usize>,
+    pub uses_remaining: Option<usize>,
+    pub uses_version: Option<usize>,
+    pub refill_uses: Option<usize>,
+}
+
+/// Attribute numbers in token.key_types (the 0.2.0 columns optional, as above).
+pub struct KeyTypeAtts {
+    pub name: usize,
+    pub can_validate: usize,
+    pub allowed_networks: Option<usize>,
+    pub rate_limits: Option<usize>,
+    pub conceal_cross_account: Option<usize>,
 }
 
 /// Where pg_token's objects are in this database.
@@ -30,13 +48,24 @@ pub struct Catalog {
     pub signal: pg_sys::Oid,
     pub tokens: pg_sys::Oid,
     pub hash_index: pg_sys::Oid,
+    /// The primary key on token.tokens (id): how a derived token's parents are found.
+    pub id_index: pg_sys::Oid,
     /// The btree on token.tokens (account).
     pub account_index: pg_sys::Oid,
     pub key_types: pg_sys::Oid,
     pub prefixes: pg_sys::Oid,
     pub identity_desc: pg_sys::TupleDesc,
     pub verdict_desc: pg_sys::TupleDesc,
+    /// token.rate_limit's type and row descriptor (InvalidOid and NULL while the database has
+    /// 0.1.0's schema, which has no rate limits).
+    pub rate_limit_type: pg_sys::Oid,
+    /// Where the per-call columns (uses_remaining, rate_limit, rate_remaining, rate_reset_at)
+    /// are in the identity and verdict rows (None on 0.1.0's row types, which have none).
+    pub identity_per_call: Option<[usize; 4]>,
+    pub verdict_per_call: Option<[usize; 4]>,
+    pub rate_limit_desc: pg_sys::TupleDesc,
     pub atts: TokenAtts,
+    pub key_type_atts: KeyTypeAtts,
     /// The relations whose invalidation empties the cache: cache_signal and the relations
     /// behind the identity and verdict types.
     pub data_relations: [u32; 3],
@@ -64,12 +93,14 @@ pub fn relid(ns: pg_sys::Oid, name: &std::ffi::CStr) -> pg_sys::Oid {
 
 /// A column's 0-based index in `rel`, or 55000.
 fn attindex(rel: pg_sys::Oid, name: &std::ffi::CStr) -> usize {
+    attindex_if(rel, name).unwrap_or_else(|| error::not_installed())
+}
+
+/// A column's 0-based index in `rel`, or None when it has no such column.
+fn attindex_if(rel: pg_sys::Oid, name: &std::ffi::CStr) -> Option<usize> {
     // SAFETY: a syscache lookup by name.
     let n = unsafe { pg_sys::get_attnum(rel, name.as_ptr()) };
-    match usize::try_from(n) {
-        Ok(n) if n > 0 => n - 1,
-        _ => error::not_installed(),
-    }
+    usize::try_from(n).ok().filter(|n| *n > 0).map(|n| n - 1)
 }
 
 fn row_desc(ns: pg_sys::Oid, name: &std::ffi::CStr) -> (u32, pg_sys::TupleDesc) {
@@ -83,6 +114,19 @@ fn row_desc(ns: pg_sys::Oid, name: &std::ffi::CStr) -> (u32, pg_sys::TupleDesc) 
         pg_sys::MemoryContextSwitchTo(old);
         (rel.to_u32(), desc)
     }
+}
+
+/// The indexes of the per-call columns in a row type, when it has all four.
+fn per_call_columns(desc: pg_sys::TupleDesc) -> Option<[usize; 4]> {
+    let names = ["uses_remaining", "rate_limit", "rate_remaining", "rate_reset_at"];
+    // SAFETY: `desc` is a live descriptor; its attributes are read by index below natts.
+    let attnames: Vec<String> =
+        unsafe { pgrx::PgTupleDesc::from_pg_unchecked(desc) }.iter().map(|a| a.name().to_owned()).collect();
+    let mut out = [0usize; 4];
+    for (slot, name) in out.iter_mut().zip(names) {
+        *slot = attnames.iter().position(|a| a == name)?;
+    }
+    Some(out)
 }
 
 impl Catalog {
@@ -104,23 +148,51 @@ impl Catalog {
             revoke_after: att(c"revoke_after"),
             revoked_at: att(c"revoked_at"),
             last_used_at: att(c"last_used_at"),
+            disabled_at: attindex_if(tokens, c"disabled_at"),
+            parent_id: attindex_if(tokens, c"parent_id"),
+            allowed_networks: attindex_if(tokens, c"allowed_networks"),
+            rate_limits: attindex_if(tokens, c"rate_limits"),
+            uses_remaining: attindex_if(tokens, c"uses_remaining"),
+            uses_version: attindex_if(tokens, c"uses_version"),
+            refill_uses: attindex_if(tokens, c"refill_uses"),
         };
         let key_types = relid(ns, c"key_types");
+        let key_type_atts = KeyTypeAtts {
+            name: attindex(key_types, c"name"),
+            can_validate: attindex(key_types, c"can_validate"),
+            allowed_networks: attindex_if(key_types, c"allowed_networks"),
+            rate_limits: attindex_if(key_types, c"rate_limits"),
+            conceal_cross_account: attindex_if(key_types, c"conceal_cross_account"),
+        };
         let prefixes = relid(ns, c"prefixes");
         let signal = relid(ns, c"cache_signal");
         let (identity_rel, identity_desc) = row_desc(ns, c"identity");
         let (verdict_rel, verdict_desc) = row_desc(ns, c"verdict");
+        // SAFETY: a syscache lookup by name.
+        let rate_limit_rel = unsafe { pg_sys::get_relname_relid(c"rate_limit".as_ptr(), ns) };
+        let (rate_limit_type, rate_limit_desc) = if rate_limit_rel == pg_sys::InvalidOid {
+            (pg_sys::InvalidOid, std::ptr::null_mut())
+        } else {
+            // SAFETY: as in row_desc.
+            (unsafe { pg_sys::get_rel_type_id(rate_limit_rel) }, row_desc(ns, c"rate_limit").1)
+        };
         Catalog {
             data_relations: [signal.to_u32(), identity_rel, verdict_rel],
             signal,
             tokens,
             hash_index: relid(ns, c"tokens_token_hash_excl"),
+            id_index: relid(ns, c"tokens_pkey"),
             account_index: relid(ns, c"tokens_account_idx"),
             key_types,
             prefixes,
             identity_desc,
             verdict_desc,
+            rate_limit_type,
+            rate_limit_desc,
+            identity_per_call: per_call_columns(identity_desc),
+            verdict_per_call: per_call_columns(verdict_desc),
             atts,
+            key_type_atts,
         }
     }
 
@@ -142,6 +214,9 @@ impl Drop for Catalog {
         unsafe {
             pg_sys::FreeTupleDesc(self.identity_desc);
             pg_sys::FreeTupleDesc(self.verdict_desc);
+            if !self.rate_limit_desc.is_null() {
+                pg_sys::FreeTupleDesc(self.rate_limit_desc);
+            }
         }
     }
 }

@@ -28,7 +28,7 @@ use pgrx::prelude::*;
 
 pub use catalog::Catalog;
 
-use crate::datum::{deform_composite, form_composite, palloc_copy, DatumBytes};
+use crate::datum::{deform_composite, form_composite, form_composite_datum, palloc_copy, DatumBytes};
 use crate::error;
 use crate::guc;
 use crate::metrics;
@@ -66,6 +66,34 @@ impl Stored {
     }
 }
 
+impl Stored {
+    /// The identity row with this call's figures in the per-call columns, palloc'd.
+    pub fn identity_with(&self, cat: &Catalog, per_call: &[Option<pg_sys::Datum>; 4]) -> pg_sys::Datum {
+        form_composite_datum(cat.identity_desc, &mut self.identity_columns(cat, per_call))
+    }
+
+    /// check_token's row for this accepted token, with this call's figures, palloc'd.
+    pub fn verdict_with(&self, cat: &Catalog, per_call: &[Option<pg_sys::Datum>; 4]) -> pg_sys::Datum {
+        let head = [(pg_sys::Datum::from(true), false), (pg_sys::Datum::from(0), true)];
+        let mut cols: Vec<_> = head.into_iter().chain(self.identity_columns(cat, per_call)).collect();
+        form_composite_datum(cat.verdict_desc, &mut cols)
+    }
+
+    fn identity_columns(&self, cat: &Catalog, per_call: &[Option<pg_sys::Datum>; 4]) -> Vec<(pg_sys::Datum, bool)> {
+        // SAFETY: `identity` is a composite datum of the identity type, whose descriptor `cat`
+        // holds; the values point into it and are used before it can be dropped.
+        let mut cols = unsafe { deform_composite(self.identity.as_bytes(), cat.identity_desc) };
+        if let Some(at) = cat.identity_per_call {
+            for (i, v) in at.iter().zip(per_call) {
+                if let (Some(c), Some(v)) = (cols.get_mut(*i), v) {
+                    *c = (*v, false);
+                }
+            }
+        }
+        cols
+    }
+}
+
 impl Stateful for Stored {
     fn state(&self) -> &TokenState {
         &self.state
@@ -86,6 +114,8 @@ impl Footprint for Stored {
             + s.scopes.iter().map(text).sum::<usize>()
             + heap_chunk(self.identity.footprint())
             + heap_chunk(self.identity.footprint() + 16)
+            + s.networks.as_ref().map_or(0, |n| heap_chunk(n.capacity() * std::mem::size_of::<pg_token_core::network::Network>()))
+            + s.rate_limits.as_ref().map_or(0, |r| heap_chunk(r.capacity() * std::mem::size_of::<pg_token_core::ratelimit::RateLimit>()))
     }
 }
 
@@ -193,11 +223,21 @@ impl Backend {
     fn load_registry(cat: &Catalog) -> RegistryCache {
         let mut reg = RegistryCache::default();
         let snap = scan::LatestSnapshot::take();
-        scan::scan_all(cat.key_types, &snap, |values, nulls| {
-            if let Some(name) = scan::text(values, nulls, 0) {
-                // SAFETY: key_types.can_validate (column 3) is text[] NOT NULL.
-                let can = unsafe { Vec::<String>::from_datum(values[2], nulls[2]) }.unwrap_or_default();
-                reg.key_types.insert(name, KeyTypeInfo { can_validate: can });
+        let a = &cat.key_type_atts;
+        scan::scan_all(cat.key_types, &snap, |v, n| {
+            let set = |i: Option<usize>| i.filter(|i| !n[*i]);
+            if let Some(name) = scan::text(v, n, a.name) {
+                // SAFETY: each column is read as its declared type: can_validate text[] NOT
+                // NULL, allowed_networks cidr[], rate_limits token.rate_limit[], conceal boolean.
+                let info = unsafe {
+                    KeyTypeInfo {
+                        can_validate: Vec::<String>::from_datum(v[a.can_validate], n[a.can_validate]).unwrap_or_default(),
+                        networks: set(a.allowed_networks).map(|i| scan::networks(v[i])),
+                        rate_limits: set(a.rate_limits).map(|i| scan::rate_limits(cat, v[i])).unwrap_or_default(),
+                        conceal_cross_account: set(a.conceal_cross_account).is_some_and(|i| v[i].value() != 0),
+                    }
+                };
+                reg.key_types.insert(name, info);
             }
         });
         scan::scan_all(cat.prefixes, &snap, |values, nulls| {
@@ -211,13 +251,32 @@ impl Backend {
 
     /// Finds a stored token by hash: cache first, then one index scan.
     fn find(cat: &Catalog, cache: &mut TokenCache<Stored>, hash: &TokenHash) -> Option<Rc<Stored>> {
+        Self::find_or_scan(cat, cache, hash, || scan::scan_token(cat, hash))
+    }
+
+    /// Finds a stored token by id (a derived token's parent): cached like the others, under a
+    /// key no token's hash can be (the hash of a domain-separated string, not of a token).
+    fn find_id(cat: &Catalog, cache: &mut TokenCache<Stored>, id: &[u8; 16]) -> Option<Rc<Stored>> {
+        let mut key = Vec::with_capacity(40);
+        key.extend_from_slice(b"pg_token parent id:");
+        key.extend_from_slice(id);
+        let hash = pg_token_core::hash::token_hash(&key);
+        Self::find_or_scan(cat, cache, &hash, || scan::scan_token_by_id(cat, id))
+    }
+
+    fn find_or_scan(
+        _cat: &Catalog,
+        cache: &mut TokenCache<Stored>,
+        hash: &TokenHash,
+        scan: impl FnOnce() -> Option<(Stored, bool)>,
+    ) -> Option<Rc<Stored>> {
         if let Some(hit) = cache.get(hash) {
             metrics::cache_hit();
             return Some(hit);
         }
         metrics::cache_miss();
         let before = freshness::data_generation();
-        let (stored, own_uncommitted) = scan::scan_token(cat, hash)?;
+        let (stored, own_uncommitted) = scan()?;
         if own_uncommitted || freshness::data_generation() != before {
             return Some(Rc::new(stored));
         }
@@ -227,9 +286,11 @@ impl Backend {
 
 /// A finder: a stored token by hash, from the cache or one index scan.
 pub type Find<'a> = dyn FnMut(&TokenHash) -> Option<Rc<Stored>> + 'a;
+/// A finder by id, for parents.
+pub type FindId<'a> = dyn FnMut(&[u8; 16]) -> Option<Rc<Stored>> + 'a;
 
 /// Runs `f` with this backend's state, refreshed.
-pub fn with<R>(f: impl FnOnce(&Catalog, &RegistryCache, &mut Find<'_>) -> R) -> R {
+pub fn with<R>(f: impl FnOnce(&Catalog, &RegistryCache, &mut Find<'_>, &mut FindId<'_>) -> R) -> R {
     BACKEND.with(|b| {
         let mut b = b.borrow_mut();
         b.refresh();
@@ -243,8 +304,12 @@ pub fn with<R>(f: impl FnOnce(&Catalog, &RegistryCache, &mut Find<'_>) -> R) -> 
         let Backend { catalog, registry, cache, .. } = &mut *b;
         let Some(cat) = catalog.as_ref() else { error::not_installed() };
         let Some(reg) = registry.as_ref() else { error::not_installed() };
-        let mut find = |h: &TokenHash| Backend::find(cat, cache, h);
-        f(cat, reg, &mut find)
+        // Both finders share the cache; they are never called at once (the verdict rules call
+        // one, then the other).
+        let cache = std::cell::RefCell::new(cache);
+        let mut find = |h: &TokenHash| Backend::find(cat, &mut cache.borrow_mut(), h);
+        let mut find_id = |id: &[u8; 16]| Backend::find_id(cat, &mut cache.borrow_mut(), id);
+        f(cat, reg, &mut find, &mut find_id)
     })
 }
 

@@ -15,13 +15,15 @@
 use std::cell::{Cell, OnceCell};
 
 use pg_token_core::hash::TokenHash;
-use pg_token_core::verdict::{Micros, TokenState};
+use pg_token_core::network::Network;
+use pg_token_core::ratelimit::RateLimit;
+use pg_token_core::verdict::{Micros, TokenState, Uses};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use super::catalog::Catalog;
 use super::Stored;
-use crate::datum::form_composite;
+use crate::datum::{deform_composite, form_composite};
 
 /// A registered snapshot of the latest committed state, released on drop (or by the
 /// resource owner if an error unwinds past us).
@@ -78,22 +80,43 @@ pub fn scan_all(rel_oid: pg_sys::Oid, snap: &LatestSnapshot, mut f: impl FnMut(&
 /// wrote it. A hash index returns every entry whose hash code matches, so each candidate row's
 /// token_hash is compared with ours (a real match is the first candidate all but always).
 pub fn scan_token(cat: &Catalog, hash: &TokenHash) -> Option<(Stored, bool)> {
+    let key = (&hash[..]).into_datum().unwrap_or(pg_sys::Datum::from(0));
+    let h = cat.atts.token_hash;
+    // SAFETY: token_hash is a bytea column; the datum points into the pinned tuple.
+    let same = |v: &[pg_sys::Datum], n: &[bool]| !n[h] && unsafe { pgrx::varlena::varlena_to_byte_slice(v[h].cast_mut_ptr()) } == &hash[..];
+    scan_one(cat, cat.hash_index, pg_sys::HTEqualStrategyNumber, pg_sys::F_BYTEAEQ, key, same)
+}
+
+/// A token by id, through the primary key (a derived token's parents are found this way).
+pub fn scan_token_by_id(cat: &Catalog, id: &[u8; 16]) -> Option<(Stored, bool)> {
+    let key = pgrx::Uuid::from_bytes(*id).into_datum().unwrap_or(pg_sys::Datum::from(0));
+    scan_one(cat, cat.id_index, pg_sys::BTEqualStrategyNumber, pg_sys::F_UUID_EQ, key, |_, _| true)
+}
+
+/// The first row of token.tokens that `index` finds equal to `key` and `want` accepts, read
+/// under the latest committed state, with whether this transaction wrote it.
+fn scan_one(
+    cat: &Catalog,
+    index_oid: pg_sys::Oid,
+    strategy: u32,
+    proc: u32,
+    key_datum: pg_sys::Datum,
+    want: impl Fn(&[pg_sys::Datum], &[bool]) -> bool,
+) -> Option<(Stored, bool)> {
     let snap = LatestSnapshot::take();
-    let a = &cat.atts;
     // SAFETY: the relation and index are opened and closed here, under AccessShareLock (held
     // to the end of the transaction); the scan uses a registered snapshot. A candidate's
     // datums point into the pinned page and are copied (into Rust values and the identity
     // datum) before the slot moves on or is dropped.
     unsafe {
         let rel = pg_sys::table_open(cat.tokens, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let index = pg_sys::index_open(cat.hash_index, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let key_datum = (&hash[..]).into_datum().unwrap_or(pg_sys::Datum::from(0));
+        let index = pg_sys::index_open(index_oid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
         pg_sys::ScanKeyInit(
             &mut key,
             1, // the index's first (only) column
-            pg_sys::HTEqualStrategyNumber as pg_sys::StrategyNumber,
-            pg_sys::Oid::from(pg_sys::F_BYTEAEQ),
+            strategy as pg_sys::StrategyNumber,
+            pg_sys::Oid::from(proc),
             key_datum,
         );
         let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
@@ -112,35 +135,13 @@ pub fn scan_token(cat: &Catalog, hash: &TokenHash) -> Option<(Stored, bool)> {
             let mut should_free = false;
             let tup = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
             pg_sys::heap_deform_tuple(tup, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-            let (v, n) = (&values[..], &nulls[..]);
-            let h = a.token_hash;
-            if n[h] || pgrx::varlena::varlena_to_byte_slice(v[h].cast_mut_ptr()) != &hash[..] {
+            if !want(&values, &nulls) {
                 continue; // same hash code, another token
             }
             // pgrx's inline version: PostgreSQL 18 also exports a function of the same name.
             let xmin = pg_sys::submodules::htup::HeapTupleHeaderGetXmin((*tup).t_data);
             let own = pg_sys::TransactionIdIsCurrentTransactionId(xmin);
-            let id = pgrx::Uuid::from_datum(v[a.id], n[a.id]).map(|u| *u.as_bytes()).unwrap_or_default();
-            let scopes = Vec::<String>::from_datum(v[a.scopes], n[a.scopes]).unwrap_or_default();
-            // token.identity, in its column order.
-            let identity = [a.id, a.account, a.key_type, a.environment, a.scopes, a.name, a.expires_at, a.revoke_after, a.metadata]
-                .map(|i| (v[i], n[i]));
-            let stored = Stored {
-                state: TokenState {
-                    id,
-                    account: text(v, n, a.account).unwrap_or_default(),
-                    key_type: text(v, n, a.key_type).unwrap_or_default(),
-                    environment: text(v, n, a.environment).unwrap_or_default(),
-                    scopes,
-                    expires_at: timestamp(v, n, a.expires_at),
-                    revoke_after: timestamp(v, n, a.revoke_after),
-                    revoked_at: timestamp(v, n, a.revoked_at),
-                },
-                identity: form_composite(cat.identity_desc, identity),
-                verdict: OnceCell::new(),
-                last_used_at: Cell::new(timestamp(v, n, a.last_used_at)),
-            };
-            found = Some((stored, own));
+            found = Some((stored_from_row(cat, &values, &nulls), own));
             break;
         }
         pg_sys::index_endscan(scan);
@@ -149,6 +150,135 @@ pub fn scan_token(cat: &Catalog, hash: &TokenHash) -> Option<(Stored, bool)> {
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         drop(snap);
         found
+    }
+}
+
+/// A token row as this backend keeps it: the verdict inputs copied into Rust values, and the
+/// identity row built from the row's columns.
+///
+/// # Safety
+/// `v`/`n` are a deformed row of token.tokens whose by-reference datums are still valid.
+unsafe fn stored_from_row(cat: &Catalog, v: &[pg_sys::Datum], n: &[bool]) -> Stored {
+    let a = &cat.atts;
+    let opt = |i: Option<usize>| i.filter(|i| !n[*i]);
+    // SAFETY: per the contract; each column is read as its declared type.
+    unsafe {
+        let uuid = |i: usize| pgrx::Uuid::from_datum(v[i], n[i]).map(|u| *u.as_bytes());
+        let scopes = Vec::<String>::from_datum(v[a.scopes], n[a.scopes]).unwrap_or_default();
+        let uses = opt(a.uses_remaining).map(|i| Uses {
+            version: a.uses_version.filter(|j| !n[*j]).map_or(0, |j| v[j].value() as i64),
+            remaining: v[i].value() as i64,
+            refills: a.refill_uses.is_some_and(|j| !n[j]),
+        });
+        // token.identity, in its column order: 0.1.0's nine, then (0.2.0) the parent and the
+        // per-call columns, NULL here and filled in by each call that has them.
+        let mut identity: Vec<(pg_sys::Datum, bool)> =
+            [a.id, a.account, a.key_type, a.environment, a.scopes, a.name, a.expires_at, a.revoke_after, a.metadata]
+                .map(|i| (v[i], n[i]))
+                .to_vec();
+        let natts = (*cat.identity_desc).natts as usize;
+        if natts > identity.len() {
+            identity.push(a.parent_id.map_or((pg_sys::Datum::from(0), true), |i| (v[i], n[i])));
+        }
+        identity.resize(natts, (pg_sys::Datum::from(0), true));
+        Stored {
+            state: TokenState {
+                id: uuid(a.id).unwrap_or_default(),
+                account: text(v, n, a.account).unwrap_or_default(),
+                key_type: text(v, n, a.key_type).unwrap_or_default(),
+                environment: text(v, n, a.environment).unwrap_or_default(),
+                scopes,
+                expires_at: timestamp(v, n, a.expires_at),
+                revoke_after: timestamp(v, n, a.revoke_after),
+                revoked_at: timestamp(v, n, a.revoked_at),
+                disabled_at: a.disabled_at.and_then(|i| timestamp(v, n, i)),
+                parent_id: opt(a.parent_id).and_then(uuid),
+                networks: opt(a.allowed_networks).map(|i| networks(v[i])),
+                rate_limits: opt(a.rate_limits).map(|i| rate_limits(cat, v[i])),
+                uses,
+            },
+            identity: form_composite(cat.identity_desc, identity),
+            verdict: OnceCell::new(),
+            last_used_at: Cell::new(timestamp(v, n, a.last_used_at)),
+        }
+    }
+}
+
+/// The elements of a one-dimensional array datum of `elem_type`, as (datum, isnull) pairs that
+/// point into the (detoasted) array.
+///
+/// # Safety
+/// `datum` is a non-NULL array of `elem_type`.
+unsafe fn array_elements(datum: pg_sys::Datum, elem_type: pg_sys::Oid) -> Vec<(pg_sys::Datum, bool)> {
+    // SAFETY: per the contract; deconstruct_array pallocs its outputs in the current context.
+    unsafe {
+        let arr = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
+        let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+        pg_sys::get_typlenbyvalalign(elem_type, &mut len, &mut byval, &mut align);
+        let mut elems: *mut pg_sys::Datum = std::ptr::null_mut();
+        let mut nulls: *mut bool = std::ptr::null_mut();
+        let mut count = 0;
+        pg_sys::deconstruct_array(arr, elem_type, i32::from(len), byval, align, &mut elems, &mut nulls, &mut count);
+        let count = usize::try_from(count).unwrap_or(0);
+        if count == 0 {
+            return Vec::new();
+        }
+        let e = std::slice::from_raw_parts(elems, count);
+        let m = std::slice::from_raw_parts(nulls, count);
+        e.iter().copied().zip(m.iter().copied()).collect()
+    }
+}
+
+/// A `cidr[]` column: each element is Postgres' inet struct (family, bits, 4 or 16 address
+/// bytes). Unreadable elements are left out; a list with none left allows nobody.
+///
+/// # Safety
+/// `datum` is a non-NULL cidr[].
+pub unsafe fn networks(datum: pg_sys::Datum) -> Vec<Network> {
+    const PGSQL_AF_INET: u8 = 2; // AF_INET + 0, as utils/inet.h has it
+    const PGSQL_AF_INET6: u8 = 3;
+    // SAFETY: per the contract; each element is a varlena inet struct.
+    unsafe {
+        array_elements(datum, pg_sys::CIDROID)
+            .into_iter()
+            .filter(|(_, null)| !null)
+            .filter_map(|(d, _)| {
+                let b = pgrx::varlena::varlena_to_byte_slice(d.cast_mut_ptr());
+                match b {
+                    [PGSQL_AF_INET, bits, rest @ ..] if rest.len() >= 4 => Network::new(false, *bits, &rest[..4]),
+                    [PGSQL_AF_INET6, bits, rest @ ..] if rest.len() >= 16 => Network::new(true, *bits, &rest[..16]),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+}
+
+/// A `token.rate_limit[]` column.
+///
+/// # Safety
+/// `datum` is a non-NULL token.rate_limit[].
+pub unsafe fn rate_limits(cat: &Catalog, datum: pg_sys::Datum) -> Vec<RateLimit> {
+    // SAFETY: per the contract; each element is a composite datum of token.rate_limit
+    // (integer, interval), deformed with that type's descriptor.
+    unsafe {
+        array_elements(datum, cat.rate_limit_type)
+            .into_iter()
+            .filter(|(_, null)| !null)
+            .map(|(d, _)| {
+                let p = d.cast_mut_ptr::<pg_sys::varlena>();
+                let bytes = std::slice::from_raw_parts(p.cast::<u8>(), pgrx::varlena::varsize_any(p));
+                let cols = deform_composite(bytes, cat.rate_limit_desc);
+                let requests = cols.first().filter(|c| !c.1).map_or(0, |c| i64::from(c.0.value() as i32));
+                let window = cols.get(1).filter(|c| !c.1).map_or(0, |c| {
+                    let iv = &*c.0.cast_mut_ptr::<pg_sys::Interval>();
+                    iv.time
+                        .saturating_add(i64::from(iv.day).saturating_mul(86_400_000_000))
+                        .saturating_add(i64::from(iv.month).saturating_mul(30 * 86_400_000_000))
+                });
+                RateLimit::from_stored(requests, window)
+            })
+            .collect()
     }
 }
 

@@ -29,6 +29,8 @@ ROLES = {
     "e2e_admin": ["token_admin"],
     "e2e_app": ["token_validator"],
     "e2e_tenant": ["app_api"],
+    "e2e_gateway": ["token_gateway"],
+    "e2e_reporter": ["token_reporter"],
 }
 
 

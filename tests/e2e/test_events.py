@@ -45,6 +45,15 @@ def test_every_refusal_reason_is_recorded_without_the_token(db, su, admin):
     _, mid_acme = generate(admin, db, "acme", key_type="mid")
     _, agent_globex = generate(admin, db, "globex")
     never_issued = compose("e2e-", "N" * 22)
+    disabled_id, disabled = generate(admin, db, "acme")
+    admin.execute("SELECT token.disable_token(%s, 'events test')", (disabled_id,))
+    parent_id, _ = generate(admin, db, "acme")
+    child = db.record(admin.execute("SELECT token FROM token.derive_token(%s)", (parent_id,)).fetchone()[0])
+    admin.execute("SELECT token.revoke_token(%s)", (parent_id,))
+    _, elsewhere = generate(admin, db, "acme", allowed_networks="{192.0.2.0/24}")
+    _, limited = generate(admin, db, "acme", rate_limits='{"(1,\\"1 hour\\")"}')
+    admin.execute("SELECT token.validate_token(%s)", (limited,))
+    _, spent = generate(admin, db, "acme", uses=0)
     cases = [  # (token, caller, required scope) -> reason
         ((None, None, None), "malformed"),
         ((token[:-1], None, None), "malformed"),
@@ -58,6 +67,11 @@ def test_every_refusal_reason_is_recorded_without_the_token(db, su, admin):
         ((mid_acme, token, None), "caller_not_permitted"),
         ((agent_globex, mid_acme, None), "cross_account"),
         ((token, None, "write"), "insufficient_scope"),
+        ((disabled, None, None), "disabled"),
+        ((child, None, None), "parent_invalid"),
+        ((elsewhere, None, None), "network_not_allowed"),
+        ((limited, None, None), "rate_limited"),
+        ((spent, None, None), "usage_exceeded"),
     ]
     marker = f"reasons-{uuid.uuid4()}"
     with db.connect("e2e_app", application_name=marker, autocommit=True) as app:
@@ -83,7 +97,7 @@ def test_every_refusal_reason_is_recorded_without_the_token(db, su, admin):
         expected[reason] = expected.get(reason, 0) + 1
     assert counted == expected
     assert {r[1] for r in rows} == {r for (r,) in su.execute("SELECT reason FROM token.reasons()")}, "every reason"
-    secrets = [token, revoked, expired, mid_acme, agent_globex, never_issued]
+    secrets = [token, revoked, expired, mid_acme, agent_globex, never_issued, disabled, child, elsewhere, limited, spent]
     for r in rows:
         assert r[0] == "refused" and r[9] == "e2e_app"
         assert not any(t in repr(r) or t[-28:] in repr(r) for t in secrets), r

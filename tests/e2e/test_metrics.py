@@ -132,7 +132,7 @@ def test_postgres_exporter_serves_the_queries(db, admin, app, monitor):
         names = {n for n, _ in first}
         for col in ("validations_total", "refusals_total", "cache_hits_total", "cache_misses_total",
                     "refusals_pending", "refusals_dropped_total", "event_rows_total", "touches_queued",
-                    "touches_dropped_total", "writer_running", "writer_lag_seconds"):
+                    "touches_dropped_total", "writer_running", "writer_lag_seconds", "rate_limit_untracked_total"):
             assert f"pg_token_{col}" in names, col
         assert first[("pg_token_writer_running", None)] == 1.0
 

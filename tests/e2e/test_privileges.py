@@ -40,6 +40,8 @@ def test_validator_is_denied(db, app, what, sql):
     ("SET token.cache_size = '1GB'", "42501"),
     ("SET token.last_used_interval = 0", "42501"),
     ("SET token.log_events = off", "42501"),
+    ("SET token.max_token_depth = 16", "42501"),
+    ("SET token.max_child_tokens = 100000", "42501"),
     ("ALTER ROLE e2e_app SET token.environment = 'prod'", "42501"),
     ("ALTER SYSTEM SET token.environment = 'prod'", "42501"),
     # Server-wide settings (postgresql.conf and a reload): no session can SET them at all.
@@ -61,7 +63,8 @@ def test_every_token_setting_is_covered_above(app):
     names = {r[0] for r in app.execute("SELECT name FROM pg_settings WHERE name LIKE 'token.%'")}
     assert names == {"token.environment", "token.cache_size", "token.last_used_interval", "token.log_events",
                      "token.event_retention", "token.worker_idle_timeout", "token.min_event_retention",
-                     "token.max_event_rows", "token.event_window", "token.max_event_hints", "token.flood_nice"}
+                     "token.max_event_rows", "token.event_window", "token.max_event_hints", "token.flood_nice",
+                     "token.max_token_depth", "token.max_child_tokens"}
 
 
 def test_validator_validates(db, admin, app):

@@ -64,10 +64,15 @@ def refused_token(su, env, reason):
         token_id, token = generate(su, env, "acme")
         su.execute("UPDATE token.tokens SET expires_at = now() - interval '1 minute' WHERE id = %s", (token_id,))
         return token
+    if reason == "disabled":
+        token_id, token = generate(su, env, "acme")
+        su.execute("SELECT token.disable_token(%s, 'test')", (token_id,))
+        return token
     raise AssertionError(reason)
 
 
-@pytest.mark.parametrize("reason", ["malformed", "bad_checksum", "unknown_prefix", "not_found", "revoked", "expired"])
+@pytest.mark.parametrize("reason", ["malformed", "bad_checksum", "unknown_prefix", "not_found", "revoked", "expired",
+                                    "disabled"])
 def test_a_refused_token_is_401_with_its_reason(db, http, su, reason):
     token = refused_token(su, db, reason)
     # The database's own verdict first: the HTTP answer must carry the same reason.
@@ -203,13 +208,41 @@ def test_every_reason_the_database_knows_has_a_rule(su):
     assert not missing, f"add these reasons to examples/http/refusals.py RULES: {sorted(missing)}"
 
 
-def test_rate_limited_is_429_with_retry_after():
-    """Reserved for pg_token's coming rate limits: the answer's shape, without a database."""
-    status, headers, body = refusals.refusal("rate_limited", "token rejected: rate_limited", retry_after=7)
-    assert status == 429
-    assert headers == {"Retry-After": "7", "RateLimit": '"pg_token";r=0;t=7'}
-    assert body == {"error": "rate_limited", "reason": "rate_limited", "message": "token rejected: rate_limited"}
-    assert refusals.refusal("some_future_reason")[0] == 401  # unknown reasons refuse, never 500
+def test_a_rate_limit_shows_in_the_headers_and_answers_429_with_retry_after(db, http, su):
+    _, token = generate(su, db, "acme", rate_limits='{"(2,\\"1 hour\\")"}')
+    answers = [http["main"].get("/projects", headers=bearer(token)) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    for a, left in zip(answers[:2], (1, 0)):
+        assert a.headers["RateLimit-Policy"] == '"pg_token";q=2'
+        assert a.headers["RateLimit"].startswith(f'"pg_token";r={left};t=')
+    refused = answers[2]
+    wait = int(refused.headers["Retry-After"])
+    assert 1 <= wait <= 3600, wait
+    assert refused.headers["RateLimit"] == f'"pg_token";r=0;t={wait}'
+    assert refused.json() == {"error": "rate_limited", "reason": "rate_limited", "message": "token rejected: rate_limited"}
+    assert "WWW-Authenticate" not in refused.headers
+
+
+def test_a_spent_cap_is_403_or_429_until_its_refill(db, http, su):
+    _, once = generate(su, db, "acme", uses=1)
+    assert http["main"].get("/projects", headers=bearer(once)).status_code == 200
+    r = http["main"].get("/projects", headers=bearer(once))
+    assert r.status_code == 403 and r.json()["reason"] == "usage_exceeded", "no refill: retrying never helps"
+    _, daily = generate(su, db, "acme", uses=1, refill_uses=1, refill_interval="1 day")
+    assert http["main"].get("/projects", headers=bearer(daily)).status_code == 200
+    r = http["main"].get("/projects", headers=bearer(daily))
+    assert r.status_code == 429 and 80_000 < int(r.headers["Retry-After"]) <= 86_400
+
+
+def test_a_token_from_another_network_is_403(db, http, su):
+    _, office = generate(su, db, "acme", allowed_networks="{192.0.2.0/24}")
+    r = http["main"].get("/projects", headers=bearer(office))
+    assert r.status_code == 403 and r.json()["reason"] == "network_not_allowed"
+    assert "WWW-Authenticate" not in r.headers
+
+
+def test_unknown_reasons_refuse_never_500():
+    assert refusals.refusal("some_future_reason")[0] == 401
 
 
 @pytest.mark.parametrize("account", ["acme", "globex"])

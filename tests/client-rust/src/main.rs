@@ -375,6 +375,11 @@ impl Validator {
             "expires_at",
             "revoke_after",
             "metadata",
+            "parent_id",
+            "uses_remaining",
+            "rate_limit",
+            "rate_remaining",
+            "rate_reset_at",
         ];
         check_eq!(names, expected, "columns of SELECT * FROM token.validate_token($1)");
         Ok(v)
