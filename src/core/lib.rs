@@ -3,7 +3,8 @@
 //! Token syntax and checksum (`format`), hashing (`hash`), the refusal reasons (`reason`), the
 //! verdict rules (`verdict`), log redaction (`redact`), the per-backend cache structure
 //! (`cache`), account ids and their one spelling (`account`), bounds on what admins store
-//! (`limits`), the clock (`clock`) and the fixed-size records that cross shared memory (`ring`).
+//! (`limits`), the clock (`clock`), JWTs from legacy issuers (`jwt`) and the fixed-size
+//! records that cross shared memory (`ring`).
 //!
 //! This crate cannot reach Postgres: it does not depend on pgrx (a compile-time fact, checked
 //! again by `scripts/check_layout.py`), so its unit and property tests run with
@@ -20,6 +21,7 @@ pub mod cache;
 pub mod clock;
 pub mod format;
 pub mod hash;
+pub mod jwt;
 pub mod limits;
 pub mod network;
 pub mod ratelimit;
