@@ -14,6 +14,14 @@ per-validation cost in one statement, writes the report.
       Checks what the pgbench rows rely on: the baseline validates the same tokens to the same
       rows, and bench_app sees its account's bench.docs rows only while authenticated.
 
+  bench.py jwts --host DIR --port P --hs256 N --rs256 M
+      Legacy JWTs (migrating from JWTs): registers two legacy issuers for the bench key type,
+      bench_hs256 (a 40-byte secret) and bench_rs256 (a 2048-bit RSA key, as PEM), and makes N
+      and M distinct JWTs with PyJWT (RS256 signed on every core) into bench.jwt_hs256 and
+      bench.jwt_rs256 (n, token), for the rows that present each backend JWTs it has not seen;
+      bench.jwt_one() returns one HS256 JWT, for the cached row. Then checks that the
+      extension accepts a sample as the right account and refuses a tampered one.
+
   bench.py per-token --host DIR --port P --size N --lookups L --csv FILE
       The CPU cost of one validation inside one statement validating L tokens drawn
       uniformly from the N in the table, for a warm cache (hit) and no cache (miss). CPU time
@@ -30,6 +38,7 @@ import csv
 import datetime
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -190,6 +199,94 @@ def check_suite(args):
     print(f"bench: the baseline validates {len(sample)} sampled tokens; RLS shows bench_app its account's rows only", flush=True)
 
 
+# ---- legacy JWTs ----
+
+JWT_SCOPE = "read write"
+JWT_ISSUERS = {"hs256": "https://bench-hs256.example", "rs256": "https://bench-rs256.example"}
+_signing_key = None
+
+
+def _rs256_init(pem):
+    global _signing_key
+    from cryptography.hazmat.primitives import serialization
+    _signing_key = serialization.load_pem_private_key(pem, password=None)
+
+
+def _rs256_batch(args):
+    import jwt
+    first, last, exp, iat = args
+    return [jwt.encode(jwt_claims("rs256", n, exp, iat), _signing_key, algorithm="RS256") for n in range(first, last + 1)]
+
+
+def jwt_claims(alg, n, exp, iat):
+    return {"sub": account_of(n), "scope": JWT_SCOPE, "iss": JWT_ISSUERS[alg], "exp": exp, "iat": iat, "jti": f"{alg}-{n}"}
+
+
+def jwts(args):
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    secret = os.urandom(30).hex()  # 60 bytes, never written anywhere but this throwaway cluster
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    iat = int(time.time())
+    exp = iat + 365 * 86400
+    started = time.monotonic()
+    with connect(args, autocommit=True) as conn:
+        for name, alg, material in (("bench_hs256", "HS256", secret), ("bench_rs256", "RS256", public)):
+            conn.execute("SELECT token.drop_legacy_issuer(%s)", (name,))
+            conn.execute("SELECT token.register_legacy_issuer(%s, %s, %s, %s, current_setting('token.environment'), "
+                         "now() + interval '1 year', 'bench: move to pg_token keys', issuer => %s)",
+                         (name, [alg], material, KEY_TYPE, JWT_ISSUERS[alg.lower()]))
+        print(f"bench: making {args.hs256:,} HS256 and {args.rs256:,} RS256 JWTs", flush=True)
+        hs = [jwt.encode(jwt_claims("hs256", n, exp, iat), secret, algorithm="HS256") for n in range(1, args.hs256 + 1)]
+        step = 2_000
+        batches = [(f, min(f + step - 1, args.rs256), exp, iat) for f in range(1, args.rs256 + 1, step)]
+        with multiprocessing.Pool(os.cpu_count(), initializer=_rs256_init, initargs=(pem,)) as pool:
+            rs = [t for batch in pool.map(_rs256_batch, batches) for t in batch]
+        for table, tokens in (("bench.jwt_hs256", hs), ("bench.jwt_rs256", rs)):
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+            conn.execute(f"CREATE TABLE {table} (n integer PRIMARY KEY, token text NOT NULL)")
+            with conn.cursor() as cur:
+                with cur.copy(f"COPY {table} (n, token) FROM STDIN") as cp:
+                    cp.write("".join(f"{n}\t{t}\n" for n, t in enumerate(tokens, start=1)))
+            conn.execute(f"VACUUM ANALYZE {table}")
+        # The cached row's one JWT, handed to a statement like bench.hot(n) hands a hot token.
+        conn.execute("DROP FUNCTION IF EXISTS bench.jwt_one()")
+        conn.execute(f"CREATE FUNCTION bench.jwt_one() RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE AS "
+                     f"$$ SELECT '{hs[0]}'::text $$")
+        check_jwts(conn, args)
+    print(f"bench: JWTs made and loaded in {time.monotonic() - started:.0f} s", flush=True)
+
+
+def check_jwts(conn, args):
+    """The extension must accept the bench JWTs as their accounts' and refuse a tampered one."""
+    rng = np.random.default_rng()
+    conn.execute("SET token.legacy_notice = off")
+    for table, count, issuer in (("bench.jwt_hs256", args.hs256, "bench_hs256"), ("bench.jwt_rs256", args.rs256, "bench_rs256")):
+        sample = sorted({1, count, *(int(x) for x in rng.integers(1, count + 1, size=100))})
+        rows = conn.execute(
+            f"SELECT j.n, v.valid, v.reason, v.account, v.key_type, v.scopes, v.metadata -> 'legacy_jwt' ->> 'issuer', "
+            f"       v.deprecation IS NOT NULL AND v.sunset_at IS NOT NULL "
+            f"  FROM {table} j, LATERAL token.check_token(j.token) v WHERE j.n = ANY(%s)", (sample,)).fetchall()
+        assert len(rows) == len(sample), f"bench: {table} lacks sampled rows"
+        for n, valid, reason, account, key_type, scopes, iss, deprecated in rows:
+            assert valid, f"bench: JWT {n} of {table} is refused: {reason}"
+            assert (account, key_type, scopes, iss, deprecated) == (account_of(n), KEY_TYPE, ["read", "write"], issuer, True), \
+                f"bench: JWT {n} of {table} validates to the wrong identity"
+        # The payload's last character changed: the signature no longer matches.
+        reason = conn.execute(
+            f"SELECT (token.check_token(split_part(token, '.', 1) || '.' || "
+            f"        overlay(split_part(token, '.', 2) placing CASE WHEN substr(split_part(token, '.', 2), 10, 1) = 'A' "
+            f"                THEN 'B' ELSE 'A' END from 10 for 1) || '.' || split_part(token, '.', 3))).reason "
+            f"  FROM {table} WHERE n = 1").fetchone()[0]
+        assert reason in ("bad_signature", "malformed"), f"bench: a tampered JWT of {table} was refused with {reason}"
+    conn.execute("RESET token.legacy_notice")
+    print(f"bench: sampled JWTs validate to their accounts; tampered ones are refused", flush=True)
+
+
 # ---- per-validation cost in one statement ----
 
 def cpu_ns(pid):
@@ -274,7 +371,7 @@ ROWS = {
     "select1": ("`SELECT 1` (the floor)", ""),
     "pick_hot": ("harness: pick a hot-set token, no validation", ""),
     "hash_hot": ("call shape: `SELECT * FROM token.hash_token(…)` on a hot-set token", ""),
-    "identity_constant": ("output shape: the identity's fourteen columns as constants, no call", ""),
+    "identity_constant": ("output shape: the identity's sixteen columns as constants, no call", ""),
     "pick_uniform": ("harness: pick a token from `bench.plain`, no validation", ""),
     "pk_lookup": ("primary-key lookup of a token row (`SELECT *`), uniform", ""),
     "baseline_hot": ("plain SQL + pgcrypto validation (bench/baseline.sql), hot set", ""),
@@ -288,7 +385,41 @@ ROWS = {
     "authenticate_rls": ("`token.authenticate` + RLS-filtered select, one transaction, hot set", "defaults, as `bench_app`"),
     "one_token": ("4 sessions validating one token", "defaults"),
     "four_tokens": ("4 sessions validating 4 different tokens", "defaults"),
+    "validate_jwt_cached": ("legacy JWT: 4 sessions validating one HS256 JWT (cached verdict)", "legacy notice off"),
+    "validate_jwt_first_hs256": ("legacy JWT: a HS256 JWT the session has not seen, from `bench.jwt_hs256`",
+                                 "legacy notice off"),
+    "validate_jwt_first_rs256": ("legacy JWT: a RS256 JWT the session has not seen, from `bench.jwt_rs256`",
+                                 "legacy notice off"),
 }
+
+
+def jwt_notes(args, runs, tps):
+    """What the legacy-JWT rows compare with, and whether a first-presentation row repeated JWTs."""
+    if not any(k.startswith("validate_jwt") for k in runs):
+        return []
+    counts = dict(kv.split("=") for kv in (args.jwt_counts or "").split(",") if "=" in kv)
+    notes = ["", "Legacy JWT rows (`token.legacy_notice = off`, else each call sends a NOTICE to pgbench):"]
+    if "validate_jwt_cached" in tps and "one_token" in tps:
+        notes.append(f"- one HS256 JWT over and over: {tps['validate_jwt_cached']:,.0f} TPS, "
+                     f"{tps['validate_jwt_cached'] / tps['one_token']:.0%} of 4 sessions validating one opaque token.")
+    base = "validate_uniform_no_touch" if "validate_uniform_no_touch" in tps else "validate_uniform"
+    for alg in ("hs256", "rs256"):
+        key = f"validate_jwt_first_{alg}"
+        if key not in runs:
+            continue
+        line = f"- first presentation, {alg.upper()}: {tps[key]:,.0f} TPS"
+        if base in tps:
+            line += (f", {tps[key] / tps[base]:.0%} of `{base}` (an opaque token drawn the same way, one index lookup "
+                     "in a side table per statement)")
+        n = int(counts.get(alg, 0))
+        per_run = runs[key]["tps_max"] * args.seconds
+        if n and per_run > n:
+            line += (f". **Repeats:** its best round made {per_run:,.0f} validations against {n:,} JWTs, so some sessions "
+                     f"met a JWT again (a cached verdict); raise BENCH_JWT_{alg.upper()}")
+        elif n:
+            line += f"; no JWT presented twice by a session ({per_run:,.0f} validations at most per round, {n:,} JWTs)"
+        notes.append(line + ".")
+    return notes
 
 
 def read_pgbench(path):
@@ -336,7 +467,7 @@ def report(args):
         f"Uniform rows draw a token (or id) from the {args.tokens:,}-row side table `bench.plain` in the same statement;",
         "hot-set rows get theirs from `bench.hot(n)`, a subscript into a constant array of 1,000 tokens. The harness",
         "rows show what that costs alone; the call-shape row what any function called as `SELECT * FROM f($1)` costs;",
-        "the output-shape row what sending the identity's fourteen columns costs with no function called at all.",
+        "the output-shape row what sending the identity's sixteen columns costs with no function called at all.",
         "",
         "| workload | TPS | range | vs SELECT 1 | latency | pg_token settings | last-use updates written / dropped |",
         "|---|---:|---:|---:|---:|---|---:|",
@@ -348,6 +479,7 @@ def report(args):
         touches = f"{int(r['touch_written']):,} / {int(r['touch_dropped']):,}" if settings else ""
         spread = f"{r['tps_min'] / 1000:,.1f}k–{r['tps_max'] / 1000:,.1f}k"
         lines.append(f"| {label} | {tps[key]:,.0f} | {spread} | {tps[key] / floor:.0%} | {r['latency_ms'] * 1000:.0f} µs | {settings} | {touches} |")
+    lines += jwt_notes(args, runs, tps)
     sizes = sorted({s for s, _ in per})
     lines += [
         "",
@@ -371,7 +503,7 @@ def report(args):
     targets = []
     if "validate_hot" in tps:
         r = tps["validate_hot"] / floor
-        note = (f" (returning the identity's fourteen columns with no call at all: {tps['identity_constant'] / floor:.0%})"
+        note = (f" (returning the identity's sixteen columns with no call at all: {tps['identity_constant'] / floor:.0%})"
                 if "identity_constant" in tps else "")
         targets.append(("validate_token, hot set ≥ 85% of `SELECT 1` TPS", f"{r:.0%}{note}", verdict(r >= 0.85)))
     if "validate_uniform" in tps and "pk_lookup" in tps:
@@ -658,6 +790,12 @@ def main():
     r.add_argument("--setting", action="append", default=[])
     r.add_argument("--flood", help="flood.json from `bench.py flood`")
     r.add_argument("--rate", help="rate.json from `bench.py rate-accuracy`")
+    r.add_argument("--jwt-counts", help="JWTs made for the first-presentation rows: hs256=N,rs256=M")
+    j = sub.add_parser("jwts")
+    j.add_argument("--host", required=True)
+    j.add_argument("--port", type=int, required=True)
+    for opt in ("--hs256", "--rs256"):
+        j.add_argument(opt, type=int, required=True)
     ra = sub.add_parser("rate-accuracy")
     ra.add_argument("--host", required=True)
     ra.add_argument("--port", type=int, required=True)
@@ -674,7 +812,7 @@ def main():
     r.add_argument("--date", help="the run's date (UTC) when re-rendering a report from its CSVs")
     args = p.parse_args()
     {"load": load, "per-token": per_token, "check-suite": check_suite, "report": report, "flood": flood,
-     "rate-accuracy": rate_accuracy}[args.cmd](args)
+     "rate-accuracy": rate_accuracy, "jwts": jwts}[args.cmd](args)
 
 
 if __name__ == "__main__":

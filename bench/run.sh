@@ -14,6 +14,8 @@
 #   BENCH_TOKENS         tokens in the table for the pgbench runs   (default 1000000)
 #   BENCH_SIZES          table sizes for the one-statement cost     (default 10000,1000000,10000000)
 #   BENCH_LOOKUPS        validations in that one statement          (default 200000)
+#   BENCH_JWT_HS256      distinct HS256 legacy JWTs for the first-presentation row (default 50000 x BENCH_SECONDS)
+#   BENCH_JWT_RS256      distinct RS256 legacy JWTs for the first-presentation row (default 20000 x BENCH_SECONDS)
 #   BENCH_SHARED_BUFFERS shared_buffers of the throwaway cluster    (default 6GB, fits 10M tokens)
 #   BENCH_DIR            where the cluster lives (removed on exit)  (default /tmp/pg_token-bench)
 #   BENCH_RESULTS        where latest.md and latest.png go          (default bench/results)
@@ -33,6 +35,10 @@ RATE_LIMIT=${BENCH_RATE_LIMIT:-2000}
 NTOKENS=${BENCH_TOKENS:-1000000}
 SIZES=${BENCH_SIZES:-10000,1000000,10000000}
 LOOKUPS=${BENCH_LOOKUPS:-200000}
+# Enough JWTs that no session meets one twice within a run at up to 50,000 (HS256) or 20,000
+# (RS256) validations per second; the report says if a run went faster than that.
+JWT_HS256=${BENCH_JWT_HS256:-$((50000 * SECONDS_PER_RUN))}
+JWT_RS256=${BENCH_JWT_RS256:-$((20000 * SECONDS_PER_RUN))}
 SHARED_BUFFERS=${BENCH_SHARED_BUFFERS:-6GB}
 DIR=${BENCH_DIR:-/tmp/pg_token-bench}
 RESULTS=${BENCH_RESULTS:-bench/results}
@@ -115,18 +121,20 @@ SELECT p.id, public.digest(p.token, 'sha256'), t.account, t.scopes, t.expires_at
 VACUUM ANALYZE baseline.api_keys;
 SQL
 py check-suite --host "$DIR" --port "$PORT" --tokens "$NTOKENS"
+echo "bench: legacy JWTs (migrating from JWTs): issuers and pre-made JWTs"
+py jwts --host "$DIR" --port "$PORT" --hs256 "$JWT_HS256" --rs256 "$JWT_RS256"
 
 echo "round,name,tps,latency_ms,touch_written,touch_dropped" >"$OUT/pgbench.csv"
 queue_totals() {  # last-use updates the event writer has written and dropped, all time
   psql_su -Atc "SELECT coalesce(sum(touches_written), 0) || ',' || coalesce(sum(touches_dropped), 0) FROM token.worker_status()"
 }
-run_pgbench() {  # name script user [server options]
-  local name=$1 script=$2 user=$3 options=${4:-} log="$OUT/pgbench-$1.log" before after tps latency
+run_pgbench() {  # name script user [server options] [pgbench options]
+  local name=$1 script=$2 user=$3 options=${4:-} extra=${5:-} log="$OUT/pgbench-$1.log" before after tps latency
   # Same start for every run: the event writer idle, no dirty buffers.
   psql_su -c "SELECT token.flush_events('60 s')" -c "CHECKPOINT" >/dev/null
   before=$(queue_totals)
   PGOPTIONS="$options" "$PGBIN/pgbench" -h "$DIR" -p "$PORT" -U "$user" -n -M prepared -c 4 -j 2 \
-    -T "$SECONDS_PER_RUN" -D ntokens="$NTOKENS" -f "$ROOT/bench/scripts/$script.pgbench" bench >"$log" 2>&1 \
+    -T "$SECONDS_PER_RUN" -D ntokens="$NTOKENS" $extra -f "$ROOT/bench/scripts/$script.pgbench" bench >"$log" 2>&1 \
     || { cat "$log" >&2; exit 1; }
   grep -q '^number of failed transactions: 0 ' "$log" || { cat "$log" >&2; exit 1; }
   psql_su -c "SELECT token.flush_events('60 s')" >/dev/null
@@ -162,6 +170,14 @@ for round in $(seq 1 "$ROUNDS"); do
   run_pgbench validate_uniform validate_uniform postgres
   run_pgbench one_token one_token postgres
   run_pgbench four_tokens four_tokens postgres
+  # Legacy JWTs, without the NOTICE each accepted one sends (pgbench would print them all).
+  # The first-presentation rows give each client its own quarter of the JWTs, in order
+  # (i counts the client's transactions), so a session validates each JWT once.
+  run_pgbench validate_jwt_cached validate_jwt_cached postgres "-c token.legacy_notice=off"
+  run_pgbench validate_jwt_first_hs256 validate_jwt_first_hs256 postgres "-c token.legacy_notice=off" \
+    "-D i=0 -D per_client=$((JWT_HS256 / 4))"
+  run_pgbench validate_jwt_first_rs256 validate_jwt_first_rs256 postgres "-c token.legacy_notice=off" \
+    "-D i=0 -D per_client=$((JWT_RS256 / 4))"
   run_pgbench authenticate_rls authenticate_rls bench_app
 done
 
@@ -181,10 +197,11 @@ settings=(
   "pgbench over the Unix socket as \`postgres\` (superuser), except the RLS row: \`bench_app\`, a login role in \`token_validator\` that does not own \`bench.docs\`. A CHECKPOINT and \`token.flush_events()\` before each run."
   "pgbench rows use pg_token's defaults: \`token.cache_size\` = $cache_kb per backend, \`token.last_used_interval\` = 60 s, except where the row says otherwise."
   "Hot set: after its first pass each backend's cache holds all 1,000 tokens, so validations are cache hits and a token's last use is queued at most once a minute per backend."
+  "Legacy JWT rows: issuers \`bench_hs256\` (HS256) and \`bench_rs256\` (RS256, 2048-bit key) for the bench key type; $JWT_HS256 and $JWT_RS256 pre-made JWTs in \`bench.jwt_hs256\` / \`bench.jwt_rs256\`, each client reading its own quarter in order; \`token.legacy_notice\` = off."
   "One statement: \`token.cache_size\` = 1GB (hit) or 0 (miss) and \`token.last_used_interval\` = -1, set in that session only."
 )
 py report --pgbench "$OUT/pgbench.csv" --per-token "$OUT/per_token.csv" --seconds "$SECONDS_PER_RUN" --rounds "$ROUNDS" \
   --tokens "$NTOKENS" --lookups "$LOOKUPS" --cache-bytes "$cache_bytes" --version "$version, release build installed $built; repository at $commit" \
-  --flood "$OUT/flood.json" --rate "$OUT/rate.json" --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
+  --flood "$OUT/flood.json" --rate "$OUT/rate.json" --jwt-counts "hs256=$JWT_HS256,rs256=$JWT_RS256" --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
 cat "$RESULTS/latest.md"
 echo "bench: done in $(( ($(date +%s) - started) / 60 )) min; $RESULTS/latest.md and latest.png"

@@ -17,9 +17,11 @@ mod tests {
     fn every_security_definer_function_pins_its_search_path() {
         let definers = one::<String>("SELECT string_agg(proname, ',' ORDER BY proname) FROM pg_proc p \
             JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'token' AND p.prosecdef").unwrap_or_default();
-        assert_eq!(definers, "create_key_type,derive_own_token,derive_token,disable_token,enable_token,generate_token,\
-purge_events,register_prefix,report_leaked,restore_prefix_tokens,revoke_account_tokens,revoke_token,revoke_token_tree,\
-rotate_own_token,rotate_token,scanner_patterns,token_uses,unregister_prefix,update_token");
+        assert_eq!(definers, "alter_legacy_issuer,create_key_type,derive_own_token,derive_token,disable_token,drop_legacy_issuer,\
+                              enable_token,exchange_legacy_jwt,generate_token,purge_events,register_legacy_issuer,register_prefix,\
+                              report_leaked,restore_prefix_tokens,revoke_account_tokens,revoke_legacy_jwt,revoke_token,\
+                              revoke_token_tree,rotate_own_token,rotate_token,scanner_patterns,token_uses,unregister_prefix,\
+                              update_token");
         let unpinned = one::<String>("SELECT string_agg(proname, ',') FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
             WHERE n.nspname = 'token' AND p.prosecdef AND NOT coalesce(p.proconfig @> '{\"search_path=pg_catalog, pg_temp\"}', false)");
         assert_eq!(unpinned, None);
@@ -38,7 +40,9 @@ current_key_type,current_scopes,current_token_id,has_scope,hash_token,reasons");
     fn tables_are_dumped_with_the_database() {
         let dumped = one::<String>("SELECT string_agg(c::regclass::text, ',' ORDER BY c::regclass::text) \
             FROM pg_extension e, unnest(e.extconfig) c WHERE e.extname = 'pg_token'");
-        assert_eq!(dumped.as_deref(), Some("token.events,token.events_id_seq,token.key_types,token.prefixes,token.tokens"));
+        assert_eq!(dumped.as_deref(), Some("token.events,token.events_id_seq,token.key_types,token.legacy_exchanges,token.legacy_issuer_keys,\
+                                             token.legacy_issuers,token.legacy_revocations,token.legacy_revocations_id_seq,\
+                                             token.prefixes,token.tokens"));
     }
 
     #[pg_test]

@@ -84,6 +84,12 @@ if ! "$VENV/bin/python" -c 'import fastapi, uvicorn, httpx, psycopg_pool' 2>/dev
   echo "setup: installing examples/http/requirements.txt into $VENV"
   $SUDO "$VENV/bin/pip" install -q -r "$(cd "$(dirname "$0")/.." && pwd)/examples/http/requirements.txt"
 fi
+# PyJWT and cryptography: the legacy-JWT tests (tests/e2e/test_legacy_jwt.py, tests/http) and
+# the benchmark's JWT rows make JWTs with them.
+if ! "$VENV/bin/python" -c 'import jwt, cryptography' 2>/dev/null; then
+  echo "setup: installing PyJWT and cryptography into $VENV"
+  $SUDO "$VENV/bin/pip" install -q 'PyJWT==2.*' 'cryptography==50.*'
+fi
 # Node.js (18 or later) and npm for tests/client-node; its run.sh installs pg from
 # package-lock.json with npm ci.
 if ! command -v node >/dev/null || ! command -v npm >/dev/null; then

@@ -167,7 +167,11 @@ CREATE TYPE token.identity AS (
     uses_remaining  bigint,
     rate_limit      integer,
     rate_remaining  integer,
-    rate_reset_at   timestamptz
+    rate_reset_at   timestamptz,
+    -- A legacy JWT (migrating from JWTs): why it is deprecated and when it stops working
+    -- (its issuer's cut-off), for X-Auth-Deprecation and Sunset headers. NULL for tokens.
+    deprecation     text,
+    sunset_at       timestamptz
 );
 
 -- What check_token returns: the verdict and, when valid, the identity.
@@ -187,7 +191,9 @@ CREATE TYPE token.verdict AS (
     uses_remaining  bigint,
     rate_limit      integer,
     rate_remaining  integer,
-    rate_reset_at   timestamptz
+    rate_reset_at   timestamptz,
+    deprecation     text,
+    sunset_at       timestamptz
 );
 
 CREATE VIEW token.token_list AS
@@ -207,12 +213,70 @@ SELECT id, hint, prefix, account, key_type, environment, name, scopes, metadata,
 FROM token.tokens;
 COMMENT ON VIEW token.token_list IS 'Every token with everything but its hash, and its status now';
 
+-- Legacy JWT issuers (migrating from JWTs): what a DBA registered with
+-- token.register_legacy_issuer. JWTs of an issuer validate until cutoff_at, then are refused
+-- as legacy_token_retired with migration_message. The keys are in legacy_issuer_keys, which
+-- no role but the extension's owner can read (an HS256 secret is a shared secret).
+CREATE TABLE token.legacy_issuers (
+    name               text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_]{0,30}$'),
+    algorithms         text[] NOT NULL CHECK (algorithms <@ ARRAY['HS256', 'RS256', 'ES256']
+                                              AND pg_catalog.cardinality(algorithms) > 0),
+    key_type           text NOT NULL REFERENCES token.key_types (name),
+    environment        text NOT NULL CHECK (pg_catalog.length(environment) BETWEEN 1 AND 31),
+    cutoff_at          timestamptz NOT NULL,
+    migration_message  text CHECK (pg_catalog.length(migration_message) <= 1000),
+    issuer             text UNIQUE CHECK (pg_catalog.length(issuer) BETWEEN 1 AND 1024),
+    audience           text CHECK (pg_catalog.length(audience) BETWEEN 1 AND 1024),
+    account_claim      text NOT NULL DEFAULT 'sub' CHECK (pg_catalog.length(account_claim) BETWEEN 1 AND 128),
+    scopes_claim       text NOT NULL DEFAULT 'scope' CHECK (pg_catalog.length(scopes_claim) BETWEEN 1 AND 128),
+    exchange_ttl       interval CHECK (exchange_ttl > interval '0'),
+    created_at         timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE token.legacy_issuers IS
+    'Legacy JWT issuers whose JWTs validate until their cut-off (keys in token.legacy_issuer_keys, owner-only)';
+CREATE TABLE token.legacy_issuer_keys (
+    name  text PRIMARY KEY REFERENCES token.legacy_issuers (name) ON DELETE CASCADE,
+    key   text NOT NULL CHECK (pg_catalog.octet_length(key) <= 65536)
+);
+COMMENT ON TABLE token.legacy_issuer_keys IS
+    'Key material of the legacy JWT issuers: HS256 secrets and public keys; readable by the extension owner only';
+-- Revoked legacy JWTs: one by (issuer, jti), or every JWT of an account issued (iat) before
+-- revoked_at (revoke_account_tokens writes those).
+CREATE TABLE token.legacy_revocations (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    issuer      text REFERENCES token.legacy_issuers (name) ON DELETE CASCADE,
+    jti         text CHECK (pg_catalog.length(jti) <= 128),
+    account     text CHECK (pg_catalog.length(account) BETWEEN 1 AND 256),
+    revoked_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    reason      text,
+    CHECK ((jti IS NOT NULL AND issuer IS NOT NULL AND account IS NULL)
+           OR (jti IS NULL AND issuer IS NULL AND account IS NOT NULL))
+);
+CREATE UNIQUE INDEX legacy_revocations_jti_idx ON token.legacy_revocations (issuer, jti) WHERE jti IS NOT NULL;
+COMMENT ON TABLE token.legacy_revocations IS
+    'Revoked legacy JWTs: by issuer and jti, or every JWT of an account issued before revoked_at';
+-- What exchange_legacy_jwt issued: at most one token per JWT (its jti, or its hash without one).
+CREATE TABLE token.legacy_exchanges (
+    issuer        text NOT NULL REFERENCES token.legacy_issuers (name) ON DELETE CASCADE,
+    jwt_key       text NOT NULL,
+    token_id      uuid REFERENCES token.tokens (id) ON DELETE SET NULL,
+    exchanged_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (issuer, jwt_key)
+);
+COMMENT ON TABLE token.legacy_exchanges IS
+    'The opaque token exchange_legacy_jwt issued for each legacy JWT (by issuer and jti, or the JWT''s hash)';
+
 -- Configuration and tokens travel with pg_dump; events too (they are the audit trail).
 SELECT pg_catalog.pg_extension_config_dump('token.key_types', '');
 SELECT pg_catalog.pg_extension_config_dump('token.prefixes', '');
 SELECT pg_catalog.pg_extension_config_dump('token.tokens', '');
 SELECT pg_catalog.pg_extension_config_dump('token.events', '');
 SELECT pg_catalog.pg_extension_config_dump('token.events_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('token.legacy_issuers', '');
+SELECT pg_catalog.pg_extension_config_dump('token.legacy_issuer_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('token.legacy_revocations', '');
+SELECT pg_catalog.pg_extension_config_dump('token.legacy_revocations_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('token.legacy_exchanges', '');
 
 -- Roles are cluster-wide: create them once, keep them when the extension is dropped.
 DO $roles$
@@ -240,4 +304,5 @@ REVOKE ALL ON ALL TABLES IN SCHEMA token FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA token FROM PUBLIC;
 -- Policies call token.current_account() as the querying user, so the schema is usable.
 GRANT USAGE ON SCHEMA token TO PUBLIC;
-GRANT SELECT ON token.token_list, token.events, token.key_types, token.prefixes TO token_admin;
+GRANT SELECT ON token.token_list, token.events, token.key_types, token.prefixes, token.legacy_issuers,
+    token.legacy_revocations, token.legacy_exchanges TO token_admin;

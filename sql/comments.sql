@@ -77,3 +77,13 @@ COMMENT ON FUNCTION token.refusal_metrics() IS
     'Refusals by reason since server start, for monitoring (token_admin, pg_monitor)';
 COMMENT ON FUNCTION token.invalidate_caches() IS
     'pg_token''s cache trigger: a change to tokens, key types or prefixes empties every backend''s validation cache';
+COMMENT ON FUNCTION token.register_legacy_issuer(text, text[], text, text, text, timestamptz, text, text, text, text, text, interval) IS
+    'Registers a legacy JWT issuer (HS256 secret, or RS256/ES256 public keys): its JWTs validate, marked deprecated, until cutoff_at (token_admin)';
+COMMENT ON FUNCTION token.alter_legacy_issuer(text, timestamptz, text, text[], text) IS
+    'Changes a legacy issuer''s cut-off, migration message, or algorithms and key; NULL leaves a field as it is (token_admin)';
+COMMENT ON FUNCTION token.drop_legacy_issuer(text) IS
+    'Removes a legacy issuer, its key and revocations: its JWTs are refused as unknown_issuer (token_admin)';
+COMMENT ON FUNCTION token.revoke_legacy_jwt(text, text, text) IS
+    'Revokes one legacy JWT by its issuer and jti, from every session''s next call (token_admin)';
+COMMENT ON FUNCTION token.exchange_legacy_jwt(text, text) IS
+    'Verifies a legacy JWT and issues an opaque token for its account and scopes, once per JWT (token_validator)';

@@ -18,11 +18,23 @@ CREATE TRIGGER key_types_invalidate_caches
 CREATE TRIGGER prefixes_invalidate_caches
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON token.prefixes
     FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
+CREATE TRIGGER legacy_issuers_invalidate_caches
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON token.legacy_issuers
+    FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
+CREATE TRIGGER legacy_issuer_keys_invalidate_caches
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON token.legacy_issuer_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
+CREATE TRIGGER legacy_revocations_invalidate_caches
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON token.legacy_revocations
+    FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
 -- ALWAYS: also under session_replication_role = replica, so that a change applied by logical
 -- replication or loaded by a restore still empties the caches.
 ALTER TABLE token.tokens ENABLE ALWAYS TRIGGER tokens_invalidate_caches;
 ALTER TABLE token.key_types ENABLE ALWAYS TRIGGER key_types_invalidate_caches;
 ALTER TABLE token.prefixes ENABLE ALWAYS TRIGGER prefixes_invalidate_caches;
+ALTER TABLE token.legacy_issuers ENABLE ALWAYS TRIGGER legacy_issuers_invalidate_caches;
+ALTER TABLE token.legacy_issuer_keys ENABLE ALWAYS TRIGGER legacy_issuer_keys_invalidate_caches;
+ALTER TABLE token.legacy_revocations ENABLE ALWAYS TRIGGER legacy_revocations_invalidate_caches;
 
 -- Nothing is callable by PUBLIC unless listed here.
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA token FROM PUBLIC;
@@ -48,6 +60,8 @@ GRANT EXECUTE ON FUNCTION
     token.authenticate(text, text, text),
     token.cache_stats()
 TO token_validator;
+-- A client migrates itself from a legacy JWT with one call.
+GRANT EXECUTE ON FUNCTION token.exchange_legacy_jwt(text, text) TO token_validator;
 
 -- A gateway validates like an application and may state the end client's address.
 GRANT token_validator TO token_gateway;
@@ -74,6 +88,10 @@ GRANT EXECUTE ON FUNCTION
     token.report_leaked(text[]),
     token.scanner_patterns(),
     token.token_uses(uuid),
+    token.register_legacy_issuer(text, text[], text, text, text, timestamptz, text, text, text, text, text, interval),
+    token.alter_legacy_issuer(text, timestamptz, text, text[], text),
+    token.drop_legacy_issuer(text),
+    token.revoke_legacy_jwt(text, text, text),
     token.rotate_token(uuid, interval),
     token.rotate_own_token(text, interval),
     token.revoke_token(uuid, text),

@@ -425,6 +425,160 @@ GRANT EXECUTE ON FUNCTION
     token.token_uses(uuid)
 TO token_admin;
 
+-- Migrating from JWTs (issue 14): legacy JWT issuers, revocation by jti, exchange.
+-- Legacy JWT issuers (migrating from JWTs): what a DBA registered with
+-- token.register_legacy_issuer. JWTs of an issuer validate until cutoff_at, then are refused
+-- as legacy_token_retired with migration_message. The keys are in legacy_issuer_keys, which
+-- no role but the extension's owner can read (an HS256 secret is a shared secret).
+CREATE TABLE token.legacy_issuers (
+    name               text PRIMARY KEY CHECK (name ~ '^[a-z][a-z0-9_]{0,30}$'),
+    algorithms         text[] NOT NULL CHECK (algorithms <@ ARRAY['HS256', 'RS256', 'ES256']
+                                              AND pg_catalog.cardinality(algorithms) > 0),
+    key_type           text NOT NULL REFERENCES token.key_types (name),
+    environment        text NOT NULL CHECK (pg_catalog.length(environment) BETWEEN 1 AND 31),
+    cutoff_at          timestamptz NOT NULL,
+    migration_message  text CHECK (pg_catalog.length(migration_message) <= 1000),
+    issuer             text UNIQUE CHECK (pg_catalog.length(issuer) BETWEEN 1 AND 1024),
+    audience           text CHECK (pg_catalog.length(audience) BETWEEN 1 AND 1024),
+    account_claim      text NOT NULL DEFAULT 'sub' CHECK (pg_catalog.length(account_claim) BETWEEN 1 AND 128),
+    scopes_claim       text NOT NULL DEFAULT 'scope' CHECK (pg_catalog.length(scopes_claim) BETWEEN 1 AND 128),
+    exchange_ttl       interval CHECK (exchange_ttl > interval '0'),
+    created_at         timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE token.legacy_issuers IS
+    'Legacy JWT issuers whose JWTs validate until their cut-off (keys in token.legacy_issuer_keys, owner-only)';
+CREATE TABLE token.legacy_issuer_keys (
+    name  text PRIMARY KEY REFERENCES token.legacy_issuers (name) ON DELETE CASCADE,
+    key   text NOT NULL CHECK (pg_catalog.octet_length(key) <= 65536)
+);
+COMMENT ON TABLE token.legacy_issuer_keys IS
+    'Key material of the legacy JWT issuers: HS256 secrets and public keys; readable by the extension owner only';
+-- Revoked legacy JWTs: one by (issuer, jti), or every JWT of an account issued (iat) before
+-- revoked_at (revoke_account_tokens writes those).
+CREATE TABLE token.legacy_revocations (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    issuer      text REFERENCES token.legacy_issuers (name) ON DELETE CASCADE,
+    jti         text CHECK (pg_catalog.length(jti) <= 128),
+    account     text CHECK (pg_catalog.length(account) BETWEEN 1 AND 256),
+    revoked_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    reason      text,
+    CHECK ((jti IS NOT NULL AND issuer IS NOT NULL AND account IS NULL)
+           OR (jti IS NULL AND issuer IS NULL AND account IS NOT NULL))
+);
+CREATE UNIQUE INDEX legacy_revocations_jti_idx ON token.legacy_revocations (issuer, jti) WHERE jti IS NOT NULL;
+COMMENT ON TABLE token.legacy_revocations IS
+    'Revoked legacy JWTs: by issuer and jti, or every JWT of an account issued before revoked_at';
+-- What exchange_legacy_jwt issued: at most one token per JWT (its jti, or its hash without one).
+CREATE TABLE token.legacy_exchanges (
+    issuer        text NOT NULL REFERENCES token.legacy_issuers (name) ON DELETE CASCADE,
+    jwt_key       text NOT NULL,
+    token_id      uuid REFERENCES token.tokens (id) ON DELETE SET NULL,
+    exchanged_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (issuer, jwt_key)
+);
+COMMENT ON TABLE token.legacy_exchanges IS
+    'The opaque token exchange_legacy_jwt issued for each legacy JWT (by issuer and jti, or the JWT''s hash)';
+SELECT pg_catalog.pg_extension_config_dump('token.legacy_issuers', '');
+SELECT pg_catalog.pg_extension_config_dump('token.legacy_issuer_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('token.legacy_revocations', '');
+SELECT pg_catalog.pg_extension_config_dump('token.legacy_revocations_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('token.legacy_exchanges', '');
+REVOKE ALL ON token.legacy_issuers, token.legacy_issuer_keys, token.legacy_revocations, token.legacy_exchanges FROM PUBLIC;
+REVOKE ALL ON SEQUENCE token.legacy_revocations_id_seq FROM PUBLIC;
+GRANT SELECT ON token.legacy_issuers, token.legacy_revocations, token.legacy_exchanges TO token_admin;
+ALTER TYPE token.identity ADD ATTRIBUTE deprecation text, ADD ATTRIBUTE sunset_at timestamptz;
+ALTER TYPE token.verdict ADD ATTRIBUTE deprecation text, ADD ATTRIBUTE sunset_at timestamptz;
+CREATE TRIGGER legacy_issuers_invalidate_caches
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON token.legacy_issuers
+    FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
+CREATE TRIGGER legacy_issuer_keys_invalidate_caches
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON token.legacy_issuer_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
+CREATE TRIGGER legacy_revocations_invalidate_caches
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON token.legacy_revocations
+    FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
+ALTER TABLE token.legacy_issuers ENABLE ALWAYS TRIGGER legacy_issuers_invalidate_caches;
+ALTER TABLE token.legacy_issuer_keys ENABLE ALWAYS TRIGGER legacy_issuer_keys_invalidate_caches;
+ALTER TABLE token.legacy_revocations ENABLE ALWAYS TRIGGER legacy_revocations_invalidate_caches;
+
+CREATE FUNCTION token.register_legacy_issuer(
+	"name" TEXT,
+	"algorithms" TEXT[],
+	"key" TEXT,
+	"key_type" TEXT,
+	"environment" TEXT,
+	"cutoff_at" timestamp with time zone,
+	"migration_message" TEXT DEFAULT NULL,
+	"issuer" TEXT DEFAULT NULL,
+	"audience" TEXT DEFAULT NULL,
+	"account_claim" TEXT DEFAULT 'sub',
+	"scopes_claim" TEXT DEFAULT 'scope',
+	"exchange_ttl" interval DEFAULT NULL
+) RETURNS void
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'register_legacy_issuer_wrapper';
+
+CREATE FUNCTION token.alter_legacy_issuer(
+	"name" TEXT,
+	"cutoff_at" timestamp with time zone DEFAULT NULL,
+	"migration_message" TEXT DEFAULT NULL,
+	"algorithms" TEXT[] DEFAULT NULL,
+	"key" TEXT DEFAULT NULL
+) RETURNS void
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'alter_legacy_issuer_wrapper';
+
+CREATE FUNCTION token.drop_legacy_issuer(
+	"name" TEXT
+) RETURNS bool
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'drop_legacy_issuer_wrapper';
+
+CREATE FUNCTION token.revoke_legacy_jwt(
+	"issuer" TEXT,
+	"jti" TEXT,
+	"reason" TEXT DEFAULT NULL
+) RETURNS bool
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'revoke_legacy_jwt_wrapper';
+
+CREATE FUNCTION token.exchange_legacy_jwt(
+	"jwt" TEXT,
+	"name" TEXT DEFAULT NULL
+) RETURNS TABLE (
+	"token" TEXT, 
+	"token_id" uuid, 
+	"expires_at" timestamp with time zone, 
+	"first_exchange" bool 
+)
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'exchange_legacy_jwt_wrapper';
+
+REVOKE EXECUTE ON FUNCTION
+    token.register_legacy_issuer(text, text[], text, text, text, timestamptz, text, text, text, text, text, interval),
+    token.alter_legacy_issuer(text, timestamptz, text, text[], text),
+    token.drop_legacy_issuer(text),
+    token.revoke_legacy_jwt(text, text, text),
+    token.exchange_legacy_jwt(text, text)
+FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION token.exchange_legacy_jwt(text, text) TO token_validator;
+GRANT EXECUTE ON FUNCTION
+    token.register_legacy_issuer(text, text[], text, text, text, timestamptz, text, text, text, text, text, interval),
+    token.alter_legacy_issuer(text, timestamptz, text, text[], text),
+    token.drop_legacy_issuer(text),
+    token.revoke_legacy_jwt(text, text, text)
+TO token_admin;
+
 -- A comment on every function and type (sql/comments.sql, repeated here).
 COMMENT ON TYPE token.identity IS
     'What validate_token and authenticate return and current_identity reads: the token''s id, account, key type, environment, scopes, name, expiry, end of grace and metadata';
@@ -501,3 +655,13 @@ COMMENT ON FUNCTION token.refusal_metrics() IS
     'Refusals by reason since server start, for monitoring (token_admin, pg_monitor)';
 COMMENT ON FUNCTION token.invalidate_caches() IS
     'pg_token''s cache trigger: a change to tokens, key types or prefixes empties every backend''s validation cache';
+COMMENT ON FUNCTION token.register_legacy_issuer(text, text[], text, text, text, timestamptz, text, text, text, text, text, interval) IS
+    'Registers a legacy JWT issuer (HS256 secret, or RS256/ES256 public keys): its JWTs validate, marked deprecated, until cutoff_at (token_admin)';
+COMMENT ON FUNCTION token.alter_legacy_issuer(text, timestamptz, text, text[], text) IS
+    'Changes a legacy issuer''s cut-off, migration message, or algorithms and key; NULL leaves a field as it is (token_admin)';
+COMMENT ON FUNCTION token.drop_legacy_issuer(text) IS
+    'Removes a legacy issuer, its key and revocations: its JWTs are refused as unknown_issuer (token_admin)';
+COMMENT ON FUNCTION token.revoke_legacy_jwt(text, text, text) IS
+    'Revokes one legacy JWT by its issuer and jti, from every session''s next call (token_admin)';
+COMMENT ON FUNCTION token.exchange_legacy_jwt(text, text) IS
+    'Verifies a legacy JWT and issues an opaque token for its account and scopes, once per JWT (token_validator)';

@@ -24,6 +24,19 @@ pub static FLOOD_NICE: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static WORKER_IDLE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 pub static MAX_TOKEN_DEPTH: GucSetting<i32> = GucSetting::<i32>::new(3);
 pub static MAX_CHILD_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static JWT_LEEWAY_S: GucSetting<i32> = GucSetting::<i32>::new(30);
+pub static LEGACY_NOTICE: GucSetting<LegacyNotice> = GucSetting::<LegacyNotice>::new(LegacyNotice::Notice);
+
+/// `token.legacy_notice`: what an accepted legacy JWT tells the client besides its row.
+#[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum LegacyNotice {
+    #[name = c"off"]
+    Off,
+    #[name = c"notice"]
+    Notice,
+    #[name = c"warning"]
+    Warning,
+}
 
 pub fn register() {
     define();
@@ -41,6 +54,26 @@ pub fn register() {
 }
 
 fn define() {
+    GucRegistry::define_int_guc(
+        c"token.jwt_leeway",
+        c"Seconds of clock skew allowed on a legacy JWT's exp and nbf claims.",
+        c"A legacy JWT is refused as expired at exp plus this, and before nbf minus this.",
+        &JWT_LEEWAY_S,
+        0,
+        300,
+        GucContext::Suset,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_enum_guc(
+        c"token.legacy_notice",
+        c"What the client is sent for every accepted legacy JWT: off, notice or warning.",
+        c"The identity's deprecation and sunset_at columns carry the same information. A NOTICE \
+          reaches the client (psql shows it) and, at the default log_min_messages, not the server \
+          log; a WARNING reaches both (one log line per accepted JWT).",
+        &LEGACY_NOTICE,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_string_guc(
         c"token.environment",
         c"The environment this database serves (e.g. dev, stage, prod).",

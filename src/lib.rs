@@ -27,6 +27,7 @@ mod datum;
 mod error;
 mod events;
 mod guc;
+mod legacy;
 mod lifecycle;
 mod logscrub;
 mod metrics;

@@ -4,7 +4,9 @@
 //! An `emit_log_hook` sees every message before it is written. It masks token-shaped text
 //! (`redact`) in the message, detail, hint, context and internal query, in place, and hides
 //! the STATEMENT line when the statement holds a token (an application that put a token in a
-//! literal rather than a bind parameter, then hit an error; or `log_statement = 'all'`). The
+//! literal rather than a bind parameter, then hit an error; or `log_statement = 'all'`). A
+//! statement registering or changing a legacy JWT issuer has every quoted literal of its log
+//! lines masked (its key or HS256 secret may be any of them) and its STATEMENT hidden. The
 //! client receives the same masked text, which costs it nothing: it has the token.
 //!
 //! This hook must never raise, allocate, or take a lock: it runs inside error reporting, in
@@ -40,6 +42,23 @@ unsafe fn mask(s: *mut c_char) {
     }
 }
 
+/// Masks every quoted literal of a NUL-terminated string where it lies.
+unsafe fn mask_all_literals(s: *mut c_char) {
+    if s.is_null() {
+        return;
+    }
+    // SAFETY: as in `mask`.
+    unsafe {
+        let len = std::ffi::CStr::from_ptr(s).to_bytes().len();
+        redact::mask_literals(std::slice::from_raw_parts_mut(s.cast::<u8>(), len));
+    }
+}
+
+unsafe fn names_key_material(s: *const c_char) -> bool {
+    // SAFETY: `s` is null or a NUL-terminated string.
+    !s.is_null() && redact::names_key_material(unsafe { std::ffi::CStr::from_ptr(s) }.to_bytes())
+}
+
 unsafe fn holds_token(s: *const c_char) -> bool {
     // SAFETY: `s` is null or a NUL-terminated string.
     !s.is_null() && redact::contains_token(unsafe { std::ffi::CStr::from_ptr(s) }.to_bytes())
@@ -65,6 +84,14 @@ unsafe extern "C-unwind" fn scrub(edata: *mut pg_sys::ErrorData) {
             mask(e.context);
             mask(e.internalquery);
             if holds_token(pg_sys::debug_query_string) || is_event_line(e) {
+                e.hide_stmt = true;
+            }
+            // register_legacy_issuer / alter_legacy_issuer carry a secret or key in a literal or
+            // a bind parameter: every literal of the statement's log lines is masked.
+            if names_key_material(pg_sys::debug_query_string) || names_key_material(e.message) {
+                mask_all_literals(e.message);
+                mask_all_literals(e.detail);
+                mask_all_literals(e.detail_log);
                 e.hide_stmt = true;
             }
         }

@@ -117,8 +117,9 @@ pub fn judge_with(
     for _ in 0..3 {
         let now = clock::now();
         let result = guc::with_environment(|environment| {
-            store::with(|_, registry, find, find_id| {
-                verdict::decide(req, Context { environment, now, client }, registry, find, find_id).map(|accepted| {
+            store::with(|_, registry, find, find_id, jwts| {
+                let ctx = Context { environment, now, client, jwt_leeway_s: i64::from(guc::JWT_LEEWAY_S.get()) };
+                verdict::decide(req, ctx, registry, find, find_id, jwts).map(|accepted| {
                     let s = &accepted.token.state;
                     let limits = s.effective_rate_limits(registry.key_type(&s.key_type)).to_vec();
                     (accepted, limits)
@@ -145,7 +146,11 @@ pub fn judge_with(
             }
         };
         metrics::accepted();
-        touch(&accepted.token, now);
+        if let Some(lg) = accepted.token.state.legacy.as_deref() {
+            legacy_accepted(&accepted.token.state, lg);
+        } else {
+            touch(&accepted.token, now);
+        }
         if let Some(caller) = &accepted.caller {
             touch(caller, now);
         }
@@ -155,6 +160,22 @@ pub fn judge_with(
         Refusal::new(Reason::UsageExceeded, "the token's usage cap kept changing while it was judged".into(), Subject::default(), guc::environment()),
         None,
     ))
+}
+
+/// An accepted legacy JWT: counted in token.events (event legacy_jwt_used, per issuer, client
+/// and window: the deprecation counts) and, unless token.legacy_notice is off, a NOTICE (or WARNING).
+fn legacy_accepted(state: &verdict::TokenState, lg: &pg_token_core::legacy::LegacyState) {
+    events::legacy_used(state, lg);
+    let level = guc::LEGACY_NOTICE.get();
+    if level != guc::LegacyNotice::Off {
+        let cutoff = clock::iso_utc(lg.cutoff_at);
+        let text = pg_token_core::legacy::deprecation(&lg.issuer, &cutoff, lg.message.as_deref());
+        if level == guc::LegacyNotice::Warning {
+            pgrx::warning!("pg_token: {text}");
+        } else {
+            pgrx::notice!("pg_token: {text}");
+        }
+    }
 }
 
 /// Records a refusal (metrics, events) and hands it back.

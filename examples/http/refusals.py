@@ -7,6 +7,8 @@ message (which carries no token: pg_token shows at most the prefix and 4 charact
 DETAIL this module does not use).
 """
 
+import datetime
+import email.utils
 import math
 import re
 from dataclasses import dataclass
@@ -34,6 +36,10 @@ RULES = {
     "insufficient_scope": Rule(403, "insufficient_scope"),
     "disabled": Rule(401, "invalid_token"),
     "parent_invalid": Rule(401, "invalid_token"),
+    # Legacy JWTs (migrating from JWTs). A retired one also carries the migration message.
+    "unknown_issuer": Rule(401, "invalid_token"),
+    "bad_signature": Rule(401, "invalid_token"),
+    "legacy_token_retired": Rule(401, "invalid_token"),
     # The token is fine but not from here: 403 without a Bearer challenge (no other token
     # would do better from this address).
     "network_not_allowed": Rule(403, "forbidden"),
@@ -78,8 +84,9 @@ def retry_after_of(detail):
     return float(m.group(1)) if m else None
 
 
-def refusal(reason, message=None, scope=None, retry_after=None):
-    """(status, headers, body) for a refused token. `message` is the database's own text."""
+def refusal(reason, message=None, scope=None, retry_after=None, detail=None):
+    """(status, headers, body) for a refused token. `message` is the database's own text;
+    `detail` its DETAIL, used only for a retired legacy JWT (it carries the migration message)."""
     rule = RULES.get(reason, FALLBACK)
     if reason == "usage_exceeded" and retry_after is None:
         rule = Rule(403, "usage_exceeded")  # no refill: retrying never helps
@@ -87,6 +94,11 @@ def refusal(reason, message=None, scope=None, retry_after=None):
     if message:
         body["message"] = message
     headers = {}
+    if reason == "legacy_token_retired" and detail:
+        body["migration"] = one_line(detail)
+        link = migration_link(detail)
+        if link:
+            headers["Link"] = link
     if rule.status == 503:
         headers["Retry-After"] = "1"
     elif rule.status == 429:
@@ -112,6 +124,53 @@ def rate_headers(limit, remaining, reset_in):
         return {}
     seconds = max(0, math.ceil(reset_in))
     return {"RateLimit-Policy": f'"pg_token";q={limit}', "RateLimit": f'"pg_token";r={remaining};t={seconds}'}
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_URL = re.compile(r"https?://[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]+")
+MAX_HEADER = 1000
+
+
+def one_line(text, limit=MAX_HEADER):
+    """Text made header-safe: control characters (newlines included) become one space, what is
+    not printable ASCII becomes '?', runs of spaces one, at most `limit` characters."""
+    text = _CONTROL.sub(" ", text)
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def migration_link(text):
+    """`<URL>; rel="deprecation"` for the first http(s) URL in `text`, or None."""
+    m = _URL.search(text or "")
+    if not m:
+        return None
+    url = m.group(0).rstrip(".,;:!?)]'")
+    return f'<{url}>; rel="deprecation"' if len(url) > len("https://") else None
+
+
+def deprecation_headers(deprecation, sunset_at):
+    """A legacy JWT's answer fields (migrating from JWTs): X-Auth-Deprecation with the identity's
+    deprecation sentence on one line, Sunset (RFC 8594) with the issuer's cut-off as an
+    HTTP-date, and Link rel="deprecation" to the migration guide when the message names a URL.
+    Nothing for pg_token's own tokens (both NULL)."""
+    if deprecation is None:
+        return {}
+    headers = {"X-Auth-Deprecation": one_line(deprecation)}
+    if sunset_at is not None:
+        headers["Sunset"] = email.utils.format_datetime(sunset_at.astimezone(datetime.timezone.utc), usegmt=True)
+    link = migration_link(deprecation)
+    if link:
+        headers["Link"] = link
+    return headers
+
+
+_JWT = re.compile(r"^eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+
+
+def is_jwt(token):
+    """Whether the string has a JWT's shape (what pg_token reads as a legacy JWT)."""
+    return bool(_JWT.match(token or ""))
 
 
 def missing(error=None):

@@ -30,10 +30,15 @@ Answers (refusals.py holds the reason -> status table):
     403  also network_not_allowed, and usage_exceeded for a cap that never refills
     429  rate_limited, and usage_exceeded until a refill, with Retry-After and RateLimit;
          an accepted request whose token has a rate limit gets RateLimit-Policy and RateLimit
+    2xx  with a legacy JWT (migrating from JWTs): X-Auth-Deprecation (the identity's
+         deprecation sentence, on one line), Sunset (RFC 8594: the issuer's cut-off) and, when
+         the migration message holds an http(s) URL, Link: <URL>; rel="deprecation"
+    401  a legacy JWT after its issuer's cut-off (legacy_token_retired), with the migration
+         message in the body and the same Link
     503  the database cannot be reached or gave no connection in time, with Retry-After
     500  anything else, as {"error": "internal_error"}: never the input, never a traceback
 A token is never logged, nor put in any response: the access log shows the prefix and 4
-characters at most, and no query string.
+characters at most (a JWT: "jwt", nothing of it), and no query string.
 
 PG_TOKEN_HTTP_BACKEND=baseline serves the same API on the plain SQL + pgcrypto approach of
 bench/baseline.sql (a hash table, a SQL function, and a custom setting app.tenant that the
@@ -87,7 +92,7 @@ class PgToken:
 
     name = "pg_token"
     AUTHENTICATE = ("SELECT account, scopes, rate_limit, rate_remaining, "
-                    "extract(epoch FROM rate_reset_at - clock_timestamp()) "
+                    "extract(epoch FROM rate_reset_at - clock_timestamp()), deprecation, sunset_at "
                     "FROM token.authenticate(%s, required_scope => %s)")
     LIST = "SELECT id, tenant, name FROM app.projects ORDER BY id"
     INSERT = ("INSERT INTO app.projects (tenant, name) VALUES (token.current_account(), %s) "
@@ -100,8 +105,11 @@ class PgToken:
             message = e.diag.message_primary
             if message and token in message:  # pg_token never does this; refuse to pass it on
                 message = None
-            retry = refusals.retry_after_of(e.diag.message_detail)
-            status, headers, body = refusals.refusal(refusals.reason_of(message), message, scope, retry)
+            detail = e.diag.message_detail
+            if detail and token in detail:
+                detail = None
+            retry = refusals.retry_after_of(detail)
+            status, headers, body = refusals.refusal(refusals.reason_of(message), message, scope, retry, detail)
             if status >= 500:  # the connection's fault, not the token's: let the pool replace it
                 await conn.close()
             raise ApiError(status, headers, body) from None
@@ -124,7 +132,7 @@ class Baseline:
             raise ApiError(*refusals.refusal(None))
         if scope not in row[1]:
             raise ApiError(*refusals.refusal("insufficient_scope", scope=scope))
-        return (row[0], row[1], None, None, None)
+        return (row[0], row[1], None, None, None, None, None)
 
 
 BACKENDS = {b.name: b for b in (PgToken(), Baseline())}
@@ -143,8 +151,9 @@ def bearer_token(request):
 
 
 async def authenticated(request, scope, work, status=200):
-    """Runs `work(conn, (account, scopes, rate_limit, rate_remaining, reset_in))` in one
-    transaction after token.authenticate; the answer carries the token's RateLimit fields."""
+    """Runs `work(conn, (account, scopes, rate_limit, rate_remaining, reset_in, deprecation,
+    sunset_at))` in one transaction after token.authenticate; the answer carries the token's
+    RateLimit fields, and a legacy JWT's deprecation fields."""
     token = bearer_token(request)
     pool, backend = request.app.state.pool, request.app.state.backend
     for attempt in (1, 2):
@@ -155,7 +164,7 @@ async def authenticated(request, scope, work, status=200):
                     identity = await backend.authenticate(conn, token, scope)
                     began = True
                     result = await work(conn, identity)
-            headers = refusals.rate_headers(*identity[2:5])
+            headers = refusals.rate_headers(*identity[2:5]) | refusals.deprecation_headers(*identity[5:7])
             return JSONResponse(result, status_code=status, headers=headers) if headers else result
         except (PoolTimeout, TooManyRequests):
             raise unavailable() from None
@@ -292,7 +301,8 @@ def _hint_of(scope):
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
             _, _, token = value.decode("latin-1").strip().partition(" ")
-            return refusals.hint(token.strip()) or "unshaped"
+            token = token.strip()
+            return refusals.hint(token) or ("jwt" if refusals.is_jwt(token) else "unshaped")
     return "-"
 
 

@@ -171,6 +171,10 @@ pub enum Counted {
 
 /// Reserved overflow entries, one per reason (index = reason).
 const OVERFLOW: usize = crate::reason::Reason::SLOTS;
+
+/// The `reason` code of a key that counts accepted legacy JWTs (event legacy_jwt_used), not
+/// refusals: the last slot, which no `Reason` uses.
+pub const LEGACY_USE: u8 = (crate::reason::Reason::SLOTS - 1) as u8;
 const MICRO: i64 = 1_000_000;
 
 /// `N` entries, of which the first `OVERFLOW` are the reasons' overflow rows. All-zero is an empty table.

@@ -22,6 +22,7 @@ pub mod clock;
 pub mod format;
 pub mod hash;
 pub mod jwt;
+pub mod legacy;
 pub mod limits;
 pub mod network;
 pub mod ratelimit;

@@ -28,17 +28,23 @@ pub enum Reason {
     NetworkNotAllowed,
     RateLimited,
     UsageExceeded,
+    UnknownIssuer,
+    BadSignature,
+    LegacyTokenRetired,
 }
 
 impl Reason {
     /// Every reason, in the order the checks run (a caller token is checked first; any
     /// refusal of it is `CallerInvalid`).
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 20] = [
         Reason::Malformed,
         Reason::BadChecksum,
         Reason::UnknownPrefix,
+        Reason::UnknownIssuer,
+        Reason::BadSignature,
         Reason::CallerNotPermitted,
         Reason::EnvironmentMismatch,
+        Reason::LegacyTokenRetired,
         Reason::NotFound,
         Reason::Revoked,
         Reason::Expired,
@@ -76,6 +82,9 @@ impl Reason {
             Reason::NetworkNotAllowed => "network_not_allowed",
             Reason::RateLimited => "rate_limited",
             Reason::UsageExceeded => "usage_exceeded",
+            Reason::UnknownIssuer => "unknown_issuer",
+            Reason::BadSignature => "bad_signature",
+            Reason::LegacyTokenRetired => "legacy_token_retired",
         }
     }
 
@@ -86,12 +95,12 @@ impl Reason {
     /// One line for the README and `token.reasons()`.
     pub fn explain(self) -> &'static str {
         match self {
-            Reason::Malformed => "NULL, empty, over 256 bytes, characters outside [A-Za-z0-9_-], or not <prefix><22 chars><6 chars>",
+            Reason::Malformed => "NULL, empty, over 256 bytes, characters outside [A-Za-z0-9_-], or not <prefix><22 chars><6 chars> (a JWT: over 8 KB, bad base64 or JSON, a missing or bad claim)",
             Reason::BadChecksum => "well formed, but the checksum does not match: a typo or a truncation",
             Reason::UnknownPrefix => "the prefix is not registered in this database",
             Reason::EnvironmentMismatch => "the prefix belongs to another environment than token.environment",
             Reason::NotFound => "no token with this hash exists",
-            Reason::Expired => "past expires_at",
+            Reason::Expired => "past expires_at (a JWT: past exp, or before nbf, beyond token.jwt_leeway)",
             Reason::Revoked => "revoked, or past revoke_after (the end of a rotation's grace window)",
             Reason::CallerInvalid => "the caller token given with caller_token is itself refused",
             Reason::CallerNotPermitted => "the caller's key type may not validate the presented key type",
@@ -103,6 +112,9 @@ impl Reason {
             Reason::NetworkNotAllowed => "the client address is outside the networks the token or its key type allows",
             Reason::RateLimited => "the token's rate limit is reached for the current window; retry when it resets",
             Reason::UsageExceeded => "the token's usage cap is spent (until its next refill, if it has one)",
+            Reason::UnknownIssuer => "a JWT: no legacy issuer is registered for its iss, or its iss or aud is not the registered one",
+            Reason::BadSignature => "a JWT: unsigned (alg none), an alg its issuer is not registered for, no matching key, or a signature that does not verify",
+            Reason::LegacyTokenRetired => "a JWT of a legacy issuer presented at or after the issuer's cut-off; the detail carries the migration message",
         }
     }
 }

@@ -47,9 +47,34 @@ fn next_run(buf: &[u8], from: usize) -> Option<(usize, usize)> {
     None
 }
 
-/// Whether `buf` holds anything token-shaped.
+fn is_b64url(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// The next JWT-shaped stretch at or after `from` (legacy JWTs are bearer secrets too): "eyJ"
+/// at a boundary, then base64url, '.', base64url, '.', and a signature (possibly empty).
+fn next_jwt(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    let mut i = from;
+    while i + 3 <= buf.len() {
+        if &buf[i..i + 3] == b"eyJ" && (i == 0 || !is_b64url(buf[i - 1])) {
+            let seg = |at: usize| buf[at.min(buf.len())..].iter().take_while(|b| is_b64url(**b)).count();
+            let a = i + seg(i);
+            if buf.get(a) == Some(&b'.') {
+                let b = a + 1 + seg(a + 1);
+                if b > a + 1 && buf.get(b) == Some(&b'.') {
+                    let end = b + 1 + seg(b + 1);
+                    return Some((i, end));
+                }
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Whether `buf` holds anything token-shaped (a pg_token token or a JWT).
 pub fn contains_token(buf: &[u8]) -> bool {
-    next_run(buf, 0).is_some()
+    next_run(buf, 0).is_some() || next_jwt(buf, 0).is_some()
 }
 
 /// Masks every token in place, keeping the four characters after its prefix; the length is
@@ -58,10 +83,52 @@ pub fn contains_token(buf: &[u8]) -> bool {
 pub fn mask_tokens(buf: &mut [u8]) -> bool {
     let mut from = 0;
     let mut changed = false;
+    // JWTs first: their segments hold '-' and '_', which would otherwise read as prefixes.
+    while let Some((start, end)) = next_jwt(buf, from) {
+        for b in &mut buf[start + 3..end] {
+            if *b != b'.' {
+                *b = MASK;
+            }
+        }
+        changed = true;
+        from = end;
+    }
+    from = 0;
     while let Some((start, end)) = next_run(buf, from) {
         buf[start + KEEP..end].fill(MASK);
         changed = true;
         from = end;
+    }
+    changed
+}
+
+/// Whether `buf` names a function that takes legacy JWT key material (register_legacy_issuer,
+/// alter_legacy_issuer): a statement calling it carries an HS256 secret or a key.
+pub fn names_key_material(buf: &[u8]) -> bool {
+    buf.windows(14).any(|w| w.eq_ignore_ascii_case(b"legacy_issuer("))
+        || buf.windows(14).any(|w| w.eq_ignore_ascii_case(b"legacy_issuer\""))
+}
+
+/// Masks the inside of every single-quoted literal (`'...'`, `''` inside kept as is), in
+/// place: for a statement that carries key material, every literal may be the key.
+pub fn mask_literals(buf: &mut [u8]) -> bool {
+    let mut inside = false;
+    let mut changed = false;
+    let mut i = 0;
+    while i < buf.len() {
+        if buf[i] == b'\'' {
+            if inside && buf.get(i + 1) == Some(&b'\'') {
+                buf[i] = MASK;
+                buf[i + 1] = MASK;
+                i += 2;
+                continue;
+            }
+            inside = !inside;
+        } else if inside {
+            buf[i] = MASK;
+            changed = true;
+        }
+        i += 1;
     }
     changed
 }
@@ -75,6 +142,29 @@ mod tests {
         let mut b = text.as_bytes().to_vec();
         mask_tokens(&mut b);
         String::from_utf8(b).expect("ascii")
+    }
+
+    #[test]
+    fn key_material_statements_have_their_literals_masked() {
+        let stmt = "SELECT token.register_legacy_issuer('old', '{HS256}', 'it''s a secret', 'agent')";
+        assert!(names_key_material(stmt.as_bytes()));
+        let mut b = stmt.as_bytes().to_vec();
+        assert!(mask_literals(&mut b));
+        let m = String::from_utf8(b).expect("ascii");
+        assert!(!m.contains("secret") && !m.contains("HS256") && m.starts_with("SELECT token.register_legacy_issuer('***'"), "{m}");
+        assert!(!names_key_material(b"SELECT token.validate_token($1)"));
+        assert!(names_key_material(b"parameters: ... SELECT token.ALTER_LEGACY_ISSUER($1)"));
+    }
+
+    #[test]
+    fn jwts_are_masked_whole() {
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiI0MiIsImV4cCI6OTk5OTk5OTk5OX0.dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        let line = format!("statement: SELECT * FROM token.validate_token('{jwt}')");
+        let m = masked(&line);
+        assert!(!m.contains("dBjf") && !m.contains("eyJzdWIi") && m.contains("'eyJ***"), "{m}");
+        assert_eq!(m.len(), line.len());
+        assert!(contains_token(line.as_bytes()));
+        assert_eq!(masked("keyJ.x.y eyJ alone, eyJabc.def"), "keyJ.x.y eyJ alone, eyJabc.def", "not JWT-shaped");
     }
 
     #[test]

@@ -14,6 +14,8 @@ use std::net::IpAddr;
 
 use crate::format::{self, FormatError, ParsedToken};
 use crate::hash::{token_hash, TokenHash};
+use crate::jwt;
+use crate::legacy::{self, LegacyState};
 use crate::network::{self, Network};
 use crate::ratelimit::RateLimit;
 use crate::reason::{self, Reason};
@@ -57,6 +59,32 @@ pub struct Uses {
 pub trait Registry {
     fn prefix(&self, prefix: &str) -> Option<&PrefixInfo>;
     fn key_type(&self, name: &str) -> Option<&KeyTypeInfo>;
+    /// The legacy JWT issuers (none: every JWT is refused as unknown_issuer).
+    fn legacy_issuers(&self) -> &[legacy::Issuer] {
+        &[]
+    }
+    fn legacy_revocations(&self) -> Option<&legacy::Revocations> {
+        None
+    }
+}
+
+/// Where the edge keeps accepted legacy JWTs: `cached` finds one verified before (by the JWT's
+/// hash), `accepted` makes the edge's entry for a JWT that just verified.
+pub trait LegacyStore<T> {
+    fn cached(&mut self, token: &[u8]) -> Option<T>;
+    fn accepted(&mut self, token: &[u8], verified: &legacy::Verified<'_>, state: TokenState) -> T;
+}
+
+/// No legacy JWTs: for callers that judge only pg_token's own tokens.
+pub struct NoLegacy;
+
+impl<T> LegacyStore<T> for NoLegacy {
+    fn cached(&mut self, _: &[u8]) -> Option<T> {
+        None
+    }
+    fn accepted(&mut self, _: &[u8], _: &legacy::Verified<'_>, _: TokenState) -> T {
+        unreachable!("NoLegacy is only used with a registry without legacy issuers")
+    }
 }
 
 /// What decides a stored token's verdict.
@@ -77,6 +105,8 @@ pub struct TokenState {
     pub networks: Option<Vec<Network>>,
     pub rate_limits: Option<Vec<RateLimit>>,
     pub uses: Option<Uses>,
+    /// Set for a legacy JWT (its issuer, jti, iat, the issuer's cut-off and message).
+    pub legacy: Option<Box<LegacyState>>,
 }
 
 impl TokenState {
@@ -96,6 +126,7 @@ impl TokenState {
             networks: None,
             rate_limits: None,
             uses: None,
+            legacy: None,
         }
     }
 
@@ -143,6 +174,8 @@ pub struct Context<'a> {
     pub now: Micros,
     /// The client's address; None for a Unix-domain socket (see `network`).
     pub client: Option<IpAddr>,
+    /// Seconds of clock skew allowed on a JWT's exp and nbf (`token.jwt_leeway`).
+    pub jwt_leeway_s: i64,
 }
 
 #[derive(Debug)]
@@ -236,12 +269,14 @@ fn subject_of(parsed: Option<&ParsedToken<'_>>, info: Option<&PrefixInfo>, state
 
 /// Runs the checks for one token up to and including its stored state. `before_lookup` runs
 /// once the prefix is known and may refuse (the caller-permission rule uses it).
-fn resolve<'t, T, R, F, G>(
+#[allow(clippy::too_many_arguments)]
+fn resolve<'t, T, R, F, G, L>(
     token: Option<&'t [u8]>,
     ctx: &Context<'_>,
     registry: &R,
     find: &mut F,
     find_id: &mut G,
+    legacy: &mut L,
     before_lookup: impl FnOnce(&PrefixInfo) -> Result<(), Failure>,
 ) -> Result<(T, ParsedToken<'t>), Refused>
 where
@@ -249,10 +284,14 @@ where
     R: Registry,
     F: FnMut(&TokenHash) -> Option<T>,
     G: FnMut(&[u8; 16]) -> Option<T>,
+    L: LegacyStore<T>,
 {
     let Some(token) = token else {
         return fail(Reason::Malformed, "the token is NULL".into(), Subject::default());
     };
+    if jwt::looks_like_jwt(token) {
+        return resolve_legacy(token, ctx, registry, legacy, before_lookup);
+    }
     let parsed = match format::split(token) {
         Ok(p) => p,
         Err(e) => return fail(Reason::Malformed, e.describe().into(), Subject::default()),
@@ -310,6 +349,111 @@ where
     Ok((found, parsed))
 }
 
+/// What a JWT shows in messages and events: "jwt:" and the last four characters of its
+/// signature (as a token's hint shows four of its body). Never more of it.
+fn legacy_parsed(token: &[u8]) -> ParsedToken<'_> {
+    let tail = token.len().saturating_sub(4);
+    let body = std::str::from_utf8(&token[tail..]).unwrap_or("");
+    ParsedToken { prefix: "jwt:", body, checksum: "" }
+}
+
+/// `resolve` for a JWT: verified against the legacy issuers (or found verified before), then
+/// the rules every token meets (caller permission, environment, revocation, expiry) and the
+/// issuer's cut-off.
+fn resolve_legacy<'t, T, R, L>(
+    token: &'t [u8],
+    ctx: &Context<'_>,
+    registry: &R,
+    legacy: &mut L,
+    before_lookup: impl FnOnce(&PrefixInfo) -> Result<(), Failure>,
+) -> Result<(T, ParsedToken<'t>), Refused>
+where
+    T: Stateful,
+    R: Registry,
+    L: LegacyStore<T>,
+{
+    let parsed = legacy_parsed(token);
+    let hint_of = |jti: Option<&str>| jti.map_or_else(|| parsed.hint(), legacy::jti_hint);
+    let with_issuer = |issuer: Option<&str>, key_type: Option<&str>, environment: Option<&str>, jti: Option<&str>| Subject {
+        prefix: Some(issuer.unwrap_or("jwt").to_owned()),
+        hint: Some(hint_of(jti)),
+        key_type: key_type.map(str::to_owned),
+        environment: environment.map(str::to_owned),
+        ..Subject::default()
+    };
+    let found = match legacy.cached(token) {
+        Some(t) => t,
+        None => match legacy::verify(token, registry.legacy_issuers(), ctx.now, ctx.jwt_leeway_s) {
+            Ok(v) => {
+                let i = v.issuer;
+                let id = legacy::legacy_id(&i.name, v.claims.jti.as_deref(), token);
+                let mut state = TokenState::new(id, &v.claims.account, &i.key_type, &i.environment);
+                state.scopes = v.claims.scopes.clone();
+                state.expires_at = Some(crate::clock::from_unix_s(v.claims.exp));
+                state.legacy = Some(Box::new(LegacyState {
+                    issuer: i.name.clone(),
+                    jti: v.claims.jti.clone(),
+                    issued_at: v.claims.iat.map(crate::clock::from_unix_s),
+                    cutoff_at: i.cutoff_at,
+                    message: i.message.clone(),
+                }));
+                legacy.accepted(token, &v, state)
+            }
+            Err(r) => {
+                let i = r.issuer;
+                let subject = with_issuer(
+                    i.map(|i| i.name.as_str()),
+                    i.map(|i| i.key_type.as_str()),
+                    i.map(|i| i.environment.as_str()),
+                    r.jti.as_deref(),
+                );
+                return fail(r.reason, r.detail, subject);
+            }
+        },
+    };
+    let state = found.state();
+    let Some(lg) = state.legacy.as_deref() else {
+        return fail(Reason::Malformed, "the JWT's cache entry is not a JWT's".into(), with_issuer(None, None, None, None));
+    };
+    let subject = || {
+        let mut s = subject_of(Some(&parsed), None, Some(state));
+        s.prefix = Some(lg.issuer.clone());
+        s.hint = Some(hint_of(lg.jti.as_deref()));
+        s
+    };
+    let info = PrefixInfo { key_type: state.key_type.clone(), environment: state.environment.clone() };
+    if let Err(f) = before_lookup(&info) {
+        return Err((f, subject()));
+    }
+    if ctx.environment != Some(state.environment.as_str()) {
+        let detail = format!("JWT {} of legacy issuer \"{}\" counts for environment \"{}\"", parsed.hint(), lg.issuer, state.environment);
+        return fail(Reason::EnvironmentMismatch, detail, subject());
+    }
+    if ctx.now >= lg.cutoff_at {
+        let mut detail = format!("legacy issuer \"{}\" is retired: its JWTs are no longer accepted", lg.issuer);
+        if let Some(m) = &lg.message {
+            detail.push_str(": ");
+            detail.push_str(m);
+        }
+        return fail(Reason::LegacyTokenRetired, detail, subject());
+    }
+    if let Some(what) = registry.legacy_revocations().and_then(|r| r.check(&state.account, lg)) {
+        return fail(Reason::Revoked, format!("JWT {} {what}", parsed.hint()), subject());
+    }
+    let leeway = ctx.jwt_leeway_s.max(0).saturating_mul(1_000_000);
+    if state.expires_at.is_some_and(|t| ctx.now >= t.saturating_add(leeway)) {
+        return fail(Reason::Expired, format!("JWT {} has expired", parsed.hint()), subject());
+    }
+    let networks = registry.key_type(&state.key_type).and_then(|k| k.networks.as_ref());
+    if let Some(networks) = networks {
+        if !network::allows(networks, ctx.client) {
+            let detail = format!("JWT {} may not be used from {}", parsed.hint(), network::describe(ctx.client));
+            return fail(Reason::NetworkNotAllowed, detail, subject());
+        }
+    }
+    Ok((found, parsed))
+}
+
 /// Follows a derived token's parents: every one must exist and pass `status` now (revoking,
 /// disabling or expiring a parent refuses its descendants at their next call).
 fn ancestry<T: Stateful>(state: &TokenState, now: Micros, find_id: &mut impl FnMut(&[u8; 16]) -> Option<T>) -> Result<(), String> {
@@ -351,18 +495,20 @@ pub fn status(state: &TokenState, now: Micros) -> Result<(), (Reason, &'static s
 }
 
 /// Decides a request. See the module comment for the order of checks.
-pub fn decide<T, R, F, G>(
+pub fn decide<T, R, F, G, L>(
     req: Request<'_>,
     ctx: Context<'_>,
     registry: &R,
     mut find: F,
     mut find_id: G,
+    legacy: &mut L,
 ) -> Result<Accepted<T>, Refusal>
 where
     T: Stateful,
     R: Registry,
     F: FnMut(&TokenHash) -> Option<T>,
     G: FnMut(&[u8; 16]) -> Option<T>,
+    L: LegacyStore<T>,
 {
     let refusal = |failure: Failure, subject: Subject, caller: Option<Subject>| Refusal {
         reason: failure.reason,
@@ -375,7 +521,7 @@ where
 
     let caller = match req.caller {
         None => None,
-        Some(c) => match resolve(Some(c), &ctx, registry, &mut find, &mut find_id, |_| Ok(())) {
+        Some(c) => match resolve(Some(c), &ctx, registry, &mut find, &mut find_id, legacy, |_| Ok(())) {
             Ok(found) => Some(found),
             Err((inner, s)) => {
                 let failure = Failure {
@@ -403,7 +549,7 @@ where
             })
         }
     };
-    let (found, parsed) = match resolve(req.token, &ctx, registry, &mut find, &mut find_id, permission) {
+    let (found, parsed) = match resolve(req.token, &ctx, registry, &mut find, &mut find_id, legacy, permission) {
         Ok(found) => found,
         Err((f, subject)) => return Err(refusal(f, subject, caller_subject())),
     };
@@ -505,7 +651,7 @@ mod tests {
             let lookups = std::cell::Cell::new(self.lookups);
             let r = decide(
                 req,
-                Context { environment: env, now, client },
+                Context { environment: env, now, client, jwt_leeway_s: 0 },
                 &self.reg,
                 |h: &TokenHash| {
                     lookups.set(lookups.get() + 1);
@@ -515,6 +661,7 @@ mod tests {
                     lookups.set(lookups.get() + 1);
                     rows.values().find(|s| s.id == *id).cloned().map(Row)
                 },
+                &mut NoLegacy,
             );
             self.lookups = lookups.get();
             r

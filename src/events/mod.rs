@@ -91,9 +91,8 @@ fn log_line(event: &str, reason: Option<Reason>, subject: &Subject, caller: Opti
 /// also logs one line per row). On a hot standby, where nothing can be written, the first
 /// refusal of each key in a window is logged instead. Never one line or row per refusal.
 pub fn refused(refusal: &Refusal) {
-    let client = Client::current();
     let s = &refusal.subject;
-    let key = Key {
+    let key_of = |client: &Client| Key {
         reason: refusal.reason as u8,
         folded: Folded::No,
         prefix: FixedStr::new(s.prefix.as_deref()),
@@ -103,27 +102,63 @@ pub fn refused(refusal: &Refusal) {
         application_name: FixedStr::new(client.application_name.as_deref()),
         hint: FixedStr::new(s.hint.as_deref()),
     };
-    let sample = Sample {
+    let sample = |client: &Client| Sample {
         token_id: s.token_id,
         caller_token_id: refusal.caller.as_ref().and_then(|c| c.token_id),
         account: FixedStr::new(s.account.as_deref()),
         detail: FixedStr::new(Some(&refusal.detail)),
         backend_pid: client.pid,
     };
+    count(key_of, sample, |client, sample| {
+        log_line("refused (standby: first of its key in the window)", Some(refusal.reason), &refusal.subject,
+                 sample.caller_token_id.as_ref(), Some(&refusal.detail), client);
+    });
+    yield_if_flooding();
+}
+
+/// Counts an accepted legacy JWT: rows of event legacy_jwt_used per issuer, environment,
+/// client, user and application and window (the deprecation counts a migration watches).
+pub fn legacy_used(state: &pg_token_core::verdict::TokenState, lg: &pg_token_core::legacy::LegacyState) {
+    let key_of = |client: &Client| Key {
+        reason: pg_token_core::aggregate::LEGACY_USE,
+        folded: Folded::No,
+        prefix: FixedStr::new(Some(&lg.issuer)),
+        environment: FixedStr::new(Some(&state.environment)),
+        client_addr: FixedStr::new(client.addr.as_deref()),
+        db_user: FixedStr::new(client.db_user.as_deref()),
+        application_name: FixedStr::new(client.application_name.as_deref()),
+        hint: FixedStr::EMPTY,
+    };
+    let sample = |client: &Client| Sample {
+        token_id: Some(state.id),
+        caller_token_id: None,
+        account: FixedStr::new(Some(&state.account)),
+        detail: FixedStr::new(Some("legacy JWT accepted")),
+        backend_pid: client.pid,
+    };
+    count(key_of, sample, |client, _| {
+        let subject = Subject { prefix: Some(lg.issuer.clone()), token_id: Some(state.id), account: Some(state.account.clone()), ..Subject::default() };
+        log_line("legacy JWT used (standby: first of its key in the window)", None, &subject, None, None, client);
+    });
+}
+
+/// Counts an entry in this database's event table (the writer writes it), or on a hot
+/// standby, where nothing can be written, logs the first of each key in a window (`standby`).
+fn count(key_of: impl Fn(&Client) -> Key, sample_of: impl Fn(&Client) -> Sample, standby: impl FnOnce(&Client, &Sample)) {
+    let client = Client::current();
+    let key = key_of(&client);
+    let sample = sample_of(&client);
     let limits = guc::event_limits();
     // SAFETY: MyDatabaseId is set for every backend connected to a database.
     let db = unsafe { pg_sys::MyDatabaseId };
     // SAFETY: reads of process-global state.
     if unsafe { pg_sys::RecoveryInProgress() } {
         if queue::count_on_standby(db, &key, &sample, &limits) == Some(true) {
-            let caller_id = sample.caller_token_id;
-            log_line("refused (standby: first of its key in the window)", Some(refusal.reason), &refusal.subject,
-                     caller_id.as_ref(), Some(&refusal.detail), &client);
+            standby(&client, &sample);
         }
         return;
     }
     start_writer_if_asked(db, queue::push_refusal(db, &key, &sample, &limits));
-    yield_if_flooding();
 }
 
 /// Refusals per second after which a backend is taken for a flood.

@@ -247,7 +247,8 @@ fn tstz(at: i64) -> Option<TimestampWithTimeZone> {
 /// changes nothing.
 const WRITE_REFUSALS: &str = "INSERT INTO token.events AS e (id, occurred_at, last_at, count, folded, event, reason, token_id, \
      caller_token_id, account, prefix, hint, environment, detail, client_addr, application_name, db_user, backend_pid) \
-     SELECT u.id, u.first_at, u.last_at, u.n, u.folded, 'refused', u.reason, u.token_id, u.caller_token_id, u.account, \
+     SELECT u.id, u.first_at, u.last_at, u.n, u.folded, \
+            CASE WHEN u.reason IS NULL THEN 'legacy_jwt_used' ELSE 'refused' END, u.reason, u.token_id, u.caller_token_id, u.account, \
             u.prefix, u.hint, u.environment, u.detail, u.client_addr, u.application_name, u.db_user, u.pid \
      FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.timestamptz[]), \
           pg_catalog.unnest($3::pg_catalog.timestamptz[]), pg_catalog.unnest($4::pg_catalog.int8[]), \
@@ -381,7 +382,8 @@ fn log_rows(inserted: &[Entry]) {
         return;
     }
     for e in inserted {
-        let mut line = format!("pg_token: refused count={}", e.count);
+        let event = if e.key.reason == pg_token_core::aggregate::LEGACY_USE { "legacy_jwt_used" } else { "refused" };
+        let mut line = format!("pg_token: {event} count={}", e.count);
         let mut field = |k: &str, v: Option<&str>| {
             if let Some(v) = v {
                 line.push_str(&format!(" {k}={v}"));

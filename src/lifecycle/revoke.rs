@@ -92,6 +92,12 @@ fn revoke_account_tokens(account: Option<&str>, reason: default!(Option<&str>, "
                 &[account.into(), reason.into(), who.addr.clone().into(), who.application_name.clone().into(), who.db_user.clone().into(), who.pid.into()],
             )
             .and_then(|t| t.first().get_one()));
+        // The account's legacy JWTs too: every one issued (iat) before now, or without iat.
+        spi(client.update(
+            "INSERT INTO token.legacy_revocations (account, reason, revoked_at) VALUES ($1, $2, pg_catalog.clock_timestamp())",
+            None,
+            &[account.into(), reason.into()],
+        ));
         n.unwrap_or(0)
     });
     // Under READ COMMITTED the UPDATE above ran with a snapshot taken after the lock, so it saw

@@ -42,6 +42,49 @@ pub struct KeyTypeAtts {
     pub conceal_cross_account: Option<usize>,
 }
 
+/// The legacy JWT tables (0.2.0) and the attribute numbers the registry reads.
+pub struct LegacyCatalog {
+    pub issuers: pg_sys::Oid,
+    pub keys: pg_sys::Oid,
+    pub revocations: pg_sys::Oid,
+    /// legacy_issuers: name, algorithms, key_type, environment, cutoff_at, migration_message,
+    /// issuer, audience, account_claim, scopes_claim.
+    pub issuer_atts: [usize; 10],
+    /// legacy_issuer_keys: name, key.
+    pub key_atts: [usize; 2],
+    /// legacy_revocations: issuer, jti, account, revoked_at.
+    pub revocation_atts: [usize; 4],
+}
+
+impl LegacyCatalog {
+    /// None while the database has 0.1.0's schema.
+    fn load(ns: pg_sys::Oid) -> Option<LegacyCatalog> {
+        // SAFETY: syscache lookups by name.
+        let rel = |n: &std::ffi::CStr| Some(unsafe { pg_sys::get_relname_relid(n.as_ptr(), ns) }).filter(|o| *o != pg_sys::InvalidOid);
+        let (issuers, keys, revocations) = (rel(c"legacy_issuers")?, rel(c"legacy_issuer_keys")?, rel(c"legacy_revocations")?);
+        let at = |r: pg_sys::Oid, n: &std::ffi::CStr| attindex_if(r, n);
+        Some(LegacyCatalog {
+            issuers,
+            keys,
+            revocations,
+            issuer_atts: [
+                at(issuers, c"name")?,
+                at(issuers, c"algorithms")?,
+                at(issuers, c"key_type")?,
+                at(issuers, c"environment")?,
+                at(issuers, c"cutoff_at")?,
+                at(issuers, c"migration_message")?,
+                at(issuers, c"issuer")?,
+                at(issuers, c"audience")?,
+                at(issuers, c"account_claim")?,
+                at(issuers, c"scopes_claim")?,
+            ],
+            key_atts: [at(keys, c"name")?, at(keys, c"key")?],
+            revocation_atts: [at(revocations, c"issuer")?, at(revocations, c"jti")?, at(revocations, c"account")?, at(revocations, c"revoked_at")?],
+        })
+    }
+}
+
 /// Where pg_token's objects are in this database.
 pub struct Catalog {
     /// token.cache_signal's relation: what the triggers invalidate.
@@ -63,6 +106,10 @@ pub struct Catalog {
     /// are in the identity and verdict rows (None on 0.1.0's row types, which have none).
     pub identity_per_call: Option<[usize; 4]>,
     pub verdict_per_call: Option<[usize; 4]>,
+    /// Where deprecation and sunset_at are in the identity row (None on 0.1.0's); check_token's
+    /// verdict row is the identity's columns behind (valid, reason), so it has them too.
+    pub identity_legacy: Option<[usize; 2]>,
+    pub legacy: Option<LegacyCatalog>,
     pub rate_limit_desc: pg_sys::TupleDesc,
     pub atts: TokenAtts,
     pub key_type_atts: KeyTypeAtts,
@@ -118,11 +165,15 @@ fn row_desc(ns: pg_sys::Oid, name: &std::ffi::CStr) -> (u32, pg_sys::TupleDesc) 
 
 /// The indexes of the per-call columns in a row type, when it has all four.
 fn per_call_columns(desc: pg_sys::TupleDesc) -> Option<[usize; 4]> {
-    let names = ["uses_remaining", "rate_limit", "rate_remaining", "rate_reset_at"];
+    columns(desc, ["uses_remaining", "rate_limit", "rate_remaining", "rate_reset_at"])
+}
+
+/// The indexes of named columns in a row type, when it has them all.
+fn columns<const N: usize>(desc: pg_sys::TupleDesc, names: [&str; N]) -> Option<[usize; N]> {
     // SAFETY: `desc` is a live descriptor; its attributes are read by index below natts.
     let attnames: Vec<String> =
         unsafe { pgrx::PgTupleDesc::from_pg_unchecked(desc) }.iter().map(|a| a.name().to_owned()).collect();
-    let mut out = [0usize; 4];
+    let mut out = [0usize; N];
     for (slot, name) in out.iter_mut().zip(names) {
         *slot = attnames.iter().position(|a| a == name)?;
     }
@@ -191,6 +242,8 @@ impl Catalog {
             rate_limit_desc,
             identity_per_call: per_call_columns(identity_desc),
             verdict_per_call: per_call_columns(verdict_desc),
+            identity_legacy: columns(identity_desc, ["deprecation", "sunset_at"]),
+            legacy: LegacyCatalog::load(ns),
             atts,
             key_type_atts,
         }

@@ -14,6 +14,7 @@
 
 mod catalog;
 pub mod freshness;
+mod legacy;
 mod scan;
 
 use std::cell::{Cell, OnceCell, RefCell};
@@ -67,6 +68,11 @@ impl Stored {
 }
 
 impl Stored {
+    /// A stored token from its state and its identity row.
+    fn from_parts(state: TokenState, identity: DatumBytes) -> Stored {
+        Stored { state, identity, verdict: OnceCell::new(), last_used_at: Cell::new(None) }
+    }
+
     /// The identity row with this call's figures in the per-call columns, palloc'd.
     pub fn identity_with(&self, cat: &Catalog, per_call: &[Option<pg_sys::Datum>; 4]) -> pg_sys::Datum {
         form_composite_datum(cat.identity_desc, &mut self.identity_columns(cat, per_call))
@@ -124,6 +130,7 @@ impl Footprint for Stored {
 pub struct RegistryCache {
     prefixes: HashMap<String, PrefixInfo>,
     key_types: HashMap<String, KeyTypeInfo>,
+    legacy: legacy::Legacy,
 }
 
 impl RegistryCache {
@@ -148,7 +155,7 @@ impl RegistryCache {
                     + bucket(std::mem::size_of::<KeyTypeInfo>())
             })
             .sum();
-        prefixes + key_types
+        prefixes + key_types + self.legacy.footprint()
     }
 }
 
@@ -158,6 +165,12 @@ impl Registry for RegistryCache {
     }
     fn key_type(&self, name: &str) -> Option<&KeyTypeInfo> {
         self.key_types.get(name)
+    }
+    fn legacy_issuers(&self) -> &[pg_token_core::legacy::Issuer] {
+        &self.legacy.issuers
+    }
+    fn legacy_revocations(&self) -> Option<&pg_token_core::legacy::Revocations> {
+        Some(&self.legacy.revocations)
     }
 }
 
@@ -246,6 +259,7 @@ impl Backend {
                 reg.prefixes.insert(p, PrefixInfo { key_type: kt, environment: env });
             }
         });
+        reg.legacy = legacy::load(cat, &snap);
         reg
     }
 
@@ -289,8 +303,11 @@ pub type Find<'a> = dyn FnMut(&TokenHash) -> Option<Rc<Stored>> + 'a;
 /// A finder by id, for parents.
 pub type FindId<'a> = dyn FnMut(&[u8; 16]) -> Option<Rc<Stored>> + 'a;
 
+/// Where accepted legacy JWTs are kept (the verdict rules' `LegacyStore`).
+pub type LegacyJwts<'a> = legacy::Store<'a>;
+
 /// Runs `f` with this backend's state, refreshed.
-pub fn with<R>(f: impl FnOnce(&Catalog, &RegistryCache, &mut Find<'_>, &mut FindId<'_>) -> R) -> R {
+pub fn with<R>(f: impl FnOnce(&Catalog, &RegistryCache, &mut Find<'_>, &mut FindId<'_>, &mut LegacyJwts<'_>) -> R) -> R {
     BACKEND.with(|b| {
         let mut b = b.borrow_mut();
         b.refresh();
@@ -309,7 +326,8 @@ pub fn with<R>(f: impl FnOnce(&Catalog, &RegistryCache, &mut Find<'_>, &mut Find
         let cache = std::cell::RefCell::new(cache);
         let mut find = |h: &TokenHash| Backend::find(cat, &mut cache.borrow_mut(), h);
         let mut find_id = |id: &[u8; 16]| Backend::find_id(cat, &mut cache.borrow_mut(), id);
-        f(cat, reg, &mut find, &mut find_id)
+        let mut jwts = legacy::Store::new(cat, &reg.legacy);
+        f(cat, reg, &mut find, &mut find_id, &mut jwts)
     })
 }
 

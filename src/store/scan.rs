@@ -196,6 +196,7 @@ unsafe fn stored_from_row(cat: &Catalog, v: &[pg_sys::Datum], n: &[bool]) -> Sto
                 networks: opt(a.allowed_networks).map(|i| networks(v[i])),
                 rate_limits: opt(a.rate_limits).map(|i| rate_limits(cat, v[i])),
                 uses,
+                legacy: None,
             },
             identity: form_composite(cat.identity_desc, identity),
             verdict: OnceCell::new(),

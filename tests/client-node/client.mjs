@@ -269,7 +269,7 @@ async function stepValidate(app, issued) {
   same(r.rowCount, 1, 'rows from validate_token');
   const id = r.rows[0];
   same(Object.keys(id), ['token_id', 'account', 'key_type', 'environment', 'scopes', 'name', 'expires_at', 'revoke_after', 'metadata',
-    'parent_id', 'uses_remaining', 'rate_limit', 'rate_remaining', 'rate_reset_at'],
+    'parent_id', 'uses_remaining', 'rate_limit', 'rate_remaining', 'rate_reset_at', 'deprecation', 'sunset_at'],
     'the identity\'s columns');
   same([id.token_id, id.account, id.key_type, id.environment, id.scopes, id.name, id.revoke_after, id.metadata],
     [issued.id, 'acme', 'agent', 'dev', ['read'], 'node-ci', null, { team: 'node' }], 'identity fields');

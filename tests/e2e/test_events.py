@@ -5,6 +5,7 @@ import threading
 import time
 import uuid
 
+import jwt as pyjwt
 import psycopg
 
 from conftest import compose, flush, generate, refusal
@@ -54,6 +55,16 @@ def test_every_refusal_reason_is_recorded_without_the_token(db, su, admin):
     _, limited = generate(admin, db, "acme", rate_limits='{"(1,\\"1 hour\\")"}')
     admin.execute("SELECT token.validate_token(%s)", (limited,))
     _, spent = generate(admin, db, "acme", uses=0)
+    # Legacy JWTs (migrating from JWTs): an issuer, one retired, and three refused JWTs.
+    secret = "events-secret-" + "x" * 32
+    su.execute("SELECT token.register_legacy_issuer('events_jwt', '{HS256}', %s, 'agent', 'dev', now() + interval '1 day', "
+               "issuer => 'https://events.example')", (secret,))
+    su.execute("SELECT token.register_legacy_issuer('events_old', '{HS256}', %s, 'agent', 'dev', now() - interval '1 day', "
+               "'use pg_token', issuer => 'https://events-old.example')", (secret,))
+    exp = int(time.time()) + 600
+    addressed = db.record_jwt(pyjwt.encode({"sub": "acme", "exp": exp, "iss": "https://events.example", "aud": "elsewhere"}, secret, "HS256"))
+    forged = db.record_jwt(pyjwt.encode({"sub": "acme", "exp": exp, "iss": "https://events.example"}, "f" * 40, "HS256"))
+    retired = db.record_jwt(pyjwt.encode({"sub": "acme", "exp": exp, "iss": "https://events-old.example"}, secret, "HS256"))
     cases = [  # (token, caller, required scope) -> reason
         ((None, None, None), "malformed"),
         ((token[:-1], None, None), "malformed"),
@@ -72,6 +83,9 @@ def test_every_refusal_reason_is_recorded_without_the_token(db, su, admin):
         ((elsewhere, None, None), "network_not_allowed"),
         ((limited, None, None), "rate_limited"),
         ((spent, None, None), "usage_exceeded"),
+        ((addressed, None, None), "unknown_issuer"),
+        ((forged, None, None), "bad_signature"),
+        ((retired, None, None), "legacy_token_retired"),
     ]
     marker = f"reasons-{uuid.uuid4()}"
     with db.connect("e2e_app", application_name=marker, autocommit=True) as app:
@@ -97,7 +111,9 @@ def test_every_refusal_reason_is_recorded_without_the_token(db, su, admin):
         expected[reason] = expected.get(reason, 0) + 1
     assert counted == expected
     assert {r[1] for r in rows} == {r for (r,) in su.execute("SELECT reason FROM token.reasons()")}, "every reason"
-    secrets = [token, revoked, expired, mid_acme, agent_globex, never_issued, disabled, child, elsewhere, limited, spent]
+    su.execute("SELECT token.drop_legacy_issuer('events_jwt'), token.drop_legacy_issuer('events_old')")
+    secrets = [token, revoked, expired, mid_acme, agent_globex, never_issued, disabled, child, elsewhere, limited, spent,
+               addressed, forged, retired]
     for r in rows:
         assert r[0] == "refused" and r[9] == "e2e_app"
         assert not any(t in repr(r) or t[-28:] in repr(r) for t in secrets), r

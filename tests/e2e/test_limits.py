@@ -74,7 +74,11 @@ def test_remaining_uses_are_returned_and_readable_exactly(db, admin, app):
     total, reserved, in_table = admin.execute(
         "SELECT uses_remaining, reserved, in_table FROM token.token_uses(%s)", (token_id,)).fetchone()
     assert total == 95 and reserved + in_table == 95 and reserved > 0, f"a block is reserved ahead: {(total, reserved, in_table)}"
-    assert admin.execute("SELECT uses_remaining FROM token.token_list WHERE id = %s", (token_id,)).fetchone()[0] == in_table
+    # The table's column is what is not reserved yet: at most in_table (the writer may reserve
+    # the next block ahead in between), and the exact total does not move.
+    listed = admin.execute("SELECT uses_remaining FROM token.token_list WHERE id = %s", (token_id,)).fetchone()[0]
+    assert listed <= in_table
+    assert admin.execute("SELECT uses_remaining FROM token.token_uses(%s)", (token_id,)).fetchone()[0] == 95
 
 
 def test_an_admin_can_raise_a_spent_cap_and_the_next_call_sees_it(db, admin, app):

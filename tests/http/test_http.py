@@ -3,8 +3,13 @@ the test cluster, driven with httpx. Every response of every test is checked for
 (conftest._no_token_in); the leak check then searches the service logs with the server's."""
 
 import asyncio
+import datetime
+import email.utils
+import re
 import secrets
+import time
 
+import jwt as pyjwt
 import psycopg
 import pytest
 
@@ -199,6 +204,93 @@ def test_a_token_in_the_query_string_stays_out_of_the_log(db, http, services, su
     assert token[-28:-6] not in log
     # The access line is there, with the hint only.
     assert "GET /projects 200" in log and f"token={token[:-24]}" in log
+
+
+# ---- legacy JWTs (migrating from JWTs) ----
+
+SUNSET = datetime.datetime(2099, 6, 30, 12, 0, tzinfo=datetime.timezone.utc)
+MIGRATION = "Move to pg_token keys.\nSee https://example.com/docs/migrate-from-jwt."
+
+
+def record_jwt(env, token):
+    """A JWT for the leak check and the response check, both of which look for a token's
+    characters [-28:-6]: a JWT whose characters there are not all letters and digits is recorded
+    as 22 letters and digits of its signature (or payload), padded the same way."""
+    window = token[-28:-6]
+    if re.fullmatch(r"[0-9A-Za-z]{22}", window):
+        return env.record(token)
+    runs = re.findall(r"[0-9A-Za-z]{22,}", token.rsplit(".", 1)[-1]) or re.findall(r"[0-9A-Za-z]{22,}", token)
+    if runs:
+        env.record(runs[-1][-22:] + "jwtfp0")
+    return token
+
+
+@pytest.fixture()
+def legacy_issuer(su):
+    """An HS256 legacy issuer in the dev database, dropped afterwards: (name, iss, secret)."""
+    name, key = f"http_jwt_{secrets.token_hex(3)}", "http-secret-" + secrets.token_hex(20)
+    iss = f"https://{name}.example"
+    su.execute("SELECT token.register_legacy_issuer(%s, '{HS256}', %s, 'agent', 'dev', %s, %s, issuer => %s)",
+               (name, key, SUNSET, MIGRATION, iss))
+    yield name, iss, key
+    su.execute("SELECT token.drop_legacy_issuer(%s)", (name,))
+
+
+def make_jwt(db, iss, key, account="acme", scope="read"):
+    now = int(time.time())
+    claims = {"sub": account, "iss": iss, "scope": scope, "exp": now + 600, "iat": now, "jti": secrets.token_hex(8)}
+    return record_jwt(db, pyjwt.encode(claims, key, algorithm="HS256"))
+
+
+def test_a_legacy_jwt_is_served_with_deprecation_sunset_and_link(db, http, services, su, legacy_issuer):
+    name, iss, key = legacy_issuer
+    token = make_jwt(db, iss, key)
+    deprecation = su.execute("SELECT deprecation FROM token.check_token(%s)", (token,)).fetchone()[0]
+    assert deprecation and name in deprecation
+    r = served = http["main"].get("/projects", headers=bearer(token))
+    assert r.status_code == 200, r.text
+    assert r.json()["account"] == "acme" and len(r.json()["projects"]) == TENANT_ROWS["acme"]
+    assert r.headers["X-Auth-Deprecation"] == " ".join(deprecation.split()), "the same sentence, on one line"
+    assert r.headers["Sunset"] == email.utils.format_datetime(SUNSET, usegmt=True) == "Tue, 30 Jun 2099 12:00:00 GMT"
+    assert r.headers["Link"] == '<https://example.com/docs/migrate-from-jwt>; rel="deprecation"'
+    # pg_token's own token: none of them.
+    _, own = generate(su, db, "acme")
+    r = http["main"].get("/projects", headers=bearer(own))
+    assert r.status_code == 200 and not {"X-Auth-Deprecation", "Sunset", "Link"} & set(r.headers)
+    # Nothing of the JWT in any response (conftest checks a fingerprint) or in the access log.
+    log = services["main"].log_text()
+    for part in token.split(".")[1:]:
+        assert part not in log and part not in served.text
+    assert "GET /projects 200" in log and "token=jwt" in log
+
+
+def test_legacy_jwt_refusals_are_401_and_a_retired_one_says_where_to_go(db, http, su, legacy_issuer):
+    name, iss, key = legacy_issuer
+    forged = make_jwt(db, iss, "not-the-secret-" + secrets.token_hex(20))
+    stranger = make_jwt(db, "https://nobody.example", key)
+    for token, reason in ((forged, "bad_signature"), (stranger, "unknown_issuer")):
+        r = http["main"].get("/projects", headers=bearer(token))
+        assert r.status_code == 401, r.text
+        assert r.headers["WWW-Authenticate"] == 'Bearer realm="api", error="invalid_token"'
+        assert r.json() == {"error": "invalid_token", "reason": reason, "message": f"token rejected: {reason}"}
+    token = make_jwt(db, iss, key)
+    su.execute("SELECT token.alter_legacy_issuer(%s, cutoff_at => now() - interval '1 second')", (name,))
+    r = http["main"].get("/projects", headers=bearer(token))
+    assert r.status_code == 401, r.text
+    body = r.json()
+    assert body["reason"] == "legacy_token_retired" and "https://example.com/docs/migrate-from-jwt" in body["migration"]
+    assert "\n" not in body["migration"]
+    assert r.headers["Link"] == '<https://example.com/docs/migrate-from-jwt>; rel="deprecation"'
+
+
+def test_deprecation_headers_are_header_safe():
+    headers = refusals.deprecation_headers("legacy JWT\r\nSet-Cookie: x=1\u00e9 see http://a.example/m).", SUNSET)
+    assert headers["X-Auth-Deprecation"] == "legacy JWT Set-Cookie: x=1? see http://a.example/m)."
+    assert headers["Link"] == '<http://a.example/m>; rel="deprecation"'
+    assert "Link" not in refusals.deprecation_headers("no url here", None)
+    assert "Sunset" not in refusals.deprecation_headers("x", None)
+    assert refusals.deprecation_headers(None, None) == {}
+    assert len(refusals.deprecation_headers("y" * 5000, None)["X-Auth-Deprecation"]) == refusals.MAX_HEADER
 
 
 def test_every_reason_the_database_knows_has_a_rule(su):

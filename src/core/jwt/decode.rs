@@ -76,8 +76,9 @@ pub(super) fn nesting_within(json: &[u8], max: usize) -> bool {
     true
 }
 
-/// Whether a presented token should be judged as a JWT: three non-empty segments of
-/// `[A-Za-z0-9_-]` separated by exactly two dots, the first starting with "eyJ" (`{"` in
+/// Whether a presented token should be judged as a JWT: three segments of `[A-Za-z0-9_-]`
+/// separated by exactly two dots (the signature may be empty: an unsigned JWT is judged, and
+/// refused as such), the first starting with "eyJ" (`{"` in
 /// base64url), at most `MAX_JWT_SHAPE_BYTES` long. pg_token's own tokens never contain a dot,
 /// so they never look like one. Reads each byte once and allocates nothing.
 pub fn looks_like_jwt(token: &[u8]) -> bool {
@@ -98,7 +99,7 @@ pub fn looks_like_jwt(token: &[u8]) -> bool {
             return false;
         }
     }
-    dots == 2 && segment > 0
+    dots == 2
 }
 
 /// The protected header members this module reads.

@@ -380,6 +380,8 @@ impl Validator {
             "rate_limit",
             "rate_remaining",
             "rate_reset_at",
+            "deprecation",
+            "sunset_at",
         ];
         check_eq!(names, expected, "columns of SELECT * FROM token.validate_token($1)");
         Ok(v)

@@ -316,4 +316,5 @@ fn fresh_tokens_of_each_algorithm_verify_and_yield_their_claims() {
 }
 
 mod rules;
+mod routing;
 mod shape;
