@@ -61,10 +61,15 @@ class Env:
         """A JWT for the leak check. tests/leakcheck.py finds a token by its characters
         [-28:-6], which must be 22 letters and digits; a JWT's signature is base64url and may
         carry '-' or '_' there. Then a fingerprint is recorded instead: 22 letters and digits
-        of the JWT's signature (else payload), padded the way leakcheck reads a token."""
+        of its signature (else its claims; never its header, which every JWT of an algorithm
+        shares), padded the way leakcheck reads a token. A string that is not JWT-shaped is
+        no credential and not recorded (the log hook leaves it alone)."""
+        if not re.fullmatch(r"eyJ[0-9A-Za-z_-]*\.[0-9A-Za-z_-]+\.[0-9A-Za-z_-]*", token):
+            return token
         if re.fullmatch(r"[0-9A-Za-z]{22}", token[-28:-6]):
             return self.record(token)
-        runs = re.findall(r"[0-9A-Za-z]{22,}", token.rsplit(".", 1)[-1]) or re.findall(r"[0-9A-Za-z]{22,}", token)
+        _, claims, signature = token.split(".")
+        runs = re.findall(r"[0-9A-Za-z]{22,}", signature) or re.findall(r"[0-9A-Za-z]{22,}", claims)
         if runs:
             self.record(runs[-1][-22:] + "jwtfp0")
         return token
