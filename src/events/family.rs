@@ -111,6 +111,11 @@ impl Table {
         self.find(family).is_some()
     }
 
+    /// Whether a revocation is asked for or being written (flush_events waits for those).
+    pub fn in_flight(&self) -> bool {
+        self.entries.iter().any(|e| e.state == state::REQUESTED || e.state == state::WRITING)
+    }
+
     pub fn has_requests(&self) -> bool {
         self.entries.iter().any(|e| e.state == state::REQUESTED)
     }

@@ -483,7 +483,7 @@ pub fn written_up_to(dboid: pg_sys::Oid, marks: Marks) -> bool {
     locked(|shared| {
         slot_for(shared, dboid, false).is_none_or(|i| {
             let s = &shared.slots[i];
-            s.refusals.written + s.refusals_dropped >= marks.0 && s.touches.tail() >= marks.1
+            s.refusals.written + s.refusals_dropped >= marks.0 && s.touches.tail() >= marks.1 && !s.families.in_flight()
         })
     })
     .unwrap_or(true)
