@@ -40,7 +40,10 @@ CREATE TABLE token.key_types (
     -- account is told not_found instead of cross_account.
     allowed_networks       cidr[],
     rate_limits            token.rate_limit[],
-    conceal_cross_account  boolean NOT NULL DEFAULT false
+    conceal_cross_account  boolean NOT NULL DEFAULT false,
+    -- Token families: a token rotated away and presented after its grace window revokes its
+    -- whole rotation family (refresh-token reuse detection, RFC 9700 4.14.2).
+    reuse_detection        boolean NOT NULL DEFAULT false
 );
 COMMENT ON TABLE token.key_types IS
     'Kinds of keys: which other kinds they may validate, their TTL bounds and allowed scopes';
@@ -95,6 +98,9 @@ CREATE TABLE token.tokens (
     refill_uses       bigint CHECK (refill_uses > 0),
     refill_interval   interval CHECK (refill_interval > interval '0'),
     refilled_at       timestamptz,
+    -- When the token's rotation family was revoked because a rotated-away member was reused
+    -- (set on every member, with revoked_at; such tokens are refused as family_revoked).
+    family_revoked_at timestamptz,
     CONSTRAINT tokens_refill_check CHECK ((refill_uses IS NULL) = (refill_interval IS NULL)
                                           AND (refill_uses IS NULL OR uses_remaining IS NOT NULL)),
     -- Unique through a hash index: validation looks a token up by its hash and nothing else,
@@ -209,7 +215,7 @@ SELECT id, hint, prefix, account, key_type, environment, name, scopes, metadata,
            ELSE 'active'
        END AS status,
        disabled_at, disabled_reason, parent_id, uses_remaining, refill_uses, refill_interval,
-       rate_limits, allowed_networks
+       rate_limits, allowed_networks, family_revoked_at
 FROM token.tokens;
 COMMENT ON VIEW token.token_list IS 'Every token with everything but its hash, and its status now';
 

@@ -7,8 +7,8 @@ COMMENT ON TYPE token.identity IS
 COMMENT ON TYPE token.verdict IS
     'What check_token returns: valid, the refusal reason, and the identity columns when valid';
 
-COMMENT ON FUNCTION token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean) IS
-    'Defines a kind of key: which key types its tokens may validate, TTLs, allowed scopes, networks, rate limits, whether cross_account is concealed (token_admin)';
+COMMENT ON FUNCTION token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean, boolean) IS
+    'Defines a kind of key: which key types its tokens may validate, TTLs, allowed scopes, networks, rate limits, whether cross_account is concealed, whether reuse of a rotated-away token revokes its family (token_admin)';
 COMMENT ON FUNCTION token.register_prefix(text, text, text) IS
     'Registers a token prefix for a key type in an environment; no prefix may start another (token_admin)';
 COMMENT ON FUNCTION token.unregister_prefix(text) IS

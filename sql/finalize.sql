@@ -9,7 +9,7 @@ CREATE TRIGGER tokens_invalidate_caches
                     metadata, created_at, expires_at, revoke_after, revoked_at, revoked_reason,
                     rotated_from, family_id, family_issued_at, disabled_at, disabled_reason,
                     parent_id, allowed_networks, rate_limits, uses_version, refill_uses,
-                    refill_interval
+                    refill_interval, family_revoked_at
        OR DELETE OR TRUNCATE ON token.tokens
     FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
 CREATE TRIGGER key_types_invalidate_caches
@@ -76,7 +76,7 @@ GRANT EXECUTE ON FUNCTION token.report_leaked(text[]), token.scanner_patterns() 
 
 GRANT token_validator TO token_admin;
 GRANT EXECUTE ON FUNCTION
-    token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean),
+    token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean, boolean),
     token.register_prefix(text, text, text),
     token.unregister_prefix(text),
     token.generate_token(text, text, text, text[], interval, jsonb, text, bigint, bigint, interval, token.rate_limit[], inet[]),

@@ -149,6 +149,9 @@ ALTER TABLE token.tokens
     ADD COLUMN refilled_at timestamptz,
     ADD CONSTRAINT tokens_refill_check CHECK ((refill_uses IS NULL) = (refill_interval IS NULL)
                                               AND (refill_uses IS NULL OR uses_remaining IS NOT NULL));
+-- Token families (issue 14): reuse detection on a key type; a family revoked for a reuse.
+ALTER TABLE token.key_types ADD COLUMN reuse_detection boolean NOT NULL DEFAULT false;
+ALTER TABLE token.tokens ADD COLUMN family_revoked_at timestamptz;
 CREATE INDEX tokens_parent_id_idx ON token.tokens (parent_id) WHERE parent_id IS NOT NULL;
 ALTER TYPE token.identity
     ADD ATTRIBUTE parent_id uuid,
@@ -175,7 +178,7 @@ SELECT id, hint, prefix, account, key_type, environment, name, scopes, metadata,
            ELSE 'active'
        END AS status,
        disabled_at, disabled_reason, parent_id, uses_remaining, refill_uses, refill_interval,
-       rate_limits, allowed_networks
+       rate_limits, allowed_networks, family_revoked_at
 FROM token.tokens;
 
 -- The cache trigger watches the columns 0.2.0 added (not the writer's: uses_remaining and
@@ -186,7 +189,7 @@ CREATE TRIGGER tokens_invalidate_caches
                     metadata, created_at, expires_at, revoke_after, revoked_at, revoked_reason,
                     rotated_from, family_id, family_issued_at, disabled_at, disabled_reason,
                     parent_id, allowed_networks, rate_limits, uses_version, refill_uses,
-                    refill_interval
+                    refill_interval, family_revoked_at
        OR DELETE OR TRUNCATE ON token.tokens
     FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
 ALTER TABLE token.tokens ENABLE ALWAYS TRIGGER tokens_invalidate_caches;
@@ -351,7 +354,8 @@ CREATE FUNCTION token.create_key_type(
 	"replace" bool DEFAULT false,
 	"allowed_networks" inet[] DEFAULT NULL,
 	"rate_limits" token.rate_limit[] DEFAULT NULL,
-	"conceal_cross_account" bool DEFAULT false
+	"conceal_cross_account" bool DEFAULT false,
+	"reuse_detection" bool DEFAULT false
 ) RETURNS void
 VOLATILE SECURITY DEFINER PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
@@ -393,7 +397,7 @@ COMMENT ON FUNCTION token.authenticate_from(inet, text, text, text) IS
 
 REVOKE EXECUTE ON FUNCTION
     token.generate_token(text, text, text, text[], interval, jsonb, text, bigint, bigint, interval, token.rate_limit[], inet[]),
-    token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean),
+    token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean, boolean),
     token.derive_token(uuid, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]),
     token.derive_own_token(text, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]),
     token.update_token(uuid, text, text[], jsonb, timestamptz, bigint, bigint, interval, token.rate_limit[], inet[], text[]),
@@ -414,7 +418,7 @@ TO token_gateway;
 GRANT EXECUTE ON FUNCTION token.report_leaked(text[]), token.scanner_patterns() TO token_reporter;
 GRANT EXECUTE ON FUNCTION
     token.generate_token(text, text, text, text[], interval, jsonb, text, bigint, bigint, interval, token.rate_limit[], inet[]),
-    token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean),
+    token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean, boolean),
     token.derive_token(uuid, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]),
     token.derive_own_token(text, text, text[], interval, jsonb, bigint, token.rate_limit[], inet[]),
     token.update_token(uuid, text, text[], jsonb, timestamptz, bigint, bigint, interval, token.rate_limit[], inet[], text[]),
@@ -585,8 +589,8 @@ COMMENT ON TYPE token.identity IS
 COMMENT ON TYPE token.verdict IS
     'What check_token returns: valid, the refusal reason, and the identity columns when valid';
 
-COMMENT ON FUNCTION token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean) IS
-    'Defines a kind of key: which key types its tokens may validate, TTLs, allowed scopes, networks, rate limits, whether cross_account is concealed (token_admin)';
+COMMENT ON FUNCTION token.create_key_type(text, text, text[], interval, interval, text[], boolean, inet[], token.rate_limit[], boolean, boolean) IS
+    'Defines a kind of key: which key types its tokens may validate, TTLs, allowed scopes, networks, rate limits, whether cross_account is concealed, whether reuse of a rotated-away token revokes its family (token_admin)';
 COMMENT ON FUNCTION token.register_prefix(text, text, text) IS
     'Registers a token prefix for a key type in an environment; no prefix may start another (token_admin)';
 COMMENT ON FUNCTION token.unregister_prefix(text) IS

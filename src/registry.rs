@@ -47,12 +47,14 @@ fn create_key_type(
     allowed_scopes: default!(Option<Vec<Option<String>>>, "NULL"),
     replace: default!(bool, false),
 ) {
-    create_key_type_v2(name, description, can_validate, default_ttl, max_ttl, allowed_scopes, replace, None, None, false);
+    create_key_type_v2(name, description, can_validate, default_ttl, max_ttl, allowed_scopes, replace, None, None, false, false);
 }
 
 /// Creates a key type (or, with replace => true, replaces its definition). Its tokens inherit
 /// `allowed_networks` and `rate_limits` unless they carry their own; `conceal_cross_account`
-/// makes a caller token of another account see `not_found` instead of `cross_account`.
+/// makes a caller token of another account see `not_found` instead of `cross_account`;
+/// `reuse_detection` makes a rotated-away token presented after its grace window revoke its
+/// whole rotation family (`family_revoked`).
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(name = "create_key_type", volatile, parallel_unsafe, security_definer)]
 #[search_path(pg_catalog, pg_temp)]
@@ -67,6 +69,7 @@ fn create_key_type_v2(
     allowed_networks: default!(Option<RawInets>, "NULL"),
     rate_limits: default!(Option<RawRateLimits>, "NULL"),
     conceal_cross_account: default!(bool, false),
+    reuse_detection: default!(bool, false),
 ) {
     require_writable("create_key_type");
     schema::require_current("create_key_type");
@@ -130,12 +133,12 @@ fn create_key_type_v2(
         }
         let sql = format!(
             "INSERT INTO token.key_types AS k (name, description, can_validate, default_ttl, max_ttl, allowed_scopes, \
-                                               allowed_networks, rate_limits, conceal_cross_account) \
-             VALUES ($1, $2, $3, $4, $5, $6, {}, $8, $9) \
+                                               allowed_networks, rate_limits, conceal_cross_account, reuse_detection) \
+             VALUES ($1, $2, $3, $4, $5, $6, {}, $8, $9, $10) \
              ON CONFLICT (name) DO UPDATE SET description = EXCLUDED.description, can_validate = EXCLUDED.can_validate, \
                  default_ttl = EXCLUDED.default_ttl, max_ttl = EXCLUDED.max_ttl, allowed_scopes = EXCLUDED.allowed_scopes, \
                  allowed_networks = EXCLUDED.allowed_networks, rate_limits = EXCLUDED.rate_limits, \
-                 conceal_cross_account = EXCLUDED.conceal_cross_account",
+                 conceal_cross_account = EXCLUDED.conceal_cross_account, reuse_detection = EXCLUDED.reuse_detection",
             networks_sql(7)
         );
         let result = client.update(
@@ -151,6 +154,7 @@ fn create_key_type_v2(
                 inets(networks),
                 rate_limits,
                 conceal_cross_account.into(),
+                reuse_detection.into(),
             ],
         );
         if let Err(e) = result {

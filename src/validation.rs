@@ -122,14 +122,30 @@ pub fn judge_with(
                 verdict::decide(req, ctx, registry, find, find_id, jwts).map(|accepted| {
                     let s = &accepted.token.state;
                     let limits = s.effective_rate_limits(registry.key_type(&s.key_type)).to_vec();
-                    (accepted, limits)
+                    let detects = |s: &pg_token_core::verdict::TokenState| {
+                        registry.key_type(&s.key_type).is_some_and(|k| k.reuse_detection)
+                    };
+                    let watched = (detects(s), accepted.caller.as_ref().is_some_and(|c| detects(&c.state)));
+                    (accepted, limits, watched)
                 })
             })
         });
-        let (accepted, limits) = match result {
+        let (accepted, limits, watched) = match result {
             Ok(a) => a,
             Err(refusal) => return Err(refused(refusal, None)),
         };
+        // A family marked revoked on this server whose write is not committed (or not yet seen
+        // here): refused as the committed revocation will be.
+        if let Some(detail) = family_in_flight(&accepted.token, watched.0) {
+            return Err(refused(limit_refusal(&accepted.token, Reason::FamilyRevoked, detail, req), None));
+        }
+        if let Some(caller) = accepted.caller.as_ref().filter(|c| family_in_flight(c, watched.1).is_some()) {
+            let detail = "caller token refused (family_revoked): its token family is revoked".to_owned();
+            let mut r = limit_refusal(&accepted.token, Reason::CallerInvalid, detail, req);
+            r.subject = Subject::default();
+            r.caller = Some(Subject { token_id: Some(caller.state.id), ..Subject::default() });
+            return Err(refused(r, None));
+        }
         let hint = || req.token.and_then(|t| format::split(t).ok()).map_or_else(String::new, |p| p.hint());
         if let Some((reason, detail)) = check(&accepted.token) {
             return Err(refused(limit_refusal(&accepted.token, reason, detail, req), None));
@@ -151,7 +167,7 @@ pub fn judge_with(
         } else {
             touch(&accepted.token, now);
         }
-        if let Some(caller) = &accepted.caller {
+        if let Some(caller) = accepted.caller.as_ref().filter(|c| c.state.legacy.is_none()) {
             touch(caller, now);
         }
         return Ok(Judged { token: accepted.token, per_call });
@@ -178,11 +194,39 @@ fn legacy_accepted(state: &verdict::TokenState, lg: &pg_token_core::legacy::Lega
     }
 }
 
-/// Records a refusal (metrics, events) and hands it back.
+/// Why a token whose verdict rules accepted it belongs to a family marked revoked here.
+fn family_in_flight(token: &Stored, watched: bool) -> Option<String> {
+    let family = token.state.family_id.filter(|_| watched)?;
+    events::family_marked(&family).then(|| "its token family was revoked because a rotated-away token was reused".to_owned())
+}
+
+/// Records a refusal (metrics, events) and hands it back. A refusal that detected a reuse
+/// revokes the family first (waiting for the writer to commit it).
 fn refused(refusal: Refusal, rate: Option<Admission>) -> Rejection {
+    revoke_reused_family(&refusal, true);
     metrics::refused(refusal.reason);
     events::refused(&refusal);
     Rejection { refusal, rate }
+}
+
+/// Revokes the family of a reused token this refusal detected, if any (see `events::revoke_family`).
+pub fn revoke_reused_family(refusal: &Refusal, wait: bool) {
+    let Some(reuse) = refusal.reuse else { return };
+    let subject = if refusal.subject.token_id == Some(reuse.token_id) {
+        &refusal.subject
+    } else {
+        refusal.caller.as_ref().unwrap_or(&refusal.subject)
+    };
+    events::revoke_family(&reuse, subject, wait);
+}
+
+/// Records a refusal made outside `judge` (rotation's reuse check) and raises it. The family
+/// write is not waited for: the caller holds a row lock it needs, released by this very error.
+pub fn refuse_reuse(refusal: Refusal) -> ! {
+    revoke_reused_family(&refusal, false);
+    metrics::refused(refusal.reason);
+    events::refused(&refusal);
+    error::refuse(&refusal)
 }
 
 /// A refusal of a token the verdict rules accepted (its session, rate or cap).

@@ -31,12 +31,13 @@ pub enum Reason {
     UnknownIssuer,
     BadSignature,
     LegacyTokenRetired,
+    FamilyRevoked,
 }
 
 impl Reason {
     /// Every reason, in the order the checks run (a caller token is checked first; any
     /// refusal of it is `CallerInvalid`).
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 21] = [
         Reason::Malformed,
         Reason::BadChecksum,
         Reason::UnknownPrefix,
@@ -46,6 +47,7 @@ impl Reason {
         Reason::EnvironmentMismatch,
         Reason::LegacyTokenRetired,
         Reason::NotFound,
+        Reason::FamilyRevoked,
         Reason::Revoked,
         Reason::Expired,
         Reason::Disabled,
@@ -85,6 +87,7 @@ impl Reason {
             Reason::UnknownIssuer => "unknown_issuer",
             Reason::BadSignature => "bad_signature",
             Reason::LegacyTokenRetired => "legacy_token_retired",
+            Reason::FamilyRevoked => "family_revoked",
         }
     }
 
@@ -115,6 +118,7 @@ impl Reason {
             Reason::UnknownIssuer => "a JWT: no legacy issuer is registered for its iss, or its iss or aud is not the registered one",
             Reason::BadSignature => "a JWT: unsigned (alg none), an alg its issuer is not registered for, no matching key, or a signature that does not verify",
             Reason::LegacyTokenRetired => "a JWT of a legacy issuer presented at or after the issuer's cut-off; the detail carries the migration message",
+            Reason::FamilyRevoked => "a token rotated away was presented after its grace window (key type with reuse_detection): it and its whole rotation family are revoked",
         }
     }
 }

@@ -38,6 +38,9 @@ pub struct KeyTypeInfo {
     pub rate_limits: Vec<RateLimit>,
     /// A caller of another account is told `not_found` instead of `cross_account`.
     pub conceal_cross_account: bool,
+    /// A token rotated away and presented after its grace window revokes its whole rotation
+    /// family (`family_revoked`).
+    pub reuse_detection: bool,
 }
 
 /// How deep a chain of parent tokens is followed before it is refused (the settings bound what
@@ -107,6 +110,10 @@ pub struct TokenState {
     pub uses: Option<Uses>,
     /// Set for a legacy JWT (its issuer, jti, iat, the issuer's cut-off and message).
     pub legacy: Option<Box<LegacyState>>,
+    /// The rotation family: the id of the first token of the lineage (None on 0.1.0's schema).
+    pub family_id: Option<[u8; 16]>,
+    /// When the family was revoked because one of its rotated-away tokens was reused.
+    pub family_revoked_at: Option<Micros>,
 }
 
 impl TokenState {
@@ -127,6 +134,8 @@ impl TokenState {
             rate_limits: None,
             uses: None,
             legacy: None,
+            family_id: None,
+            family_revoked_at: None,
         }
     }
 
@@ -208,11 +217,22 @@ pub struct Refusal {
     /// What the caller is told instead, when the key type conceals the truth
     /// (`conceal_cross_account`): a reason and a detail.
     pub shown: Option<(Reason, String)>,
+    /// A reuse this refusal detected: the edge must revoke the family (and record it).
+    pub reuse: Option<Reuse>,
+}
+
+/// A rotated-away token presented after its grace window, under a key type with reuse
+/// detection: its whole family is to be revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reuse {
+    pub family_id: [u8; 16],
+    /// The token that was presented again.
+    pub token_id: [u8; 16],
 }
 
 impl Refusal {
     pub fn new(reason: Reason, detail: String, subject: Subject, database_environment: Option<String>) -> Refusal {
-        Refusal { reason, detail, subject, caller: None, database_environment, shown: None }
+        Refusal { reason, detail, subject, caller: None, database_environment, shown: None, reuse: None }
     }
 
     /// The reason the caller is told.
@@ -245,13 +265,14 @@ const MAX_QUOTED_SCOPE: usize = 64;
 struct Failure {
     reason: Reason,
     detail: String,
+    reuse: Option<Reuse>,
 }
 
 /// A refusal inside `resolve`, with what was known about the token when it was refused.
 type Refused = (Failure, Subject);
 
 fn fail<T>(reason: Reason, detail: String, subject: Subject) -> Result<T, Refused> {
-    Err((Failure { reason, detail }, subject))
+    Err((Failure { reason, detail, reuse: None }, subject))
 }
 
 /// What an event may record about a token, from what the checks had learnt so far. Built only
@@ -330,6 +351,11 @@ where
     if ctx.environment != Some(state.environment.as_str()) {
         let detail = format!("token {} belongs to environment \"{}\"", parsed.hint(), state.environment);
         return fail(Reason::EnvironmentMismatch, detail, subject_of(Some(&parsed), Some(info), Some(state)));
+    }
+    if let Some(reuse) = reused(state, registry, ctx.now) {
+        let detail = format!("token {} was rotated away and presented again after its grace window: its token family is revoked", parsed.hint());
+        let failure = Failure { reason: Reason::FamilyRevoked, detail, reuse: Some(reuse) };
+        return Err((failure, subject_of(Some(&parsed), Some(info), Some(state))));
     }
     if let Err((reason, what)) = status(state, ctx.now) {
         let detail = format!("token {} {what}", parsed.hint());
@@ -477,8 +503,22 @@ fn ancestry<T: Stateful>(state: &TokenState, now: Micros, find_id: &mut impl FnM
     Ok(())
 }
 
+/// Whether presenting this token now is a reuse: it was rotated away (`revoke_after` set by
+/// rotation), its grace window is over, its key type detects reuse, and neither it nor its family
+/// was revoked already (an explicit revocation is final on its own and detects nothing).
+pub fn reused<R: Registry>(state: &TokenState, registry: &R, now: Micros) -> Option<Reuse> {
+    let family_id = state.family_id?;
+    let detects = registry.key_type(&state.key_type).is_some_and(|k| k.reuse_detection);
+    let past_grace = state.revoke_after.is_some_and(|t| t <= now);
+    (detects && past_grace && state.revoked_at.is_none() && state.family_revoked_at.is_none())
+        .then_some(Reuse { family_id, token_id: state.id })
+}
+
 /// Revocation and expiry against the clock. Checked on every call, cached or not.
 pub fn status(state: &TokenState, now: Micros) -> Result<(), (Reason, &'static str)> {
+    if state.family_revoked_at.is_some() {
+        return Err((Reason::FamilyRevoked, "belongs to a token family revoked because one of its rotated-away tokens was reused"));
+    }
     if state.revoked_at.is_some() {
         return Err((Reason::Revoked, "was revoked"));
     }
@@ -517,6 +557,7 @@ where
         caller,
         database_environment: ctx.environment.map(str::to_owned),
         shown: None,
+        reuse: failure.reuse,
     };
 
     let caller = match req.caller {
@@ -527,6 +568,7 @@ where
                 let failure = Failure {
                     reason: Reason::CallerInvalid,
                     detail: format!("caller token refused ({}): {}", inner.reason, inner.detail),
+                    reuse: inner.reuse,
                 };
                 return Err(refusal(failure, Subject::default(), Some(s)));
             }
@@ -546,6 +588,7 @@ where
             Err(Failure {
                 reason: Reason::CallerNotPermitted,
                 detail: format!("key type \"{}\" may not validate key type \"{}\"", cs.key_type, info.key_type),
+                reuse: None,
             })
         }
     };
@@ -556,7 +599,7 @@ where
 
     let state = found.state();
     let refused_here = |reason: Reason, detail: String| {
-        let f = Failure { reason, detail };
+        let f = Failure { reason, detail, reuse: None };
         Err(refusal(f, subject_of(Some(&parsed), None, Some(state)), caller_subject()))
     };
     if let Some(cs) = caller_state {
@@ -567,7 +610,7 @@ where
                 // The caller learns what a token that does not exist would tell it; the event
                 // and the server log keep the truth.
                 let shown = (Reason::NotFound, format!("no token matches {}", parsed.hint()));
-                let f = Failure { reason: Reason::CrossAccount, detail };
+                let f = Failure { reason: Reason::CrossAccount, detail, reuse: None };
                 let mut r = refusal(f, subject_of(Some(&parsed), None, Some(state)), caller_subject());
                 r.shown = Some(shown);
                 return Err(r);
@@ -877,5 +920,80 @@ mod tests {
         let absent = w.decide(Request { token: Some(missing.as_bytes()), ..req }, Some("dev"), NOW).expect_err("refused");
         assert_eq!((absent.message(), absent.shown_detail().replace("wwww", "vvvv")), (hidden.message(), hidden.shown_detail().to_owned()),
             "indistinguishable from a token that does not exist");
+    }
+
+    #[test]
+    fn a_rotated_away_token_past_its_grace_window_is_a_reuse_only_with_detection() {
+        let mut w = World::new();
+        let family = [0xfa; 16];
+        let old = w.issue("cf-", "xxxxxxxxxxxxxxxxxxxxxx", "acme", |s| {
+            s.family_id = Some(family);
+            s.revoke_after = Some(NOW - 1);
+        });
+        let old_id = w.id_of(&old);
+        // Without the option: plain `revoked`, nothing to revoke.
+        let r = w.decide(presented(&old), Some("dev"), NOW).expect_err("refused");
+        assert_eq!((r.reason, r.reuse), (Reason::Revoked, None));
+        w.reg.key_types.get_mut("agent").expect("agent").reuse_detection = true;
+        let r = w.decide(presented(&old), Some("dev"), NOW).expect_err("refused");
+        assert_eq!(r.reason, Reason::FamilyRevoked);
+        assert_eq!(r.reuse, Some(Reuse { family_id: family, token_id: old_id }));
+        assert!(r.detail.contains("rotated away") && r.detail.contains("cf-xxxx"), "{}", r.detail);
+        assert_eq!(r.message(), "token rejected: family_revoked");
+        // Grace 0: revoke_after is the rotation's own moment, so any presentation is a reuse.
+        w.rows.get_mut(&token_hash(&old)).expect("old").revoke_after = Some(NOW);
+        assert_eq!(w.decide(presented(&old), Some("dev"), NOW).err().and_then(|r| r.reuse).map(|u| u.token_id), Some(old_id));
+        // Inside the grace window: accepted, no revocation.
+        w.rows.get_mut(&token_hash(&old)).expect("old").revoke_after = Some(NOW + 1);
+        assert!(w.decide(presented(&old), Some("dev"), NOW).is_ok());
+        // Revoked explicitly: final on its own, not a reuse.
+        let revoked = w.issue("cf-", "yyyyyyyyyyyyyyyyyyyyyy", "acme", |s| {
+            s.family_id = Some(family);
+            s.revoke_after = Some(NOW - 1);
+            s.revoked_at = Some(NOW - 1);
+        });
+        let r = w.decide(presented(&revoked), Some("dev"), NOW).expect_err("refused");
+        assert_eq!((r.reason, r.reuse), (Reason::Revoked, None));
+        // A reused caller token revokes its family too (the presented token is never looked up).
+        let mid = w.issue("mid_", "zzzzzzzzzzzzzzzzzzzzzz", "acme", |s| {
+            s.family_id = Some([0xfb; 16]);
+            s.revoke_after = Some(NOW - 1);
+        });
+        w.reg.key_types.get_mut("mid").expect("mid").reuse_detection = true;
+        let live = w.issue("cf-", "aaaaaaaaaaaaaaaaaaaaab", "acme", |_| {});
+        let r = w.decide(Request { token: Some(live.as_bytes()), caller: Some(mid.as_bytes()), required_scope: None }, Some("dev"), NOW)
+            .expect_err("refused");
+        assert_eq!(r.reason, Reason::CallerInvalid);
+        assert_eq!(r.reuse.map(|u| u.family_id), Some([0xfb; 16]));
+    }
+
+    #[test]
+    fn every_member_of_a_revoked_family_is_refused_as_such() {
+        let mut w = World::new();
+        let family = [0xfc; 16];
+        let first = w.issue("cf-", "bbbbbbbbbbbbbbbbbbbbbc", "acme", |s| {
+            s.family_id = Some(family);
+            s.revoke_after = Some(NOW - 100);
+            s.revoked_at = Some(NOW - 5);
+            s.family_revoked_at = Some(NOW - 5);
+        });
+        let live = w.issue("cf-", "cccccccccccccccccccccd", "acme", |s| {
+            s.family_id = Some(family);
+            s.revoked_at = Some(NOW - 5);
+            s.family_revoked_at = Some(NOW - 5);
+        });
+        let live_id = w.id_of(&live);
+        let child = w.issue("cf-", "ddddddddddddddddddddde", "acme", |s| s.parent_id = Some(live_id));
+        // With or without the option now, and with no new reuse reported.
+        for detects in [true, false] {
+            w.reg.key_types.get_mut("agent").expect("agent").reuse_detection = detects;
+            for t in [&first, &live] {
+                let r = w.decide(presented(t), Some("dev"), NOW).expect_err("refused");
+                assert_eq!((r.reason, r.reuse), (Reason::FamilyRevoked, None), "detects={detects}");
+            }
+            let r = w.decide(presented(&child), Some("dev"), NOW).expect_err("refused");
+            assert_eq!(r.reason, Reason::ParentInvalid);
+            assert!(r.detail.contains("token family revoked"), "{}", r.detail);
+        }
     }
 }

@@ -17,13 +17,14 @@
 //! caller's transaction), anything that must survive a rollback through the queue.
 
 mod admin;
+pub mod family;
 mod plans;
 pub mod queue;
 mod reserve;
 pub mod writer;
 
 use pg_token_core::reason::Reason;
-use pg_token_core::verdict::{Refusal, Subject};
+use pg_token_core::verdict::{Refusal, Reuse, Subject};
 use pgrx::prelude::*;
 
 pub use queue::require_preload;
@@ -31,7 +32,7 @@ use pg_token_core::aggregate::{Folded, Key, Sample};
 use pg_token_core::ring::FixedStr;
 use queue::{Pushed, Touch};
 
-use crate::error;
+use crate::error::{self, Error, Kind};
 use crate::guc;
 
 /// Who is asking: client address, application name and session user.
@@ -271,6 +272,91 @@ pub fn spend_use(token_id: &[u8; 16], version: i64, table_remaining: i64, refill
         }
         pg_sys::check_for_interrupts!();
     }
+}
+
+/// How long a validation waits for the writer to revoke a token family.
+const FAMILY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Revokes a token family for a reuse: marks it in shared memory at once (no member is
+/// accepted on this server from here on), then asks the writer to revoke every member in its own
+/// committed transaction and, with `wait`, waits for that (up to 5 s) so that the refusal is
+/// returned only once the revocation is committed. Without `wait` (the caller holds a row lock
+/// the write needs) the write follows the caller's transaction. On a hot standby nothing can be
+/// written: the family is marked on this server only, and the server log names it.
+pub fn revoke_family(reuse: &Reuse, subject: &Subject, wait: bool) {
+    let who = Client::current();
+    let request = family::Request {
+        state: 0,
+        attempts: 0,
+        family_id: reuse.family_id,
+        token_id: reuse.token_id,
+        seq: 0,
+        backend_pid: who.pid,
+        account: FixedStr::new(subject.account.as_deref()),
+        prefix: FixedStr::new(subject.prefix.as_deref()),
+        hint: FixedStr::new(subject.hint.as_deref()),
+        environment: FixedStr::new(subject.environment.as_deref()),
+        client_addr: FixedStr::new(who.addr.as_deref()),
+        db_user: FixedStr::new(who.db_user.as_deref()),
+        application_name: FixedStr::new(who.application_name.as_deref()),
+    };
+    // SAFETY: MyDatabaseId is set for every backend connected to a database.
+    let db = unsafe { pg_sys::MyDatabaseId };
+    // SAFETY: reads process-global state.
+    if unsafe { pg_sys::RecoveryInProgress() } {
+        let (asked, _) = queue::ask_family(db, request, true);
+        if matches!(asked, family::Asked::In(family::state::UNWRITTEN)) {
+            let detail = format!(
+                "family={} reused_token_id={}; a hot standby cannot write: this standby refuses the family until it restarts, \
+                 revoke it on the primary with token.revoke_token_tree('{}')",
+                uuid_string(&reuse.family_id),
+                uuid_string(&reuse.token_id),
+                uuid_string(&reuse.family_id)
+            );
+            // Always logged (not only with token.log_events): the primary must hear of it.
+            error::log_server_only(format!(
+                "pg_token: family_revoked (standby: not written) hint={} {detail}",
+                subject.hint.as_deref().unwrap_or("")
+            ));
+        }
+        return;
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let (asked, writer_slot) = queue::ask_family(db, request, false);
+        if let Some(slot) = writer_slot {
+            writer::start(slot, db);
+        }
+        let pending = match asked {
+            family::Asked::In(s) => s == family::state::REQUESTED || s == family::state::WRITING,
+            family::Asked::Full => true,
+        };
+        if !pending || !wait || start.elapsed() >= FAMILY_TIMEOUT {
+            if pending && wait {
+                Error::new(Kind::WrongState, "pg_token: the event writer did not revoke a token family within 5 s; it stays refused on this server and the writer keeps trying")
+                    .warn();
+            }
+            return;
+        }
+        // SAFETY: the standard wait on our own latch, with interrupts checked after.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                1,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pg_sys::check_for_interrupts!();
+    }
+}
+
+/// Whether a token family is marked revoked on this server (a reuse whose write may not be
+/// committed or seen yet).
+pub fn family_marked(family_id: &[u8; 16]) -> bool {
+    // SAFETY: MyDatabaseId is set for every backend connected to a database.
+    queue::family_marked(unsafe { pg_sys::MyDatabaseId }, family_id)
 }
 
 /// Uses of a token reserved in this server's shared memory and not yet spent, whether a

@@ -13,6 +13,7 @@ pub(super) struct Plans {
     pub(super) write_refusals_0_1: Option<OwnedPreparedStatement>,
     pub(super) apply_touches: Option<OwnedPreparedStatement>,
     pub(super) reserve_uses: Option<OwnedPreparedStatement>,
+    pub(super) revoke_family: Option<OwnedPreparedStatement>,
 }
 
 pub(super) fn prepared<'p>(

@@ -44,6 +44,7 @@ use pg_token_core::uses::{self, Request, Reserved, Step};
 use pgrx::pg_sys;
 use pgrx::{PGRXSharedMemory, PgSharedMemoryInitialization};
 
+use super::family;
 use crate::error;
 
 pub const MAX_DATABASES: usize = 8;
@@ -119,11 +120,13 @@ struct Slot {
     /// Usage-cap reservations (`pg_token_core::uses`): blocks of uses the writer reserved for
     /// this database's backends to spend, and the requests for more.
     uses: uses::Table<USE_ENTRIES>,
+    /// Token families revoked for a reuse: marked at once, written by the writer (`family`).
+    families: family::Table,
 }
 
 impl Slot {
     fn is_empty(&self) -> bool {
-        self.refusals_pending() == 0 && self.touches.is_empty() && !self.uses.has_requests()
+        self.refusals_pending() == 0 && self.touches.is_empty() && !self.uses.has_requests() && !self.families.has_requests()
     }
 
     fn refusals_pending(&self) -> u64 {
@@ -279,6 +282,7 @@ fn slot_for(shared: &mut Shared, dboid: pg_sys::Oid, claim: bool) -> Option<usiz
     s.refusals.reset();
     s.touches.reset();
     s.uses.reset();
+    s.families.reset();
     s.dboid = dboid;
     s.event_failures = 0;
     s.touch_failures = 0;
@@ -372,6 +376,53 @@ pub fn spend_use(dboid: pg_sys::Oid, token_id: &[u8; 16], version: i64, table_re
     .unwrap_or((Step::Full, None))
 }
 
+/// Marks a token family as revoked on this server and (unless `standby`) asks the writer to
+/// revoke it. Returns the family's state, and a slot whose writer the caller must start.
+pub fn ask_family(dboid: pg_sys::Oid, request: family::Request, standby: bool) -> (family::Asked, Option<usize>) {
+    locked(|shared| {
+        let Some(i) = slot_for(shared, dboid, true) else { return (family::Asked::Full, None) };
+        let slot = &mut shared.slots[i];
+        let initial = if standby { family::state::UNWRITTEN } else { family::state::REQUESTED };
+        let asked = slot.families.ask(request, initial);
+        if standby || !matches!(asked, family::Asked::In(family::state::REQUESTED)) {
+            return (asked, None);
+        }
+        if slot.needs_writer() {
+            slot.starting();
+            return (asked, Some(i));
+        }
+        if slot.state == WorkerState::Running {
+            // SAFETY: the latch belongs to the running worker's PGPROC, in shared memory.
+            unsafe { pg_sys::SetLatch(slot.latch) };
+        }
+        (asked, None)
+    })
+    .unwrap_or((family::Asked::Full, None))
+}
+
+/// Whether a token family is marked revoked on this server.
+pub fn family_marked(dboid: pg_sys::Oid, family_id: &[u8; 16]) -> bool {
+    locked(|shared| slot_for(shared, dboid, false).is_some_and(|i| shared.slots[i].families.marked(family_id))).unwrap_or(false)
+}
+
+/// The writer takes the family revocations waiting.
+pub fn worker_take_families(slot: usize, out: &mut Vec<family::Request>) {
+    locked(|shared| {
+        let s = &mut shared.slots[slot];
+        s.families.take(out);
+        s.phase = Phase::Uses;
+    });
+}
+
+/// The writer committed the revocation of these families.
+pub fn worker_revoked_families(slot: usize, done: &[[u8; 16]]) {
+    locked(|shared| {
+        let s = &mut shared.slots[slot];
+        s.families.complete(done);
+        s.phase = Phase::Idle;
+    });
+}
+
 /// Uses reserved in this server's shared memory and not yet spent for a token, whether a
 /// reservation for it is in flight, and how many reservations have completed.
 pub fn reserved_uses(dboid: pg_sys::Oid, token_id: &[u8; 16]) -> (i64, bool, u64) {
@@ -432,7 +483,7 @@ pub fn written_up_to(dboid: pg_sys::Oid, marks: Marks) -> bool {
     locked(|shared| {
         slot_for(shared, dboid, false).is_none_or(|i| {
             let s = &shared.slots[i];
-            s.refusals.written + s.refusals_dropped >= marks.0 && s.touches.tail() >= marks.1
+            s.refusals.written + s.refusals_dropped >= marks.0 && s.touches.tail() >= marks.1 && !s.families.in_flight()
         })
     })
     .unwrap_or(true)
@@ -594,6 +645,8 @@ pub struct Waiting {
     pub flush_touches: bool,
     /// Backends wait for use reservations.
     pub reservations: bool,
+    /// Backends wait for token families to be revoked.
+    pub families: bool,
 }
 
 pub fn worker_counts(slot: usize) -> Waiting {
@@ -606,9 +659,18 @@ pub fn worker_counts(slot: usize) -> Waiting {
             touches: s.touches.len(),
             flush_touches: s.touches.tail() < s.flush_touches_until,
             reservations: s.uses.has_requests(),
+            families: s.families.has_requests(),
         }
     })
-    .unwrap_or(Waiting { new_rows: false, refusals: 0, flush_refusals: false, touches: 0, flush_touches: false, reservations: false })
+    .unwrap_or(Waiting {
+        new_rows: false,
+        refusals: 0,
+        flush_refusals: false,
+        touches: 0,
+        flush_touches: false,
+        reservations: false,
+        families: false,
+    })
 }
 
 /// Copies the refusal entries with something to write, and records that the writer is now
@@ -725,6 +787,7 @@ pub fn worker_exited(slot: usize, abnormal: bool) {
                 // Reservations in progress were not committed (or were, and are lost: never
                 // granted twice): the next writer takes the requests again.
                 s.uses.retry_in_progress();
+                s.families.retry_in_progress();
                 s.phase = Phase::Idle;
             }
         }

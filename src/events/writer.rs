@@ -27,7 +27,7 @@ use pg_token_core::uses;
 
 use super::queue::{self, Touch, EVENT_DELAY, TOUCH_BATCH, TOUCH_DELAY};
 use super::plans::{extension_installed, prepared, still_installed, Plans};
-use super::reserve;
+use super::{family, reserve};
 use crate::error::{self, Error, Kind};
 use crate::guc;
 
@@ -119,6 +119,7 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
     let mut refusals: Vec<(usize, Entry)> = Vec::with_capacity(queue::BATCH);
     let mut touches: Vec<Touch> = Vec::with_capacity(TOUCH_BATCH);
     let mut requests: Vec<uses::Request> = Vec::with_capacity(uses::MAX_REQUESTS);
+    let mut families: Vec<family::Request> = Vec::with_capacity(family::FAMILY_ENTRIES);
     let mut plans = Plans::default();
     let mut idle_since = Instant::now();
     // When the oldest refusal count and last-use update still unwritten were first seen.
@@ -143,6 +144,19 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
             let mut answers = Vec::new();
             write(&mut plans, |plans| answers = reserve::reserve_uses(plans, &requests));
             queue::worker_reserved(slot, &answers);
+            idle_since = Instant::now();
+            continue;
+        }
+        // Then families revoked for a reuse: a backend waits for each, and every member must
+        // be refused everywhere as soon as possible.
+        if waiting.families {
+            queue::worker_take_families(slot, &mut families);
+            let (mut done, mut lines) = (Vec::new(), Vec::new());
+            write(&mut plans, |plans| (done, lines) = family::revoke_families(plans, &families));
+            queue::worker_revoked_families(slot, &done);
+            if guc::LOG_EVENTS.get() {
+                lines.into_iter().for_each(error::log_server_only);
+            }
             idle_since = Instant::now();
             continue;
         }

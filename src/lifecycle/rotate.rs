@@ -3,7 +3,8 @@
 //! (`revoke_after`), then fails as `revoked` with no job needed. A usage cap moves to the
 //! successor (the old token keeps none), and derived children follow it too.
 
-use pg_token_core::verdict::Request;
+use pg_token_core::reason::Reason;
+use pg_token_core::verdict::{Refusal, Request, Reuse, Subject};
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
 
@@ -20,7 +21,12 @@ use crate::validation::{self, Origin, Purpose};
 /// old token's lifetime again, but never past the family's first issue plus the key type's
 /// `max_ttl` (so repeated rotation ends there), and keeps only the scopes the key type allows
 /// now.
-fn rotate(token_id: pgrx::Uuid, grace: Interval) -> NewToken {
+///
+/// `presented`: the holder presented the token (rotate_own_token). Losing a race to another
+/// rotation of it is then a reuse like any other presentation of a rotated-away token: past its
+/// grace window (always, with grace 0), under a key type with reuse_detection, the whole family is
+/// revoked and the call refused (`family_revoked`).
+fn rotate(token_id: pgrx::Uuid, grace: Interval, presented: bool) -> NewToken {
     if grace.is_negative() {
         invalid("grace must not be negative");
     }
@@ -38,7 +44,9 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval) -> NewToken {
                           (t.family_issued_at OPERATOR(pg_catalog.+) kt.max_ttl)), \
                     ARRAY(SELECT s FROM pg_catalog.unnest(t.scopes) AS s \
                            WHERE kt.allowed_scopes IS NULL OR s OPERATOR(pg_catalog.=) ANY (kt.allowed_scopes)), \
-                    t.family_issued_at, t.disabled_at IS NOT NULL \
+                    t.family_issued_at, t.disabled_at IS NOT NULL, \
+                    t.family_id, kt.reuse_detection, \
+                    (t.revoke_after OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp()), t.hint \
              FROM token.tokens t JOIN token.key_types kt ON kt.name OPERATOR(pg_catalog.=) t.key_type \
              WHERE t.id OPERATOR(pg_catalog.=) $1 FOR NO KEY UPDATE OF t",
             Some(1),
@@ -59,6 +67,28 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval) -> NewToken {
             state("is revoked");
         }
         if spi(r.get::<bool>(5)).unwrap_or(false) {
+            let family: Option<pgrx::Uuid> = spi(r.get(13));
+            let detects = spi(r.get::<bool>(14)).unwrap_or(false);
+            let past_grace = spi(r.get::<bool>(15)).unwrap_or(false);
+            if let (true, true, true, Some(family)) = (presented, detects, past_grace, family) {
+                let hint: Option<String> = spi(r.get(16));
+                let key_type: Option<String> = spi(r.get(7));
+                let detail = format!(
+                    "token {} was rotated away and presented again after its grace window: its token family is revoked",
+                    hint.as_deref().unwrap_or("")
+                );
+                let subject = Subject {
+                    prefix: Some(prefix.clone()),
+                    hint,
+                    token_id: Some(*token_id.as_bytes()),
+                    account: Some(account.clone()),
+                    key_type,
+                    environment: Some(environment.clone()),
+                };
+                let mut refusal = Refusal::new(Reason::FamilyRevoked, detail, subject, Some(env.clone()));
+                refusal.reuse = Some(Reuse { family_id: *family.as_bytes(), token_id: *token_id.as_bytes() });
+                validation::refuse_reuse(refusal);
+            }
             let successor: Option<pgrx::Uuid> = spi(r.get(8));
             let hint = successor.map(|s| format!("Rotate its successor, {s}."));
             fail(Kind::WrongState, format!("token {token_id} has already been rotated"), hint.as_deref());
@@ -160,7 +190,7 @@ fn rotate_token(
     require_writable("rotate_token");
     schema::require_current("rotate_token");
     events::require_preload();
-    let new = rotate(required(token_id, "token_id"), required(grace, "grace"));
+    let new = rotate(required(token_id, "token_id"), required(grace, "grace"), false);
     TableIterator::once((new.id, new.token))
 }
 
@@ -178,7 +208,7 @@ fn rotate_own_token(
         Ok(j) => j,
         Err(r) => crate::error::refuse(&r.refusal),
     };
-    let new = rotate(pgrx::Uuid::from_bytes(judged.token.state.id), required(grace, "grace"));
+    let new = rotate(pgrx::Uuid::from_bytes(judged.token.state.id), required(grace, "grace"), true);
     TableIterator::once((new.id, new.token))
 }
 

@@ -31,6 +31,8 @@ pub struct TokenAtts {
     pub uses_remaining: Option<usize>,
     pub uses_version: Option<usize>,
     pub refill_uses: Option<usize>,
+    pub family_id: Option<usize>,
+    pub family_revoked_at: Option<usize>,
 }
 
 /// Attribute numbers in token.key_types (the 0.2.0 columns optional, as above).
@@ -40,6 +42,7 @@ pub struct KeyTypeAtts {
     pub allowed_networks: Option<usize>,
     pub rate_limits: Option<usize>,
     pub conceal_cross_account: Option<usize>,
+    pub reuse_detection: Option<usize>,
 }
 
 /// The legacy JWT tables (0.2.0) and the attribute numbers the registry reads.
@@ -206,6 +209,8 @@ impl Catalog {
             uses_remaining: attindex_if(tokens, c"uses_remaining"),
             uses_version: attindex_if(tokens, c"uses_version"),
             refill_uses: attindex_if(tokens, c"refill_uses"),
+            family_id: attindex_if(tokens, c"family_id"),
+            family_revoked_at: attindex_if(tokens, c"family_revoked_at"),
         };
         let key_types = relid(ns, c"key_types");
         let key_type_atts = KeyTypeAtts {
@@ -214,6 +219,7 @@ impl Catalog {
             allowed_networks: attindex_if(key_types, c"allowed_networks"),
             rate_limits: attindex_if(key_types, c"rate_limits"),
             conceal_cross_account: attindex_if(key_types, c"conceal_cross_account"),
+            reuse_detection: attindex_if(key_types, c"reuse_detection"),
         };
         let prefixes = relid(ns, c"prefixes");
         let signal = relid(ns, c"cache_signal");

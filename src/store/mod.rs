@@ -248,6 +248,7 @@ impl Backend {
                         networks: set(a.allowed_networks).map(|i| scan::networks(v[i])),
                         rate_limits: set(a.rate_limits).map(|i| scan::rate_limits(cat, v[i])).unwrap_or_default(),
                         conceal_cross_account: set(a.conceal_cross_account).is_some_and(|i| v[i].value() != 0),
+                        reuse_detection: set(a.reuse_detection).is_some_and(|i| v[i].value() != 0),
                     }
                 };
                 reg.key_types.insert(name, info);

@@ -197,6 +197,8 @@ unsafe fn stored_from_row(cat: &Catalog, v: &[pg_sys::Datum], n: &[bool]) -> Sto
                 rate_limits: opt(a.rate_limits).map(|i| rate_limits(cat, v[i])),
                 uses,
                 legacy: None,
+                family_id: opt(a.family_id).and_then(uuid),
+                family_revoked_at: a.family_revoked_at.and_then(|i| timestamp(v, n, i)),
             },
             identity: form_composite(cat.identity_desc, identity),
             verdict: OnceCell::new(),

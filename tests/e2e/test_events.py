@@ -65,6 +65,12 @@ def test_every_refusal_reason_is_recorded_without_the_token(db, su, admin):
     addressed = db.record_jwt(pyjwt.encode({"sub": "acme", "exp": exp, "iss": "https://events.example", "aud": "elsewhere"}, secret, "HS256"))
     forged = db.record_jwt(pyjwt.encode({"sub": "acme", "exp": exp, "iss": "https://events.example"}, "f" * 40, "HS256"))
     retired = db.record_jwt(pyjwt.encode({"sub": "acme", "exp": exp, "iss": "https://events-old.example"}, secret, "HS256"))
+    # A rotated-away token of a key type with reuse detection, presented after its grace (0).
+    su.execute("SELECT token.create_key_type('ev_fam', reuse_detection => true, replace => true)")
+    if su.execute("SELECT 1 FROM token.prefixes WHERE prefix = 'e2eevf-'").fetchone() is None:
+        su.execute("SELECT token.register_prefix('e2eevf-', 'ev_fam', 'dev')")
+    reused_id, reused = generate(admin, db, "acme", key_type="ev_fam")
+    db.record(admin.execute("SELECT token FROM token.rotate_token(%s, '0')", (reused_id,)).fetchone()[0])
     cases = [  # (token, caller, required scope) -> reason
         ((None, None, None), "malformed"),
         ((token[:-1], None, None), "malformed"),
@@ -86,6 +92,7 @@ def test_every_refusal_reason_is_recorded_without_the_token(db, su, admin):
         ((addressed, None, None), "unknown_issuer"),
         ((forged, None, None), "bad_signature"),
         ((retired, None, None), "legacy_token_retired"),
+        ((reused, None, None), "family_revoked"),
     ]
     marker = f"reasons-{uuid.uuid4()}"
     with db.connect("e2e_app", application_name=marker, autocommit=True) as app:
@@ -102,6 +109,10 @@ def test_every_refusal_reason_is_recorded_without_the_token(db, su, admin):
     cases.append(((token, None, None), "tainted_session"))
     flush(su)
     rows = events_for(su, marker)
+    # The reuse is also a lifecycle event: the family's revocation, by the same client.
+    family = [r for r in rows if r[0] == "family_revoked"]
+    assert [(r[1], r[2]) for r in family] == [("family_revoked", reused_id)], family
+    rows = [r for r in rows if r[0] != "family_revoked"]
     # One row per key (two malformed refusals from this source are one row counting 2).
     counted = {}
     for r in rows:
@@ -113,7 +124,8 @@ def test_every_refusal_reason_is_recorded_without_the_token(db, su, admin):
     assert {r[1] for r in rows} == {r for (r,) in su.execute("SELECT reason FROM token.reasons()")}, "every reason"
     su.execute("SELECT token.drop_legacy_issuer('events_jwt'), token.drop_legacy_issuer('events_old')")
     secrets = [token, revoked, expired, mid_acme, agent_globex, never_issued, disabled, child, elsewhere, limited, spent,
-               addressed, forged, retired]
+               addressed, forged, retired, reused]
+    assert not any(t in repr(family) or t[-28:] in repr(family) for t in secrets), family
     for r in rows:
         assert r[0] == "refused" and r[9] == "e2e_app"
         assert not any(t in repr(r) or t[-28:] in repr(r) for t in secrets), r

@@ -66,6 +66,36 @@ EXCEPTION WHEN OTHERS THEN
 END
 $$;
 
+-- rotate_own_token: the holder presents the token filed under `label` (errors masked as above).
+CREATE FUNCTION iso.rotate_own(label text, successor text, grace interval DEFAULT '1 hour')
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    state text;
+    message text;
+BEGIN
+    INSERT INTO iso.t (name, id, token)
+    SELECT successor, r.token_id, r.token
+    FROM token.rotate_own_token(iso.token(label), grace) AS r;
+    INSERT INTO iso.issued (token) SELECT t.token FROM iso.t WHERE t.name = successor;
+    RETURN 'rotated';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT;
+    RAISE EXCEPTION USING ERRCODE = state, MESSAGE = iso.mask_ids(message);
+END
+$$;
+
+-- Every token of the permutation as its row says (no token is presented: presenting a token
+-- rotated away would itself be a reuse), then the verdict of each token no rotation replaced.
+CREATE FUNCTION iso.family_state()
+RETURNS TABLE (name text, status text, family_revoked boolean, verdict text)
+LANGUAGE sql AS $$
+    SELECT t.name, l.status, l.family_revoked_at IS NOT NULL,
+           CASE WHEN l.revoke_after IS NULL
+                THEN (SELECT COALESCE(c.reason, 'valid') FROM token.check_token(t.token) AS c) END
+      FROM iso.t AS t JOIN token.token_list AS l ON l.id = t.id
+     ORDER BY t.name
+$$;
+
 DO $roles$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'iso_app') THEN
