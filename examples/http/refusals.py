@@ -29,6 +29,7 @@ RULES = {
     "environment_mismatch": Rule(401, "invalid_token"),
     "not_found": Rule(401, "invalid_token"),
     "revoked": Rule(401, "invalid_token"),
+    "family_revoked": Rule(401, "invalid_token"),
     "expired": Rule(401, "invalid_token"),
     "caller_invalid": Rule(401, "invalid_token"),
     "caller_not_permitted": Rule(403, "insufficient_scope"),
