@@ -96,8 +96,8 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
     // The writer's own session settings, whatever the cluster's defaults: read committed (so
     // a row updated and committed by an admin mid-batch is skipped or re-read, never a
     // serialization failure), writable, no statement timeout, and a bounded wait for table
-    // locks (a CREATE INDEX or ALTER TABLE on token.tokens fails one batch instead of
-    // stalling the queue behind it).
+    // locks (a CREATE INDEX or ALTER TABLE on token.tokens, a VACUUM FULL on token.events,
+    // fails one attempt, which `attempt::write` retries, instead of stalling the queue).
     for (name, value) in [
         (c"default_transaction_read_only", c"off"),
         (c"default_transaction_isolation", c"read committed"),
