@@ -140,6 +140,30 @@ impl Error {
 
 /// Writes a line to the server log only (never to the client), with SQLSTATE 00000: how
 /// pg_token's event lines are written.
+/// An error the event writer caught in one of its own transactions (and rolled back).
+pub struct Caught {
+    /// The moment's fault, not the batch's: a lock or statement timeout, a cancel, a
+    /// serialization failure or deadlock, no memory or disk, an I/O error. Retried without
+    /// counting against the batch; anything else (bad data, a bug) counts.
+    pub transient: bool,
+    pub sqlstate: String,
+    pub message: String,
+}
+
+/// Classifies what the writer caught (SQLSTATE classes 08, 40, 53, 55, 57, 58 and 72 are
+/// transient).
+pub fn caught(e: pgrx::pg_sys::panic::CaughtError) -> Caught {
+    use pgrx::pg_sys::panic::CaughtError as C;
+    let (code, message) = match &e {
+        C::PostgresError(r) | C::ErrorReport(r) | C::RustPanic { ereport: r, .. } => (r.sql_error_code(), r.message().to_owned()),
+    };
+    // MAKE_SQLSTATE packs five characters, six bits each, offset from '0'.
+    let packed = code as u32;
+    let sqlstate: String = (0..5).map(|i| char::from(b'0' + ((packed >> (6 * i)) & 0x3F) as u8)).collect();
+    let transient = matches!(&sqlstate[..2], "08" | "40" | "53" | "55" | "57" | "58" | "72");
+    Caught { transient, sqlstate, message }
+}
+
 pub fn log_server_only(line: String) {
     ErrorReport::new(PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, line, "pg_token").report(PgLogLevel::LOG_SERVER_ONLY);
 }

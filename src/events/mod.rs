@@ -17,6 +17,7 @@
 //! caller's transaction), anything that must survive a rollback through the queue.
 
 mod admin;
+mod attempt;
 pub mod family;
 mod plans;
 pub mod queue;

@@ -37,10 +37,10 @@ use std::ffi::CStr;
 use std::mem::size_of;
 use std::ptr;
 
-use pg_token_core::aggregate::{Counted, Entry, Key, Limits, Sample, Table};
+use pg_token_core::aggregate::{Counted, Key, Limits, Sample, Table};
 use pg_token_core::clock;
 use pg_token_core::ring::Ring;
-use pg_token_core::uses::{self, Request, Reserved, Step};
+use pg_token_core::uses::{self, Step};
 use pgrx::pg_sys;
 use pgrx::{PGRXSharedMemory, PgSharedMemoryInitialization};
 
@@ -131,6 +131,21 @@ impl Slot {
 
     fn refusals_pending(&self) -> u64 {
         self.refusals.pending().saturating_sub(self.refusals_dropped)
+    }
+
+    /// Empties the slot for `dboid` (InvalidOid: free).
+    fn reset(&mut self, dboid: pg_sys::Oid) {
+        self.refusals.reset();
+        self.touches.reset();
+        self.uses.reset();
+        self.families.reset();
+        self.dboid = dboid;
+        self.event_failures = 0;
+        self.touch_failures = 0;
+        self.flush_touches_until = 0;
+        self.flush_refusals_until = 0;
+        self.refusals_dropped = 0;
+        self.phase = Phase::Idle;
     }
 
     fn poisoned(&self) -> bool {
@@ -273,24 +288,81 @@ fn slot_for(shared: &mut Shared, dboid: pg_sys::Oid, claim: bool) -> Option<usiz
         return None;
     }
     // Reuse a slot whose database has no writer and either nothing queued or writers that
-    // keep failing (its database was dropped, say): its records can never be written.
+    // keep failing on data they cannot write: those records can never be written.
     let i = shared
         .slots
         .iter()
         .position(|s| s.state == WorkerState::Stopped && (s.is_empty() || s.poisoned()))?;
-    let s = &mut shared.slots[i];
-    s.refusals.reset();
-    s.touches.reset();
-    s.uses.reset();
-    s.families.reset();
-    s.dboid = dboid;
-    s.event_failures = 0;
-    s.touch_failures = 0;
-    s.flush_touches_until = 0;
-    s.flush_refusals_until = 0;
-    s.refusals_dropped = 0;
-    s.phase = Phase::Idle;
+    shared.slots[i].reset(dboid);
     Some(i)
+}
+
+/// Runs `f` on the slot of `dboid` under the queue lock, claiming one if it has none. When
+/// every slot is taken, the slots of databases that no longer exist are freed first
+/// (`free_dropped`) and the claim is tried once more. None when pg_token was not preloaded,
+/// Some(None) when no slot could be had.
+fn with_slot<R>(dboid: pg_sys::Oid, mut f: impl FnMut(&mut Slot, usize) -> R) -> Option<Option<R>> {
+    let first = locked(|shared| slot_for(shared, dboid, true).map(|i| f(&mut shared.slots[i], i)))?;
+    if first.is_some() || !free_dropped() {
+        return Some(first);
+    }
+    locked(|shared| slot_for(shared, dboid, true).map(|i| f(&mut shared.slots[i], i)))
+}
+
+/// Frees the slots of databases dropped with records still queued: no writer can ever write
+/// them (there is no database to connect to) and nothing else would release the slot. The
+/// catalog is read outside the queue lock (a catalog read may wait on a lock), and a slot is
+/// freed only if it is still the dropped database's and still has no writer. Returns whether
+/// any slot was freed; each one freed gets a line in the server log.
+fn free_dropped() -> bool {
+    let stopped: Vec<pg_sys::Oid> = locked(|shared| {
+        shared
+            .slots
+            .iter()
+            .filter(|s| s.dboid != pg_sys::InvalidOid && s.state == WorkerState::Stopped)
+            .map(|s| s.dboid)
+            .collect()
+    })
+    .unwrap_or_default();
+    let gone: Vec<pg_sys::Oid> = stopped.into_iter().filter(|&db| !database_exists(db)).collect();
+    if gone.is_empty() {
+        return false;
+    }
+    let freed: Vec<(pg_sys::Oid, u64, usize)> = locked(|shared| {
+        let mut freed = Vec::new();
+        for s in shared.slots.iter_mut().filter(|s| s.state == WorkerState::Stopped && gone.contains(&s.dboid)) {
+            freed.push((s.dboid, s.refusals_pending(), s.touches.len()));
+            s.reset(pg_sys::InvalidOid);
+        }
+        freed
+    })
+    .unwrap_or_default();
+    for (db, refusals, touches) in &freed {
+        crate::error::log_server_only(format!(
+            "pg_token: freed the event queue slot of dropped database {} ({refusals} refusals and {touches} last-use updates unwritten)",
+            db.to_u32()
+        ));
+    }
+    !freed.is_empty()
+}
+
+/// Whether a database with this OID exists (committed). Outside a transaction the catalog
+/// cannot be read: then it is taken to exist.
+fn database_exists(db: pg_sys::Oid) -> bool {
+    // SAFETY: a syscache probe by key, only inside a transaction (where catalog reads are
+    // allowed); it reads pg_database, a shared catalog every backend can read.
+    unsafe {
+        if !pg_sys::IsTransactionState() {
+            return true;
+        }
+        pg_sys::SearchSysCacheExists(
+            pg_sys::SysCacheIdentifier::DATABASEOID as _,
+            pg_sys::Datum::from(db),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+            pg_sys::Datum::from(0),
+        )
+    }
 }
 
 /// Counts a refusal into its database's table; the writer is woken when it made a new row
@@ -305,9 +377,8 @@ pub fn push_refusal(dboid: pg_sys::Oid, key: &Key, sample: &Sample, limits: &Lim
 /// making room. None when pg_token was not preloaded or no slot was free.
 pub fn count_on_standby(dboid: pg_sys::Oid, key: &Key, sample: &Sample, limits: &Limits) -> Option<bool> {
     let now = clock::now();
-    locked(|shared| {
-        let i = slot_for(shared, dboid, true)?;
-        let table = &mut shared.slots[i].refusals;
+    with_slot(dboid, |slot, _| {
+        let table = &mut slot.refusals;
         let new = table.count(key, sample, now, limits) == Counted::NewRow;
         let mut out = Vec::new();
         table.to_write(&mut out, EVENT_KEYS);
@@ -315,7 +386,7 @@ pub fn count_on_standby(dboid: pg_sys::Oid, key: &Key, sample: &Sample, limits: 
             table.mark_written(*j, e, -1);
         }
         table.expire_overflow(now, limits.window_us);
-        Some(new)
+        new
     })
     .flatten()
 }
@@ -327,10 +398,8 @@ pub fn push_touch(dboid: pg_sys::Oid, touch: &Touch) -> Pushed {
 }
 
 /// `append` returns whether the writer should be woken, or None when the ring was full.
-fn push(dboid: pg_sys::Oid, append: impl FnOnce(&mut Slot) -> Option<bool>) -> Pushed {
-    locked(|shared| {
-        let Some(i) = slot_for(shared, dboid, true) else { return Pushed::Dropped };
-        let slot = &mut shared.slots[i];
+fn push(dboid: pg_sys::Oid, mut append: impl FnMut(&mut Slot) -> Option<bool>) -> Pushed {
+    with_slot(dboid, |slot, i| {
         let Some(wake) = append(slot) else { return Pushed::Dropped };
         if slot.needs_writer() {
             slot.starting();
@@ -348,16 +417,14 @@ fn push(dboid: pg_sys::Oid, append: impl FnOnce(&mut Slot) -> Option<bool>) -> P
             }
         }
     })
-    .unwrap_or(Pushed::Unavailable)
+    .map_or(Pushed::Unavailable, |r| r.unwrap_or(Pushed::Dropped))
 }
 
 /// Spends one use of a capped token (see `pg_token_core::uses`), asking the writer for a block
 /// when none is reserved. Returns the step, and a slot whose writer the caller must start.
 pub fn spend_use(dboid: pg_sys::Oid, token_id: &[u8; 16], version: i64, table_remaining: i64, refills: bool) -> (Step, Option<usize>) {
     let now = clock::now();
-    locked(|shared| {
-        let Some(i) = slot_for(shared, dboid, true) else { return (Step::Full, None) };
-        let slot = &mut shared.slots[i];
+    with_slot(dboid, |slot, i| {
         let step = slot.uses.spend(token_id, version, table_remaining, refills, now);
         let ask = matches!(step, Step::Requested | Step::Spent { asked: true, .. });
         if !ask {
@@ -373,15 +440,14 @@ pub fn spend_use(dboid: pg_sys::Oid, token_id: &[u8; 16], version: i64, table_re
         }
         (step, None)
     })
+    .flatten()
     .unwrap_or((Step::Full, None))
 }
 
 /// Marks a token family as revoked on this server and (unless `standby`) asks the writer to
 /// revoke it. Returns the family's state, and a slot whose writer the caller must start.
 pub fn ask_family(dboid: pg_sys::Oid, request: family::Request, standby: bool) -> (family::Asked, Option<usize>) {
-    locked(|shared| {
-        let Some(i) = slot_for(shared, dboid, true) else { return (family::Asked::Full, None) };
-        let slot = &mut shared.slots[i];
+    with_slot(dboid, |slot, i| {
         let initial = if standby { family::state::UNWRITTEN } else { family::state::REQUESTED };
         let asked = slot.families.ask(request, initial);
         if standby || !matches!(asked, family::Asked::In(family::state::REQUESTED)) {
@@ -397,6 +463,7 @@ pub fn ask_family(dboid: pg_sys::Oid, request: family::Request, standby: bool) -
         }
         (asked, None)
     })
+    .flatten()
     .unwrap_or((family::Asked::Full, None))
 }
 
@@ -489,307 +556,8 @@ pub fn written_up_to(dboid: pg_sys::Oid, marks: Marks) -> bool {
     .unwrap_or(true)
 }
 
-/// Counts of one ring: queued now, written and dropped since the slot was claimed.
-#[derive(Clone, Copy)]
-pub struct RingStatus {
-    pub queued: u64,
-    pub written: u64,
-    pub dropped: u64,
-}
+mod status;
+mod writer_side;
 
-/// Counts of a database's refusals since the slot was claimed.
-#[derive(Clone, Copy)]
-pub struct RefusalStatus {
-    /// Refusals counted, written (into rows), counted into folded rows, and dropped (a batch
-    /// that could not be written three times running).
-    pub counted: u64,
-    pub written: u64,
-    pub folded: u64,
-    pub dropped: u64,
-    /// Rows made, and the table entries in use now.
-    pub rows: u64,
-    pub keys: u64,
-}
-
-pub struct SlotStatus {
-    pub database: pg_sys::Oid,
-    pub worker_pid: Option<i32>,
-    pub refusals: RefusalStatus,
-    pub touches: RingStatus,
-}
-
-pub fn status() -> Vec<SlotStatus> {
-    fn ring<T: Copy, const N: usize>(r: &Ring<T, N>) -> RingStatus {
-        RingStatus { queued: r.len() as u64, written: r.tail(), dropped: r.dropped() }
-    }
-    locked(|shared| {
-        shared
-            .slots
-            .iter()
-            .filter(|s| s.dboid != pg_sys::InvalidOid)
-            .map(|s| SlotStatus {
-                database: s.dboid,
-                worker_pid: (s.state == WorkerState::Running).then_some(s.worker_pid),
-                refusals: RefusalStatus {
-                    counted: s.refusals.counted,
-                    written: s.refusals.written,
-                    folded: s.refusals.folded,
-                    dropped: s.refusals_dropped,
-                    rows: s.refusals.rows,
-                    keys: s.refusals.in_use() as u64,
-                },
-                touches: ring(&s.touches),
-            })
-            .collect()
-    })
-    .unwrap_or_default()
-}
-
-/// What a scraper reads about this database's event writer (`token.metrics`).
-pub struct WriterMetrics {
-    pub refusals_pending: u64,
-    pub refusals_dropped: u64,
-    pub rows: u64,
-    pub touches_queued: u64,
-    pub touches_dropped: u64,
-    pub writer_running: bool,
-    /// How long the oldest record still unwritten (refusal or last-use update) has waited.
-    pub lag_us: i64,
-}
-
-pub fn writer_metrics() -> WriterMetrics {
-    // SAFETY: MyDatabaseId is set in a connected backend.
-    let db = unsafe { pg_sys::MyDatabaseId };
-    let now = clock::now();
-    locked(|shared| {
-        slot_for(shared, db, false).map(|i| {
-            let s = &shared.slots[i];
-            let oldest = [s.refusals.oldest_pending(), s.touches.oldest().map(|t| t.at)].into_iter().flatten().min();
-            WriterMetrics {
-                refusals_pending: s.refusals_pending(),
-                refusals_dropped: s.refusals_dropped,
-                rows: s.refusals.rows,
-                touches_queued: s.touches.len() as u64,
-                touches_dropped: s.touches.dropped(),
-                writer_running: s.state == WorkerState::Running,
-                lag_us: oldest.map_or(0, |t| now.saturating_sub(t).max(0)),
-            }
-        })
-    })
-    .flatten()
-    .unwrap_or(WriterMetrics {
-        refusals_pending: 0,
-        refusals_dropped: 0,
-        rows: 0,
-        touches_queued: 0,
-        touches_dropped: 0,
-        writer_running: false,
-        lag_us: 0,
-    })
-}
-
-// ---- The worker's side ----
-
-/// Called by the writer once connected: takes ownership of the slot, unless another writer
-/// already has it (one registered later, when this one seemed lost). Returns its database and
-/// whether batches were discarded because earlier writers kept failing on them.
-pub fn worker_attach(slot: usize) -> Option<(pg_sys::Oid, bool)> {
-    locked(|shared| {
-        let s = shared.slots.get_mut(slot)?;
-        if s.state != WorkerState::Starting {
-            return None;
-        }
-        s.state = WorkerState::Running;
-        // SAFETY: MyProcPid and MyLatch are this process's own, valid for its lifetime.
-        unsafe {
-            s.worker_pid = pg_sys::MyProcPid;
-            s.latch = pg_sys::MyLatch;
-        }
-        s.phase = Phase::Idle;
-        let mut discarded = false;
-        if s.event_failures >= 3 {
-            // Something in the pending refusals cannot be written: give up on them, counted.
-            let mut out = Vec::new();
-            s.refusals.to_write(&mut out, EVENT_KEYS);
-            for (i, e) in &out {
-                s.refusals_dropped += e.count - e.written;
-                s.refusals.mark_written(*i, e, e.row_id);
-            }
-            s.refusals.written -= out.iter().map(|(_, e)| e.count - e.written).sum::<u64>();
-            s.event_failures = 0;
-            discarded = true;
-        }
-        if s.touch_failures >= 3 {
-            s.touches.discard(TOUCH_BATCH);
-            s.touch_failures = 0;
-            discarded = true;
-        }
-        Some((s.dboid, discarded))
-    })
-    .flatten()
-}
-
-pub fn worker_database(slot: usize) -> Option<pg_sys::Oid> {
-    locked(|shared| shared.slots.get(slot).map(|s| s.dboid)).flatten()
-}
-
-/// What waits for the writer.
-pub struct Waiting {
-    /// A refusal key needs its row (write it now).
-    pub new_rows: bool,
-    /// Refusals counted but not written.
-    pub refusals: u64,
-    /// Someone waits in flush_events for the refusals.
-    pub flush_refusals: bool,
-    pub touches: usize,
-    pub flush_touches: bool,
-    /// Backends wait for use reservations.
-    pub reservations: bool,
-    /// Backends wait for token families to be revoked.
-    pub families: bool,
-}
-
-pub fn worker_counts(slot: usize) -> Waiting {
-    locked(|shared| {
-        let s = &shared.slots[slot];
-        Waiting {
-            new_rows: s.refusals.has_new_rows(),
-            refusals: s.refusals_pending(),
-            flush_refusals: s.refusals.written + s.refusals_dropped < s.flush_refusals_until,
-            touches: s.touches.len(),
-            flush_touches: s.touches.tail() < s.flush_touches_until,
-            reservations: s.uses.has_requests(),
-            families: s.families.has_requests(),
-        }
-    })
-    .unwrap_or(Waiting {
-        new_rows: false,
-        refusals: 0,
-        flush_refusals: false,
-        touches: 0,
-        flush_touches: false,
-        reservations: false,
-        families: false,
-    })
-}
-
-/// Copies the refusal entries with something to write, and records that the writer is now
-/// writing refusals.
-pub fn worker_peek_refusals(slot: usize, out: &mut Vec<(usize, Entry)>) {
-    locked(|shared| {
-        let s = &mut shared.slots[slot];
-        s.refusals.to_write(out, BATCH);
-        s.phase = Phase::Events;
-    });
-}
-
-/// Gives the entries that have no row yet their row ids (drawn from token.events_id_seq in the
-/// writer's transaction), before the rows are written: if the transaction fails, the next
-/// attempt writes the same ids again, so a row is never made twice. Updates `out` too.
-pub fn worker_assign_rows(slot: usize, out: &mut [(usize, Entry)], ids: &[i64]) {
-    locked(|shared| {
-        let table = &mut shared.slots[slot].refusals;
-        let mut ids = ids.iter();
-        for (i, e) in out.iter_mut().filter(|(_, e)| e.row_id == 0) {
-            if let Some(&id) = ids.next() {
-                e.row_id = id;
-                table.assign_row(*i, e, id);
-            }
-        }
-    });
-}
-
-/// Records that the refusal entries in `written` (as copied) are committed, and frees the
-/// overflow rows whose window has ended.
-pub fn worker_wrote_refusals(slot: usize, written: &[(usize, Entry)], window_us: i64) {
-    locked(|shared| {
-        let s = &mut shared.slots[slot];
-        for (i, e) in written {
-            s.refusals.mark_written(*i, e, e.row_id);
-        }
-        s.refusals.expire_overflow(clock::now(), window_us);
-        s.event_failures = 0;
-        s.phase = Phase::Idle;
-    });
-}
-
-/// The same for up to `TOUCH_BATCH` last-use updates.
-pub fn worker_peek_touches(slot: usize, out: &mut Vec<Touch>) {
-    locked(|shared| {
-        let s = &mut shared.slots[slot];
-        s.touches.peek(out, TOUCH_BATCH);
-        s.phase = Phase::Touches;
-    });
-}
-
-/// Consumes the last-use updates the writer just committed (those it peeked last).
-pub fn worker_consumed_touches(slot: usize, n: usize) {
-    locked(|shared| {
-        let s = &mut shared.slots[slot];
-        s.touches.consume(n);
-        s.touch_failures = 0;
-        s.phase = Phase::Idle;
-    });
-}
-
-/// The writer takes the reservation requests waiting.
-pub fn worker_take_reservations(slot: usize, out: &mut Vec<Request>) {
-    locked(|shared| {
-        let s = &mut shared.slots[slot];
-        s.uses.take_requests(out);
-        s.phase = Phase::Uses;
-    });
-}
-
-/// The writer committed these reservations (None: no cap at that version).
-pub fn worker_reserved(slot: usize, answers: &[(Request, Option<Reserved>)]) {
-    locked(|shared| {
-        let s = &mut shared.slots[slot];
-        for (r, a) in answers {
-            s.uses.complete(r, *a);
-        }
-        s.phase = Phase::Idle;
-    });
-}
-
-/// Leaves the slot if nothing is queued; returns false (stay) if records arrived meanwhile.
-pub fn worker_try_detach(slot: usize) -> bool {
-    locked(|shared| {
-        let s = &mut shared.slots[slot];
-        if !s.is_empty() {
-            return false;
-        }
-        s.state = WorkerState::Stopped;
-        s.latch = ptr::null_mut();
-        true
-    })
-    .unwrap_or(true)
-}
-
-/// The writer is exiting (normally or not, attached or not): release the slot so that the
-/// next record starts a new writer. Only one writer is ever starting per slot, so a slot still
-/// `Starting` is ours.
-pub fn worker_exited(slot: usize, abnormal: bool) {
-    locked(|shared| {
-        if let Some(s) = shared.slots.get_mut(slot) {
-            // SAFETY: reading our own pid.
-            let mine = s.worker_pid == unsafe { pg_sys::MyProcPid } && s.state == WorkerState::Running;
-            if mine || s.state == WorkerState::Starting {
-                s.state = WorkerState::Stopped;
-                s.latch = ptr::null_mut();
-                if abnormal {
-                    match s.phase {
-                        Phase::Events => s.event_failures += 1,
-                        Phase::Touches => s.touch_failures += 1,
-                        Phase::Uses | Phase::Idle => {}
-                    }
-                }
-                // Reservations in progress were not committed (or were, and are lost: never
-                // granted twice): the next writer takes the requests again.
-                s.uses.retry_in_progress();
-                s.families.retry_in_progress();
-                s.phase = Phase::Idle;
-            }
-        }
-    });
-}
+pub use status::*;
+pub use writer_side::*;

@@ -26,6 +26,7 @@ use pg_token_core::aggregate::Entry;
 use pg_token_core::uses;
 
 use super::queue::{self, Touch, EVENT_DELAY, TOUCH_BATCH, TOUCH_DELAY};
+use super::attempt::{write, Retry};
 use super::plans::{extension_installed, prepared, still_installed, Plans};
 use super::{family, reserve};
 use crate::error::{self, Error, Kind};
@@ -95,8 +96,8 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
     // The writer's own session settings, whatever the cluster's defaults: read committed (so
     // a row updated and committed by an admin mid-batch is skipped or re-read, never a
     // serialization failure), writable, no statement timeout, and a bounded wait for table
-    // locks (a CREATE INDEX or ALTER TABLE on token.tokens fails one batch instead of
-    // stalling the queue behind it).
+    // locks (a CREATE INDEX or ALTER TABLE on token.tokens, a VACUUM FULL on token.events,
+    // fails one attempt, which `attempt::write` retries, instead of stalling the queue).
     for (name, value) in [
         (c"default_transaction_read_only", c"off"),
         (c"default_transaction_isolation", c"read committed"),
@@ -126,6 +127,7 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
     let mut refusals_since: Option<Instant> = None;
     let mut touches_since: Option<Instant> = None;
     let mut last_purge: Option<Instant> = None;
+    let mut retry = Retry::default();
     loop {
         // Checked on every turn, not only while waiting: under a steady stream of work the
         // writer may never wait.
@@ -136,14 +138,22 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
             // SAFETY: the documented way for a worker to reload its configuration.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
+        // After a failed transaction, wait before the next attempt (woken early, it waits on).
+        if let Some(left) = retry.wait_left() {
+            if !BackgroundWorker::wait_latch(Some(at_least_1ms(left))) {
+                return;
+            }
+            continue;
+        }
         let waiting = queue::worker_counts(slot);
         // Backends waiting for use reservations come before everything else: they block a
         // validation each.
         if waiting.reservations {
             queue::worker_take_reservations(slot, &mut requests);
             let mut answers = Vec::new();
-            write(&mut plans, |plans| answers = reserve::reserve_uses(plans, &requests));
-            queue::worker_reserved(slot, &answers);
+            if write(&mut plans, slot, &mut retry, |plans| answers = reserve::reserve_uses(plans, &requests)) {
+                queue::worker_reserved(slot, &answers);
+            }
             idle_since = Instant::now();
             continue;
         }
@@ -152,10 +162,11 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
         if waiting.families {
             queue::worker_take_families(slot, &mut families);
             let (mut done, mut lines) = (Vec::new(), Vec::new());
-            write(&mut plans, |plans| (done, lines) = family::revoke_families(plans, &families));
-            queue::worker_revoked_families(slot, &done);
-            if guc::LOG_EVENTS.get() {
-                lines.into_iter().for_each(error::log_server_only);
+            if write(&mut plans, slot, &mut retry, |plans| (done, lines) = family::revoke_families(plans, &families)) {
+                queue::worker_revoked_families(slot, &done);
+                if guc::LOG_EVENTS.get() {
+                    lines.into_iter().for_each(error::log_server_only);
+                }
             }
             idle_since = Instant::now();
             continue;
@@ -169,10 +180,11 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
             if waiting.new_rows || waiting.flush_refusals || first.elapsed() >= EVENT_DELAY {
                 queue::worker_peek_refusals(slot, &mut refusals);
                 let mut inserted = Vec::new();
-                write(&mut plans, |plans| inserted = write_refusals(plans, slot, &mut refusals));
-                queue::worker_wrote_refusals(slot, &refusals, guc::event_limits().window_us);
-                log_rows(&inserted);
-                refusals_since = None;
+                if write(&mut plans, slot, &mut retry, |plans| inserted = write_refusals(plans, slot, &mut refusals)) {
+                    queue::worker_wrote_refusals(slot, &refusals, guc::event_limits().window_us);
+                    log_rows(&inserted);
+                    refusals_since = None;
+                }
                 idle_since = Instant::now();
                 continue;
             }
@@ -184,9 +196,10 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
             let first = *touches_since.get_or_insert_with(Instant::now);
             if waiting.flush_touches || waiting.touches >= TOUCH_BATCH || first.elapsed() >= TOUCH_DELAY {
                 queue::worker_peek_touches(slot, &mut touches);
-                write(&mut plans, |plans| write_touches(plans, &touches));
-                queue::worker_consumed_touches(slot, touches.len());
-                touches_since = None;
+                if write(&mut plans, slot, &mut retry, |plans| write_touches(plans, &touches)) {
+                    queue::worker_consumed_touches(slot, touches.len());
+                    touches_since = None;
+                }
                 idle_since = Instant::now();
                 continue;
             }
@@ -203,7 +216,7 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
             continue;
         }
         if last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
-            BackgroundWorker::transaction(purge_expired_events);
+            write(&mut plans, slot, &mut retry, |_| purge_expired_events());
             last_purge = Some(Instant::now());
         }
         let idle_limit = Duration::from_millis(u64::try_from(guc::WORKER_IDLE_TIMEOUT_MS.get()).unwrap_or(2000));
@@ -225,13 +238,6 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
 /// WaitLatch takes whole milliseconds: a shorter wait would round to none and spin.
 fn at_least_1ms(d: Duration) -> Duration {
     d.max(Duration::from_millis(1))
-}
-
-/// Runs `f` in its own transaction. An error ends this process (the next record starts a new
-/// writer, and the slot charges the failure to the ring being written), so plans left
-/// half-made by one are never seen again.
-fn write(plans: &mut Plans, f: impl FnOnce(&mut Plans)) {
-    BackgroundWorker::transaction(std::panic::AssertUnwindSafe(move || f(plans)));
 }
 
 fn events_have_counts(client: &pgrx::spi::SpiClient<'_>) -> bool {
