@@ -136,6 +136,20 @@ def test_a_change_applied_as_a_replica_is_seen(db, su, admin, session_a):
     assert reason_of(session_a, token) == "revoked"
 
 
+def test_a_last_use_written_as_a_replica_keeps_the_cache(db, su, admin, session_a):
+    """The row triggers for logical replication's apply (ENABLE REPLICA, so they fire in a
+    replica session too) leave the writer's columns out: a replicated last-use update must not
+    empty every subscriber session's cache (tests/logical shows it between two clusters)."""
+    token_id, token = generate(admin, db, "acme")
+    warm(session_a, token)
+    with db.su() as r:
+        r.execute("SET session_replication_role = replica")
+        r.execute("UPDATE token.tokens SET last_used_at = now() WHERE id = %s", (token_id,))
+    hits, misses = hits_and_misses(session_a)
+    assert reason_of(session_a, token) is None
+    assert hits_and_misses(session_a) == (hits + 1, misses), "still answered from the cache"
+
+
 def test_a_recreated_extension_starts_with_an_empty_cache(db, su):
     """Tokens cached from a dropped extension are never served from the new one's cache, even
     with the same registry."""
