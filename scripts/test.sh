@@ -17,7 +17,8 @@
 #      (pytest, on a fresh install and again on a database upgraded from 0.1.0; PostgREST's
 #      transaction, pgbouncer), Rust tokio-postgres, Node.js pg, the HTTP example over real
 #      HTTP (uvicorn + httpx, with a load run), isolation specs (pg_isolation_regress), a hot
-#      standby (TAP)
+#      standby (TAP), logical replication between a publisher and a subscriber cluster
+#      (tests/logical, about 15 s)
 # The matrix, for each other version: cargo pgrx test pgNN; the package (tarball) installed into
 # a clean copy of that server; the end-to-end pytest suite on a fresh install and on an upgraded
 # one; the isolation specs.
@@ -134,7 +135,7 @@ full_suite() {
   start_cluster "$v" "$(pg_bindir_for "$v")"
   e2e "$v" "fresh install" tests/e2e
   PGT_UPGRADE_FROM=0.1.0 e2e "$v" "on a database upgraded from 0.1.0" tests/e2e
-  for suite in tests/client-rust tests/client-node tests/http tests/standby; do
+  for suite in tests/client-rust tests/client-node tests/http tests/standby tests/logical; do
     step "PostgreSQL $v: end-to-end, $suite"
     bash "$suite/run.sh"
   done

@@ -504,6 +504,57 @@ CREATE TRIGGER legacy_revocations_invalidate_caches
 ALTER TABLE token.legacy_issuers ENABLE ALWAYS TRIGGER legacy_issuers_invalidate_caches;
 ALTER TABLE token.legacy_issuer_keys ENABLE ALWAYS TRIGGER legacy_issuer_keys_invalidate_caches;
 ALTER TABLE token.legacy_revocations ENABLE ALWAYS TRIGGER legacy_revocations_invalidate_caches;
+-- Logical replication: the apply worker fires row triggers that are ENABLE REPLICA or ALWAYS,
+-- never statement triggers (TRUNCATE aside), so the statement triggers above miss every
+-- replicated change. These row triggers fire only there (and under session_replication_role
+-- = replica, where the statement triggers fire too: one transaction's identical invalidations
+-- are sent once). The apply worker marks every replicated column as updated, so a column list
+-- cannot leave the writer's columns out; the WHEN clause compares the statement trigger's
+-- columns instead (a row comparison: about 3 us per applied row, where comparing to_jsonb of
+-- the rows cost 25 us), and a replicated last-use update or use reservation leaves the caches
+-- alone. tests/e2e/test_cache.py checks that it lists every column but the writer's.
+CREATE TRIGGER tokens_invalidate_caches_replica_update
+    AFTER UPDATE ON token.tokens
+    FOR EACH ROW
+    WHEN (ROW(OLD.id, OLD.token_hash, OLD.hint, OLD.prefix, OLD.account, OLD.key_type,
+              OLD.environment, OLD.name, OLD.scopes, OLD.metadata, OLD.created_at, OLD.expires_at,
+              OLD.revoke_after, OLD.revoked_at, OLD.revoked_reason, OLD.rotated_from, OLD.family_id,
+              OLD.family_issued_at, OLD.disabled_at, OLD.disabled_reason, OLD.parent_id,
+              OLD.allowed_networks, OLD.rate_limits, OLD.uses_version, OLD.refill_uses,
+              OLD.refill_interval, OLD.family_revoked_at)
+          IS DISTINCT FROM
+          ROW(NEW.id, NEW.token_hash, NEW.hint, NEW.prefix, NEW.account, NEW.key_type,
+              NEW.environment, NEW.name, NEW.scopes, NEW.metadata, NEW.created_at, NEW.expires_at,
+              NEW.revoke_after, NEW.revoked_at, NEW.revoked_reason, NEW.rotated_from, NEW.family_id,
+              NEW.family_issued_at, NEW.disabled_at, NEW.disabled_reason, NEW.parent_id,
+              NEW.allowed_networks, NEW.rate_limits, NEW.uses_version, NEW.refill_uses,
+              NEW.refill_interval, NEW.family_revoked_at))
+    EXECUTE FUNCTION token.invalidate_caches();
+CREATE TRIGGER tokens_invalidate_caches_replica_delete
+    AFTER DELETE ON token.tokens
+    FOR EACH ROW EXECUTE FUNCTION token.invalidate_caches();
+CREATE TRIGGER key_types_invalidate_caches_replica
+    AFTER INSERT OR UPDATE OR DELETE ON token.key_types
+    FOR EACH ROW EXECUTE FUNCTION token.invalidate_caches();
+CREATE TRIGGER prefixes_invalidate_caches_replica
+    AFTER INSERT OR UPDATE OR DELETE ON token.prefixes
+    FOR EACH ROW EXECUTE FUNCTION token.invalidate_caches();
+CREATE TRIGGER legacy_issuers_invalidate_caches_replica
+    AFTER INSERT OR UPDATE OR DELETE ON token.legacy_issuers
+    FOR EACH ROW EXECUTE FUNCTION token.invalidate_caches();
+CREATE TRIGGER legacy_issuer_keys_invalidate_caches_replica
+    AFTER INSERT OR UPDATE OR DELETE ON token.legacy_issuer_keys
+    FOR EACH ROW EXECUTE FUNCTION token.invalidate_caches();
+CREATE TRIGGER legacy_revocations_invalidate_caches_replica
+    AFTER INSERT OR UPDATE OR DELETE ON token.legacy_revocations
+    FOR EACH ROW EXECUTE FUNCTION token.invalidate_caches();
+ALTER TABLE token.tokens ENABLE REPLICA TRIGGER tokens_invalidate_caches_replica_update;
+ALTER TABLE token.tokens ENABLE REPLICA TRIGGER tokens_invalidate_caches_replica_delete;
+ALTER TABLE token.key_types ENABLE REPLICA TRIGGER key_types_invalidate_caches_replica;
+ALTER TABLE token.prefixes ENABLE REPLICA TRIGGER prefixes_invalidate_caches_replica;
+ALTER TABLE token.legacy_issuers ENABLE REPLICA TRIGGER legacy_issuers_invalidate_caches_replica;
+ALTER TABLE token.legacy_issuer_keys ENABLE REPLICA TRIGGER legacy_issuer_keys_invalidate_caches_replica;
+ALTER TABLE token.legacy_revocations ENABLE REPLICA TRIGGER legacy_revocations_invalidate_caches_replica;
 
 CREATE FUNCTION token.register_legacy_issuer(
 	"name" TEXT,

@@ -1,10 +1,13 @@
 //! When this backend's cached tokens and registry must be thrown away: Postgres' invalidation
 //! messages, received through a relcache callback, and the trigger that sends them.
 //!
-//! Statement triggers on `token.tokens`, `token.key_types` and `token.prefixes`
-//! (`invalidate_caches`, ENABLE ALWAYS, so they also fire for logical replication and
+//! Statement triggers on `token.tokens`, `token.key_types`, `token.prefixes` and the legacy
+//! issuer tables (`invalidate_caches`, ENABLE ALWAYS, so they also fire for data-only
 //! restores) queue a relcache invalidation for `token.cache_signal`, an empty composite type
-//! that nothing else invalidates, for every change except the writer's `last_used_at` writes.
+//! that nothing else invalidates, for every change except the writer's `last_used_at` writes
+//! and use reservations. The logical replication apply worker fires no statement triggers:
+//! row triggers on the same tables, ENABLE REPLICA, call the same function there (for tokens
+//! only when a column other than the writer's changed).
 //! Invalidations of the tables themselves (DDL, and every VACUUM and ANALYZE, which the
 //! writer's updates make frequent) only make us look the catalog up again; the cache goes too
 //! if a table was replaced (new OID). We chose Postgres' own invalidation messages over a
@@ -88,9 +91,9 @@ pub fn register_callbacks() {
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0)) };
 }
 
-/// Statement trigger on token.tokens, token.key_types and token.prefixes: queues a relcache
-/// invalidation for token.cache_signal, which every backend (standbys included) receives when
-/// the transaction commits, and this backend at once.
+/// Statement trigger on pg_token's verdict tables (and row trigger, for logical replication's
+/// apply worker): queues a relcache invalidation for token.cache_signal, which every backend
+/// (standbys included) receives when the transaction commits, and this backend at once.
 #[pg_trigger]
 fn invalidate_caches<'a>(
     _trigger: &'a pgrx::PgTrigger<'a>,

@@ -5,6 +5,7 @@ next call must see it. cache_stats() counts hits, which proves A really answered
 cache before.
 """
 
+import re
 import time
 
 import pytest
@@ -134,6 +135,34 @@ def test_a_change_applied_as_a_replica_is_seen(db, su, admin, session_a):
         r.execute("SET session_replication_role = replica")
         r.execute("UPDATE token.tokens SET revoked_at = now() WHERE id = %s", (token_id,))
     assert reason_of(session_a, token) == "revoked"
+
+
+def test_a_last_use_written_as_a_replica_keeps_the_cache(db, su, admin, session_a):
+    """The row triggers for logical replication's apply (ENABLE REPLICA, so they fire in a
+    replica session too) leave the writer's columns out: a replicated last-use update must not
+    empty every subscriber session's cache (tests/logical shows it between two clusters)."""
+    token_id, token = generate(admin, db, "acme")
+    warm(session_a, token)
+    with db.su() as r:
+        r.execute("SET session_replication_role = replica")
+        r.execute("UPDATE token.tokens SET last_used_at = now() WHERE id = %s", (token_id,))
+    hits, misses = hits_and_misses(session_a)
+    assert reason_of(session_a, token) is None
+    assert hits_and_misses(session_a) == (hits + 1, misses), "still answered from the cache"
+
+
+def test_the_replica_trigger_compares_every_column_but_the_writer_s(su):
+    """The row trigger for logical replication's apply decides in its WHEN clause whether an
+    applied update empties the caches: every column of token.tokens but the writer's three."""
+    definition, enabled = su.execute("SELECT pg_get_triggerdef(oid), tgenabled FROM pg_trigger "
+                                     "WHERE tgname = 'tokens_invalidate_caches_replica_update'").fetchone()
+    assert enabled == "R", "fires only in the apply worker and replica sessions"
+    columns = [r[0] for r in su.execute("SELECT attname FROM pg_attribute WHERE attrelid = 'token.tokens'::regclass "
+                                        "AND attnum > 0 AND NOT attisdropped").fetchall()]
+    writer = {"last_used_at", "uses_remaining", "refilled_at"}
+    compared = set(re.findall(r"\bold\.(\w+)", definition))
+    assert compared == set(re.findall(r"\bnew\.(\w+)", definition))
+    assert compared == set(columns) - writer, (sorted(set(columns) - writer - compared), sorted(compared & writer))
 
 
 def test_a_recreated_extension_starts_with_an_empty_cache(db, su):
