@@ -42,7 +42,45 @@ fn next_run(buf: &[u8], from: usize) -> Option<(usize, usize)> {
             i = start + run;
             continue;
         }
+        if let Some(range) = mistyped_separator(buf, i, from) {
+            return Some(range);
+        }
         i += 1;
+    }
+    None
+}
+
+/// A token whose separator was mistyped (`cf.`, `cf `, `cfé`, `cfa` for `cf-`): the prefix's
+/// head, one other character at `at`, then exactly a body and a checksum that matches the head
+/// with `_` or `-`. That is the token, recovered by trying both separators, so its body is masked too.
+/// The checksum must match: ordinary words before a long run of letters stay as they are.
+fn mistyped_separator(buf: &[u8], at: usize, floor: usize) -> Option<(usize, usize)> {
+    use crate::format::{checksum_of_parts, is_token_byte, CHECKSUM_LEN, MAX_PREFIX_LEN};
+    const TAIL: usize = BODY_LEN + CHECKSUM_LEN;
+    if at == floor || is_separator(buf[at]) || !buf[at - 1].is_ascii_alphanumeric() || (buf[at] & 0xC0) == 0x80 {
+        return None;
+    }
+    // A non-ASCII character is several bytes: the body starts after its continuation bytes.
+    let mut start = at + 1;
+    while start < buf.len() && (buf[start] & 0xC0) == 0x80 {
+        start += 1;
+    }
+    // Exactly a body and a checksum, then the end of the run (looked at no further than that,
+    // so that a long run costs linear time).
+    let end = start + TAIL;
+    if end > buf.len() || !buf[start..end].iter().all(u8::is_ascii_alphanumeric) || buf.get(end).is_some_and(u8::is_ascii_alphanumeric) {
+        return None;
+    }
+    let run = TAIL;
+    let (body, checksum) = buf[start..start + run].split_at(BODY_LEN);
+    let mut head = at;
+    while head > floor && at - head < MAX_PREFIX_LEN - 1 && is_token_byte(buf[head - 1]) {
+        head -= 1;
+        for sep in [b'_', b'-'] {
+            if checksum_of_parts(&buf[head..at], sep, body) == checksum {
+                return Some((start, start + run));
+            }
+        }
     }
     None
 }
@@ -211,6 +249,23 @@ mod tests {
         }
         assert_eq!(masked("token.validate_token($1), pg_catalog.now(), www.example.com"),
                    "token.validate_token($1), pg_catalog.now(), www.example.com", "ordinary dotted names");
+    }
+
+    #[test]
+    fn a_token_with_a_mistyped_separator_is_masked() {
+        // Found by tests/fuzz: `fzmid.` for `fzmid_` left the body and checksum in the clear,
+        // and the token is recovered by trying the two separators against the checksum.
+        let t = format::compose("fzmid_", "k7R9fQw2VDp3Zx4mN8tJ1s");
+        for c in [".", " ", "\u{e9}", "'", ":", "/", "a", "Z", "0"] {
+            let line = format!("parameters: $1 = 'x{}'", t.replacen('_', c, 1));
+            let m = masked(&line);
+            assert!(!m.contains("fQw2VDp3Zx4mN8tJ1s") && m.contains("k7R9"), "{m}");
+            assert!(contains_token(line.as_bytes()));
+        }
+        for ordinary in ["relation pg_catalog.abcdefghijklmnopqrstuvwxyz01 does not exist",
+                         "md5 0123456789abcdef0123456789abcdef and 0123456789abcdef0123456789ab"] {
+            assert_eq!(masked(ordinary), ordinary, "no checksum, no mask");
+        }
     }
 
     #[test]
