@@ -18,7 +18,9 @@
 #      transaction, pgbouncer), Rust tokio-postgres, Node.js pg, the HTTP example over real
 #      HTTP (uvicorn + httpx, with a load run), isolation specs (pg_isolation_regress), a hot
 #      standby (TAP), logical replication between a publisher and a subscriber cluster
-#      (tests/logical, about 15 s)
+#      (tests/logical, about 15 s), and random input at the SQL surface (tests/fuzz: 100,000
+#      seeded cases against every function a pg_token role may call, about a minute and a half
+#      on two cores; the seed is printed, FUZZ_SEED replays it, FUZZ_CASES changes the count)
 # The matrix, for each other version: cargo pgrx test pgNN; the package (tarball) installed into
 # a clean copy of that server; the end-to-end pytest suite on a fresh install and on an upgraded
 # one; the isolation specs.
@@ -135,7 +137,7 @@ full_suite() {
   start_cluster "$v" "$(pg_bindir_for "$v")"
   e2e "$v" "fresh install" tests/e2e
   PGT_UPGRADE_FROM=0.1.0 e2e "$v" "on a database upgraded from 0.1.0" tests/e2e
-  for suite in tests/client-rust tests/client-node tests/http tests/standby tests/logical; do
+  for suite in tests/client-rust tests/client-node tests/http tests/standby tests/logical tests/fuzz; do
     step "PostgreSQL $v: end-to-end, $suite"
     bash "$suite/run.sh"
   done

@@ -79,6 +79,11 @@ fn register_legacy_issuer(
     let algs = check_key(&required(algorithms, "algorithms"), required(key, "key"));
     let key_type = required(key_type, "key_type");
     let environment = required(environment, "environment");
+    // What token.legacy_issuers holds; checked here so that a bad argument is 22023, not the
+    // table's check violation (23514), as tests/fuzz found.
+    if !(1..=31).contains(&environment.chars().count()) {
+        invalid("a legacy issuer's environment must be 1 to 31 characters long");
+    }
     let cutoff_at = required(cutoff_at, "cutoff_at");
     let account_claim = required(account_claim, "account_claim");
     let scopes_claim = required(scopes_claim, "scopes_claim");

@@ -45,9 +45,9 @@ fn create_key_type(
     default_ttl: default!(Option<Interval>, "NULL"),
     max_ttl: default!(Option<Interval>, "NULL"),
     allowed_scopes: default!(Option<Vec<Option<String>>>, "NULL"),
-    replace: default!(bool, false),
+    replace: default!(Option<bool>, false),
 ) {
-    create_key_type_v2(name, description, can_validate, default_ttl, max_ttl, allowed_scopes, replace, None, None, false, false);
+    create_key_type_v2(name, description, can_validate, default_ttl, max_ttl, allowed_scopes, replace, None, None, Some(false), Some(false));
 }
 
 /// Creates a key type (or, with replace => true, replaces its definition). Its tokens inherit
@@ -65,15 +65,19 @@ fn create_key_type_v2(
     default_ttl: default!(Option<Interval>, "NULL"),
     max_ttl: default!(Option<Interval>, "NULL"),
     allowed_scopes: default!(Option<Vec<Option<String>>>, "NULL"),
-    replace: default!(bool, false),
+    replace: default!(Option<bool>, false),
     allowed_networks: default!(Option<RawInets>, "NULL"),
     rate_limits: default!(Option<RawRateLimits>, "NULL"),
-    conceal_cross_account: default!(bool, false),
-    reuse_detection: default!(bool, false),
+    conceal_cross_account: default!(Option<bool>, false),
+    reuse_detection: default!(Option<bool>, false),
 ) {
     require_writable("create_key_type");
     schema::require_current("create_key_type");
     let name = required(name, "name");
+    // Option, not bool: pgrx answers a NULL for a bool argument with an internal error (XX000).
+    let replace = required(replace, "replace");
+    let conceal_cross_account = required(conceal_cross_account, "conceal_cross_account");
+    let reuse_detection = required(reuse_detection, "reuse_detection");
     if let Err(e) = limits::key_type_name(name) {
         invalid(e);
     }

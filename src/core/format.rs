@@ -195,6 +195,16 @@ pub fn checksum_of(prefix: &str, body: &str) -> [u8; CHECKSUM_LEN] {
     encode_checksum(hasher.finalize())
 }
 
+/// The checksum of a prefix given in pieces (its head and its separator) and a body, without
+/// building the string: for the log hook, which must not allocate.
+pub fn checksum_of_parts(prefix_head: &[u8], separator: u8, body: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(prefix_head);
+    hasher.update(&[separator]);
+    hasher.update(body);
+    encode_checksum(hasher.finalize())
+}
+
 /// 62^6 > 2^32, so every CRC32 value has exactly one 6-digit encoding.
 fn encode_checksum(mut value: u32) -> [u8; CHECKSUM_LEN] {
     let mut out = [b'0'; CHECKSUM_LEN];

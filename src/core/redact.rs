@@ -42,7 +42,45 @@ fn next_run(buf: &[u8], from: usize) -> Option<(usize, usize)> {
             i = start + run;
             continue;
         }
+        if let Some(range) = mistyped_separator(buf, i, from) {
+            return Some(range);
+        }
         i += 1;
+    }
+    None
+}
+
+/// A token whose separator was mistyped (`cf.`, `cf `, `cfé`, `cfa` for `cf-`): the prefix's
+/// head, one other character at `at`, then exactly a body and a checksum that matches the head
+/// with `_` or `-`. That is the token, recovered by trying both separators, so its body is masked too.
+/// The checksum must match: ordinary words before a long run of letters stay as they are.
+fn mistyped_separator(buf: &[u8], at: usize, floor: usize) -> Option<(usize, usize)> {
+    use crate::format::{checksum_of_parts, is_token_byte, CHECKSUM_LEN, MAX_PREFIX_LEN};
+    const TAIL: usize = BODY_LEN + CHECKSUM_LEN;
+    if at == floor || is_separator(buf[at]) || !buf[at - 1].is_ascii_alphanumeric() || (buf[at] & 0xC0) == 0x80 {
+        return None;
+    }
+    // A non-ASCII character is several bytes: the body starts after its continuation bytes.
+    let mut start = at + 1;
+    while start < buf.len() && (buf[start] & 0xC0) == 0x80 {
+        start += 1;
+    }
+    // Exactly a body and a checksum, then the end of the run (looked at no further than that,
+    // so that a long run costs linear time).
+    let end = start + TAIL;
+    if end > buf.len() || !buf[start..end].iter().all(u8::is_ascii_alphanumeric) || buf.get(end).is_some_and(u8::is_ascii_alphanumeric) {
+        return None;
+    }
+    let run = TAIL;
+    let (body, checksum) = buf[start..start + run].split_at(BODY_LEN);
+    let mut head = at;
+    while head > floor && at - head < MAX_PREFIX_LEN - 1 && is_token_byte(buf[head - 1]) {
+        head -= 1;
+        for sep in [b'_', b'-'] {
+            if checksum_of_parts(&buf[head..at], sep, body) == checksum {
+                return Some((start, start + run));
+            }
+        }
     }
     None
 }
@@ -51,21 +89,46 @@ fn is_b64url(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
 }
 
-/// The next JWT-shaped stretch at or after `from` (legacy JWTs are bearer secrets too): "eyJ"
-/// at a boundary, then base64url, '.', base64url, '.', and a signature (possibly empty).
+/// The fewest base64url characters (with "eyJ") that start a JWT: `{"alg":"none"}` encodes to 19.
+const MIN_JWT_HEADER: usize = 16;
+/// The fewest characters of a JWT signature (HS256: 43; ES256: 86; RS256: 342).
+const MIN_JWT_SIGNATURE: usize = 40;
+
+fn run_at(buf: &[u8], at: usize) -> usize {
+    buf[at.min(buf.len())..].iter().take_while(|b| is_b64url(**b)).count()
+}
+
+/// The end of the dotted base64url chain that `at` is in.
+fn chain_end(buf: &[u8], at: usize) -> usize {
+    let mut e = at;
+    while e < buf.len() && (is_b64url(buf[e]) || buf[e] == b'.') {
+        e += 1;
+    }
+    e
+}
+
+/// The next JWT-shaped stretch at or after `from` (legacy JWTs are bearer secrets too), as the
+/// range to mask: "eyJ" at a boundary, a header-sized base64url run, '.', and the dotted chain
+/// that follows (masked after "eyJ"). A JWT with one mistyped character (a space, a non-ASCII
+/// character, a changed "eyJ") is split in two, and its second half carries the rest of the
+/// claims and the whole signature; the header is guessable, so that half is a credential too:
+/// so is any dotted chain in which a signature-sized run follows a dot (masked whole). Only a
+/// half with neither the claims' tail nor the signature is left: it cannot be completed.
 fn next_jwt(buf: &[u8], from: usize) -> Option<(usize, usize)> {
     let mut i = from;
-    while i + 3 <= buf.len() {
-        if &buf[i..i + 3] == b"eyJ" && (i == 0 || !is_b64url(buf[i - 1])) {
-            let seg = |at: usize| buf[at.min(buf.len())..].iter().take_while(|b| is_b64url(**b)).count();
-            let a = i + seg(i);
-            if buf.get(a) == Some(&b'.') {
-                let b = a + 1 + seg(a + 1);
-                if b > a + 1 && buf.get(b) == Some(&b'.') {
-                    let end = b + 1 + seg(b + 1);
-                    return Some((i, end));
-                }
+    while i < buf.len() {
+        if buf[i..].starts_with(b"eyJ") && (i == 0 || !is_b64url(buf[i - 1])) {
+            let a = i + run_at(buf, i);
+            if a - i >= MIN_JWT_HEADER && buf.get(a) == Some(&b'.') && run_at(buf, a + 1) > 0 {
+                return Some((i + 3, chain_end(buf, a)));
             }
+        }
+        if buf[i] == b'.' && i > from && is_b64url(buf[i - 1]) && run_at(buf, i + 1) >= MIN_JWT_SIGNATURE {
+            let mut s = i;
+            while s > from && (is_b64url(buf[s - 1]) || buf[s - 1] == b'.') {
+                s -= 1;
+            }
+            return Some((s, chain_end(buf, i)));
         }
         i += 1;
     }
@@ -85,7 +148,7 @@ pub fn mask_tokens(buf: &mut [u8]) -> bool {
     let mut changed = false;
     // JWTs first: their segments hold '-' and '_', which would otherwise read as prefixes.
     while let Some((start, end)) = next_jwt(buf, from) {
-        for b in &mut buf[start + 3..end] {
+        for b in &mut buf[start..end] {
             if *b != b'.' {
                 *b = MASK;
             }
@@ -165,6 +228,44 @@ mod tests {
         assert_eq!(m.len(), line.len());
         assert!(contains_token(line.as_bytes()));
         assert_eq!(masked("keyJ.x.y eyJ alone, eyJabc.def"), "keyJ.x.y eyJ alone, eyJabc.def", "not JWT-shaped");
+    }
+
+    #[test]
+    fn a_jwt_with_one_mistyped_character_cannot_be_rebuilt_from_the_log() {
+        // Found by tests/fuzz: a JWT with a space in its header was logged with its claims and
+        // signature in the clear; the header is guessable, so that was the credential.
+        let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJpc3MiOiJodHRwczovL2xlZ2FjeS5mdXp6LmV4YW1wbGUiLCJzdWIiOiJhY21lIiwiZXhwIjoxNzk1OTM5NzMxLCJqdGkiOiJqMTIzNDU2Nzg5Iiwic2NvcGUiOiJyZWFkIHdyaXRlIn0.i1GvSUO9M9sqdmloAJ8xi7VTHY-AwfdcVaKfu9YE358";
+        let mut parts = jwt.split('.');
+        let (_, claims, sig) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        let seen = |m: &str, seg: &str| seg.as_bytes().windows(12).any(|w| m.as_bytes().windows(12).any(|v| v == w));
+        for pos in 0..jwt.len() {
+            for c in [" ", ".", "\u{e9}", "x", "'", "*"] {
+                let bad = format!("{}{}{}", &jwt[..pos], c, &jwt[pos + 1..]);
+                let line = format!("parameters: $1 = '{bad}'");
+                let m = masked(&line);
+                assert_eq!(m.len(), line.len());
+                assert!(!(seen(&m, claims) && seen(&m, sig)), "claims and signature both readable: {m}");
+            }
+        }
+        assert_eq!(masked("token.validate_token($1), pg_catalog.now(), www.example.com"),
+                   "token.validate_token($1), pg_catalog.now(), www.example.com", "ordinary dotted names");
+    }
+
+    #[test]
+    fn a_token_with_a_mistyped_separator_is_masked() {
+        // Found by tests/fuzz: `fzmid.` for `fzmid_` left the body and checksum in the clear,
+        // and the token is recovered by trying the two separators against the checksum.
+        let t = format::compose("fzmid_", "k7R9fQw2VDp3Zx4mN8tJ1s");
+        for c in [".", " ", "\u{e9}", "'", ":", "/", "a", "Z", "0"] {
+            let line = format!("parameters: $1 = 'x{}'", t.replacen('_', c, 1));
+            let m = masked(&line);
+            assert!(!m.contains("fQw2VDp3Zx4mN8tJ1s") && m.contains("k7R9"), "{m}");
+            assert!(contains_token(line.as_bytes()));
+        }
+        for ordinary in ["relation pg_catalog.abcdefghijklmnopqrstuvwxyz01 does not exist",
+                         "md5 0123456789abcdef0123456789abcdef and 0123456789abcdef0123456789ab"] {
+            assert_eq!(masked(ordinary), ordinary, "no checksum, no mask");
+        }
     }
 
     #[test]

@@ -41,7 +41,8 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval, presented: bool) -> NewToken {
                     LEAST(pg_catalog.now() OPERATOR(pg_catalog.+) \
                               (CASE WHEN t.expires_at IS NULL THEN COALESCE(kt.default_ttl, kt.max_ttl) \
                                     ELSE (t.expires_at OPERATOR(pg_catalog.-) t.created_at) END), \
-                          (t.family_issued_at OPERATOR(pg_catalog.+) kt.max_ttl)), \
+                          (t.family_issued_at OPERATOR(pg_catalog.+) kt.max_ttl), \
+                          (SELECT p.expires_at FROM token.tokens p WHERE p.id OPERATOR(pg_catalog.=) t.parent_id)), \
                     ARRAY(SELECT s FROM pg_catalog.unnest(t.scopes) AS s \
                            WHERE kt.allowed_scopes IS NULL OR s OPERATOR(pg_catalog.=) ANY (kt.allowed_scopes)), \
                     t.family_issued_at, t.disabled_at IS NOT NULL, \

@@ -77,3 +77,22 @@ def test_bad_admin_input_writes_nothing(db, su, admin):
         assert err.sqlstate == sqlstate, (sql, err.sqlstate, str(err))
     assert su.execute("SELECT count(*) FROM token.tokens").fetchone()[0] == rows
     assert su.execute("SELECT to_regclass('token.tokens') IS NOT NULL").fetchone()[0]
+
+
+@pytest.mark.parametrize("arg", ["replace", "conceal_cross_account", "reuse_detection"])
+def test_null_boolean_option_is_22004_not_an_internal_error(su, admin, arg):
+    """Found by tests/fuzz (seed 1): a NULL for one of create_key_type's boolean options was
+    refused by pgrx with XX000 ("argument 6 must not be null"); it is a NULL argument, 22004."""
+    err = refusal(admin, f"SELECT token.create_key_type('fz_null_bool', {arg} => NULL)")
+    assert err.sqlstate == "22004", err
+    assert f"{arg} must not be NULL" in str(err)
+    assert su.execute("SELECT count(*) FROM token.key_types WHERE name = 'fz_null_bool'").fetchone()[0] == 0
+
+
+def test_legacy_issuer_environment_too_long_is_22023_not_a_check_violation(su, admin):
+    """Found by tests/fuzz (seed 1): an environment over 31 characters reached the table's
+    check constraint (23514); it is a bad argument, 22023, and nothing is registered."""
+    err = refusal(admin, "SELECT token.register_legacy_issuer('fz_env_long', '{HS256}', %s, 'agent', %s, now() + interval '1 day')",
+                  ("k" * 40, "e" * 32))
+    assert err.sqlstate == "22023", err
+    assert su.execute("SELECT count(*) FROM token.legacy_issuers WHERE name = 'fz_env_long'").fetchone()[0] == 0

@@ -117,6 +117,19 @@ def derive(admin, db, parent_id, **named):
     return row
 
 
+def test_a_rotated_child_expires_no_later_than_its_parent(db, admin):
+    """Found by tests/fuzz (seed 1): rotating a derived token gave its successor the same
+    lifetime counted from the rotation's now(), so past its parent's expiry by the time between
+    derivation and rotation (any two transactions); it is capped at the parent's."""
+    parent_id, _ = generate(admin, db, "acme-kids-rot", expires_in="1 day")
+    child_id, _ = derive(admin, db, parent_id)
+    succ_id, succ = admin.execute("SELECT token_id, token FROM token.rotate_token(%s)", (child_id,)).fetchone()
+    db.record(succ)
+    row = admin.execute("SELECT s.parent_id, s.expires_at <= p.expires_at FROM token.token_list s, token.token_list p "
+                        "WHERE s.id = %s AND p.id = %s", (succ_id, parent_id)).fetchone()
+    assert row == (parent_id, True), "the successor keeps its parent and expires no later than it"
+
+
 def test_a_child_holds_at_most_its_parent_s_scopes_and_lifetime(db, admin):
     parent_id, _ = generate(admin, db, "acme-kids", scopes=["read", "write"], expires_in="10 days")
     child_id, child = derive(admin, db, parent_id, scopes=["read"])
