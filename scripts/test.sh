@@ -17,7 +17,8 @@
 #      (pytest, on a fresh install and again on a database upgraded from 0.1.0; PostgREST's
 #      transaction, pgbouncer), Rust tokio-postgres, Node.js pg, the HTTP example over real
 #      HTTP (uvicorn + httpx, with a load run), isolation specs (pg_isolation_regress), a hot
-#      standby (TAP)
+#      standby (TAP), and a model-checked mixed load of 15 s (tests/model: validators racing
+#      administrators, every verdict replayed against the committed history)
 # The matrix, for each other version: cargo pgrx test pgNN; the package (tarball) installed into
 # a clean copy of that server; the end-to-end pytest suite on a fresh install and on an upgraded
 # one; the isolation specs.
@@ -138,6 +139,8 @@ full_suite() {
     step "PostgreSQL $v: end-to-end, $suite"
     bash "$suite/run.sh"
   done
+  step "PostgreSQL $v: model-checked mixed load, 15 s (full length: bash tests/model/run.sh)"
+  MODEL_SECONDS=15 bash tests/model/run.sh
   isolation "$v" "$PGBIN"
   stop_cluster
   took "PostgreSQL $v (full suite)" "$t"
