@@ -19,7 +19,8 @@ replays the history and reports every verdict no ordering consistent with those 
 Left out of the model, so not exercised here: usage caps and rate limits (their verdicts
 depend on the order of concurrent acceptances), derived tokens, caller tokens, networks,
 reuse detection (a write the event writer makes, not an admin), revoke_account_tokens,
-prefix and key-type changes, and JWT expiry (the run's JWTs expire after it).
+prefix and key-type changes, issuer changes (cut-off, key). Half the JWTs expire within 2 to
+12 s; the database's token.jwt_leeway is 0 so they do so at their exp.
 
 Connection: PGT_HOST, PGT_PORT, PGT_SOCKET (the superuser's unix socket), PGT_RUN (the history
 and anomalies go there), PGT_TOKENS (every token issued, for tests/leakcheck.py). The
@@ -102,13 +103,16 @@ def setup():
         c.execute("SELECT token.register_prefix('mdl-', 'model', current_setting('token.environment'))")
         c.execute("SELECT token.register_legacy_issuer(%s, '{HS256}', %s, 'model', current_setting('token.environment'), "
                   "'2099-01-01 00:00+00', issuer => %s)", (ISSUER, secret, ISS))
-        leeway = int(re.match(r"\d+", c.execute("SHOW token.jwt_leeway").fetchone()[0]).group())
+        # No leeway, so the run's short-lived JWTs expire within it, at exp exactly.
+        c.execute(f"ALTER DATABASE {DB} SET token.jwt_leeway = 0")
         for role, group in (("model_admin", "token_admin"), ("model_app", "token_validator")):
             if c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
                 c.execute(f"DROP OWNED BY {role} CASCADE")
                 c.execute(f"DROP ROLE {role}")
             c.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}'")
             c.execute(f"GRANT {group} TO {role}")
+    with connect("model_app") as c:
+        leeway = int(re.match(r"\d+", c.execute("SHOW token.jwt_leeway").fetchone()[0]).group())
     return secret, leeway
 
 
@@ -269,13 +273,14 @@ class Admin:
         account = f"acct-{self.n}-{self.rng.randint(0, 6)}"
         scopes = sorted(self.rng.sample(SCOPES, self.rng.randint(1, 3)))
         t = int(time.time())
+        exp = t + self.rng.choice([600, self.rng.randint(2, 12)])
         start = now_us()
-        tok = pyjwt.encode({"sub": account, "iss": ISS, "exp": t + 600, "iat": t, "jti": jti, "scope": " ".join(scopes)},
+        tok = pyjwt.encode({"sub": account, "iss": ISS, "exp": exp, "iat": t, "jti": jti, "scope": " ".join(scopes)},
                            self.jwt_secret, algorithm="HS256")
         record_secret(tok)
         key = "jwt:" + jti
         self.log(key, "mint", start, now_us(), {"kind": "jwt", "hint": "jti:" + jti[:10], "account": account, "key_type": "model",
-                                                "scopes": scopes, "exp": (t + 600) * 1_000_000, "leeway": self.leeway * 1_000_000,
+                                                "scopes": scopes, "exp": exp * 1_000_000, "leeway": self.leeway * 1_000_000,
                                                 "revoked": False, "revoke_after": None})
         with pool_lock:
             pool.append((key, tok))
