@@ -104,6 +104,9 @@ def check(history):
     for v in validations:
         lst = ops.get(v["key"])
         s, e, res = v["start"], v["end"], v["result"]
+        if "error" in res:
+            anomalies.append({"kind": "unexpected_error", "key": v["key"], "fn": v["fn"], "start": s, "end": e, "error": res["error"]})
+            continue
         if not lst or lst[0]["end"] >= s:
             anomalies.append({"kind": "history", "key": v["key"], "why": "validated before its creation ended"})
             continue
@@ -116,9 +119,6 @@ def check(history):
         if srv is not None and not (s <= srv <= e):
             anomalies.append({"kind": "clock", "key": v["key"], "start": s, "end": e, "server_ts": srv,
                               "why": "the server's clock_timestamp() lies outside the call's client-side window"})
-        if "error" in res:
-            anomalies.append({"kind": "unexpected_error", "key": v["key"], "fn": v["fn"], "start": s, "end": e, "error": res["error"]})
-            continue
         seen = "valid" if res["valid"] else res["reason"]
         allowed = set()
         match = False

@@ -117,8 +117,9 @@ def setup():
 
 
 def connect(role, **kw):
-    return psycopg.connect(host=HOST, port=PORT, user=role, password=PASSWORD, dbname=DB,
-                           application_name="pg_token-model", **kw)
+    # Bounded: a call that hangs fails (57014, an unexpected error) instead of stalling the run.
+    return psycopg.connect(host=HOST, port=PORT, user=role, password=PASSWORD, dbname=DB, connect_timeout=10,
+                           options="-c statement_timeout=30s", application_name="pg_token-model", **kw)
 
 
 READBACK = ("SELECT id, hint, account, key_type, scopes, expires_at, revoke_after, revoked_at, disabled_at, "

@@ -90,6 +90,8 @@ def test_errors_and_clock_are_reported():
     e = {"t": "v", "key": "t1", "fn": "check", "scope": None, "start": 20, "end": 30,
          "result": {"error": {"sqlstate": "XX000", "message": "boom"}}}
     assert kinds(BASE + [e]) == ["unexpected_error"]
+    crash = dict(e, key="?", fn="crash")  # a validator thread that died
+    assert kinds(BASE + [crash]) == ["unexpected_error"]
     bad_clock = val(20, 30, True)
     bad_clock["result"]["server_ts"] = 31
     assert kinds(BASE + [bad_clock]) == ["clock"]
