@@ -18,9 +18,11 @@
 #      transaction, pgbouncer), Rust tokio-postgres, Node.js pg, the HTTP example over real
 #      HTTP (uvicorn + httpx, with a load run), isolation specs (pg_isolation_regress), a hot
 #      standby (TAP), logical replication between a publisher and a subscriber cluster
-#      (tests/logical, about 15 s), and random input at the SQL surface (tests/fuzz: 100,000
+#      (tests/logical, about 15 s), random input at the SQL surface (tests/fuzz: 100,000
 #      seeded cases against every function a pg_token role may call, about a minute and a half
-#      on two cores; the seed is printed, FUZZ_SEED replays it, FUZZ_CASES changes the count)
+#      on two cores; the seed is printed, FUZZ_SEED replays it, FUZZ_CASES changes the count),
+#      and a model-checked mixed load of 15 s (tests/model: validators racing administrators,
+#      every verdict replayed against the committed history)
 # The matrix, for each other version: cargo pgrx test pgNN; the package (tarball) installed into
 # a clean copy of that server; the end-to-end pytest suite on a fresh install and on an upgraded
 # one; the isolation specs.
@@ -141,6 +143,8 @@ full_suite() {
     step "PostgreSQL $v: end-to-end, $suite"
     bash "$suite/run.sh"
   done
+  step "PostgreSQL $v: model-checked mixed load, 15 s (full length: bash tests/model/run.sh)"
+  MODEL_SECONDS=15 bash tests/model/run.sh
   isolation "$v" "$PGBIN"
   stop_cluster
   took "PostgreSQL $v (full suite)" "$t"

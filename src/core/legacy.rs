@@ -106,7 +106,8 @@ pub fn jti_hint(jti: &str) -> String {
     format!("jti={shown}")
 }
 
-/// Verifies a JWT against the registered issuers at `now` with `leeway_s` of clock skew.
+/// Verifies a JWT against the registered issuers at `now` with `leeway_s` of clock skew on
+/// `nbf`; `exp` is left to the caller (an expired JWT is returned verified).
 pub fn verify<'r>(token: &[u8], issuers: &'r [Issuer], now: Micros, leeway_s: i64) -> Result<Verified<'r>, Rejected<'r>> {
     let decoded =
         jwt::decode(token).map_err(|e| Rejected { reason: reason_of(e), detail: format!("JWT: {}", e.describe()), issuer: None, jti: None })?;
@@ -134,7 +135,9 @@ pub fn verify<'r>(token: &[u8], issuers: &'r [Issuer], now: Micros, leeway_s: i6
             account_claim: &issuer.account_claim,
             scopes_claim: &issuer.scopes_claim,
         };
-        match jwt::verify(&decoded, &issuer.keys, now_s, leeway_s, &expect) {
+        // Expiry is judged by the caller, after revocation (verdict::resolve_legacy), so a
+        // revoked JWT is `revoked` past its exp too, as a cached one is and as tokens are.
+        match jwt::verify_except_exp(&decoded, &issuer.keys, now_s, leeway_s, &expect) {
             Ok(claims) => return Ok(Verified { issuer, claims }),
             Err(e) => {
                 first_error.get_or_insert(e);
@@ -311,6 +314,23 @@ mod tests {
         assert_eq!(judge(&reg, &mut jwts, &t, "dev", cutoff, None), Err(Reason::LegacyTokenRetired));
         reg.revocations.jtis.insert(("old".into(), "j1".into()));
         assert_eq!(judge(&reg, &mut jwts, &t, "dev", now(), None), Err(Reason::Revoked));
+    }
+
+    #[test]
+    fn a_revoked_jwt_past_its_exp_is_revoked_cached_or_not() {
+        // Found by tests/model: a backend that verified the JWT before it expired said
+        // `revoked`, one that first met it after said `expired` (its exp was judged before the
+        // revocations). The reasons' order is revoked, then expired, for JWTs as for tokens.
+        let mut reg = world();
+        let t = hs256(CLAIMS, SECRET);
+        let past = crate::clock::from_unix_s(1_800_000_600) + 30_000_000;
+        let mut fresh = Jwts::default();
+        assert_eq!(judge(&reg, &mut fresh, &t, "dev", past, None), Err(Reason::Expired), "not revoked: expired");
+        reg.revocations.jtis.insert(("old".into(), "j1".into()));
+        let mut cached = Jwts::default();
+        judge(&world(), &mut cached, &t, "dev", now(), None).expect("accepted before its exp");
+        assert_eq!(judge(&reg, &mut cached, &t, "dev", past, None), Err(Reason::Revoked), "cached");
+        assert_eq!(judge(&reg, &mut Jwts::default(), &t, "dev", past, None), Err(Reason::Revoked), "verified after its exp");
     }
 
     #[test]

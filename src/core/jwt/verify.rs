@@ -46,6 +46,31 @@ pub fn verify(
     leeway_s: i64,
     expect: &Expectations<'_>,
 ) -> Result<Claims, JwtError> {
+    judge(decoded, keys, now_s, leeway_s, expect, true)
+}
+
+/// `verify` without the `exp` rule: an expired JWT that meets every other rule yields its
+/// claims (their `exp` included). For a caller that judges `exp` itself after rules that come
+/// first in the order of reasons: a legacy JWT that is revoked and expired is `revoked`,
+/// whether its verified claims were cached before it expired or not (`verdict::resolve_legacy`).
+pub fn verify_except_exp(
+    decoded: &Decoded<'_>,
+    keys: &IssuerKeys,
+    now_s: i64,
+    leeway_s: i64,
+    expect: &Expectations<'_>,
+) -> Result<Claims, JwtError> {
+    judge(decoded, keys, now_s, leeway_s, expect, false)
+}
+
+fn judge(
+    decoded: &Decoded<'_>,
+    keys: &IssuerKeys,
+    now_s: i64,
+    leeway_s: i64,
+    expect: &Expectations<'_>,
+    judge_exp: bool,
+) -> Result<Claims, JwtError> {
     let alg_name = decoded.header.alg.as_str();
     if alg_name.eq_ignore_ascii_case("none") {
         return Err(JwtError::AlgNone);
@@ -70,7 +95,7 @@ pub fn verify(
         Some(v) => numeric_date(v).ok_or(JwtError::BadExp)?,
     };
     // RFC 7519 section 4.1.4: not accepted "on or after" exp, as pg_token's own tokens.
-    if now_s >= exp.saturating_add(leeway) {
+    if judge_exp && now_s >= exp.saturating_add(leeway) {
         return Err(JwtError::Expired);
     }
     if let Some(v) = claims.get("nbf") {
