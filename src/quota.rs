@@ -152,7 +152,7 @@ pub enum Applied {
 
 /// Counts one validation of an accepted token against its rate limits (`limits`: its own or
 /// its key type's) and spends one of its uses.
-pub fn apply(s: &TokenState, limits: &[RateLimit], hint: &str, now: Micros) -> Applied {
+pub fn apply(s: &TokenState, limits: &[RateLimit], hint: impl Fn() -> String, now: Micros) -> Applied {
     let mut per_call = PerCall::default();
     if !limits.is_empty() {
         let a = partition(partition_of(&s.id), |t| t.admit(&s.id, limits, now)).unwrap_or(Admission {
@@ -164,6 +164,7 @@ pub fn apply(s: &TokenState, limits: &[RateLimit], hint: &str, now: Micros) -> A
         });
         if !a.admitted {
             let wait = (a.reset_at - now).max(0) as f64 / 1e6;
+            let hint = hint();
             let detail = format!("token {hint} reached its rate limit of {} per window; retry after {wait:.3} s", a.limit);
             return Applied::Refused(Limited { reason: Reason::RateLimited, detail, rate: Some(a) });
         }
@@ -178,14 +179,14 @@ pub fn apply(s: &TokenState, limits: &[RateLimit], hint: &str, now: Micros) -> A
             UseOutcome::Exhausted(refill_at) => {
                 let detail = if refill_at > 0 {
                     let wait = (refill_at - clock::now()).max(0) as f64 / 1e6;
-                    format!("token {hint} has no uses left until its refill in {wait:.0} s")
+                    format!("token {} has no uses left until its refill in {wait:.0} s", hint())
                 } else {
-                    format!("token {hint} has no uses left")
+                    format!("token {} has no uses left", hint())
                 };
                 return Applied::Refused(Limited { reason: Reason::UsageExceeded, detail, rate: per_call.rate });
             }
             UseOutcome::Unavailable(why) => {
-                let detail = format!("token {hint} is capped and no use could be spent: {why}");
+                let detail = format!("token {} is capped and no use could be spent: {why}", hint());
                 return Applied::Refused(Limited { reason: Reason::UsageExceeded, detail, rate: per_call.rate });
             }
         }

@@ -121,11 +121,11 @@ pub fn judge_with(
                 let ctx = Context { environment, now, client, jwt_leeway_s: i64::from(guc::JWT_LEEWAY_S.get()) };
                 verdict::decide(req, ctx, registry, find, find_id, jwts).map(|accepted| {
                     let s = &accepted.token.state;
-                    let limits = s.effective_rate_limits(registry.key_type(&s.key_type)).to_vec();
-                    let detects = |s: &pg_token_core::verdict::TokenState| {
-                        registry.key_type(&s.key_type).is_some_and(|k| k.reuse_detection)
-                    };
-                    let watched = (detects(s), accepted.caller.as_ref().is_some_and(|c| detects(&c.state)));
+                    let key_type = registry.key_type(&s.key_type);
+                    let limits = s.effective_rate_limits(key_type).to_vec();
+                    let detects = |k: Option<&verdict::KeyTypeInfo>| k.is_some_and(|k| k.reuse_detection);
+                    let caller_detects = accepted.caller.as_ref().is_some_and(|c| detects(registry.key_type(&c.state.key_type)));
+                    let watched = (detects(key_type), caller_detects);
                     (accepted, limits, watched)
                 })
             })
@@ -153,7 +153,7 @@ pub fn judge_with(
         let per_call = if purpose == Purpose::Manage {
             PerCall::default()
         } else {
-            match quota::apply(&accepted.token.state, &limits, &hint(), now) {
+            match quota::apply(&accepted.token.state, &limits, hint, now) {
                 Applied::Accepted(p) => p,
                 Applied::Stale => continue,
                 Applied::Refused(l) => {

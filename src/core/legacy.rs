@@ -45,15 +45,20 @@ pub struct LegacyState {
 /// issued before the revocation, or without `iat`).
 #[derive(Debug, Default, Clone)]
 pub struct Revocations {
-    pub jtis: HashSet<(String, String)>,
+    /// Revoked jtis by issuer (looked up without allocating, on every call).
+    pub jtis: HashMap<String, HashSet<String>>,
     pub accounts: HashMap<String, Micros>,
 }
 
 impl Revocations {
+    pub fn revoke_jti(&mut self, issuer: String, jti: String) {
+        self.jtis.entry(issuer).or_default().insert(jti);
+    }
+
     /// Why a legacy JWT is revoked, or None.
     pub fn check(&self, account: &str, legacy: &LegacyState) -> Option<&'static str> {
         if let Some(jti) = &legacy.jti {
-            if self.jtis.contains(&(legacy.issuer.clone(), jti.clone())) {
+            if self.jtis.get(&legacy.issuer).is_some_and(|j| j.contains(jti)) {
                 return Some("was revoked (by its jti)");
             }
         }
@@ -312,7 +317,7 @@ mod tests {
         let cutoff = reg.issuers[0].cutoff_at;
         // The cache holds the cut-off it verified under; a changed registry drops the cache (edge).
         assert_eq!(judge(&reg, &mut jwts, &t, "dev", cutoff, None), Err(Reason::LegacyTokenRetired));
-        reg.revocations.jtis.insert(("old".into(), "j1".into()));
+        reg.revocations.revoke_jti("old".into(), "j1".into());
         assert_eq!(judge(&reg, &mut jwts, &t, "dev", now(), None), Err(Reason::Revoked));
     }
 
@@ -326,7 +331,7 @@ mod tests {
         let past = crate::clock::from_unix_s(1_800_000_600) + 30_000_000;
         let mut fresh = Jwts::default();
         assert_eq!(judge(&reg, &mut fresh, &t, "dev", past, None), Err(Reason::Expired), "not revoked: expired");
-        reg.revocations.jtis.insert(("old".into(), "j1".into()));
+        reg.revocations.revoke_jti("old".into(), "j1".into());
         let mut cached = Jwts::default();
         judge(&world(), &mut cached, &t, "dev", now(), None).expect("accepted before its exp");
         assert_eq!(judge(&reg, &mut cached, &t, "dev", past, None), Err(Reason::Revoked), "cached");
@@ -388,7 +393,7 @@ mod tests {
             message: None,
         };
         assert!(r.check("acme", &st(Some("1"), Some(5))).is_none());
-        r.jtis.insert(("old".into(), "1".into()));
+        r.revoke_jti("old".into(), "1".into());
         assert!(r.check("acme", &st(Some("1"), Some(5))).is_some());
         assert!(r.check("acme", &st(Some("2"), Some(5))).is_none());
         r.accounts.insert("acme".into(), 10);

@@ -289,7 +289,8 @@ fn subject_of(parsed: Option<&ParsedToken<'_>>, info: Option<&PrefixInfo>, state
 }
 
 /// Runs the checks for one token up to and including its stored state. `before_lookup` runs
-/// once the prefix is known and may refuse (the caller-permission rule uses it).
+/// once the prefix (so the key type) is known and may refuse (the caller-permission rule uses
+/// it).
 #[allow(clippy::too_many_arguments)]
 fn resolve<'t, T, R, F, G, L>(
     token: Option<&'t [u8]>,
@@ -298,7 +299,7 @@ fn resolve<'t, T, R, F, G, L>(
     find: &mut F,
     find_id: &mut G,
     legacy: &mut L,
-    before_lookup: impl FnOnce(&PrefixInfo) -> Result<(), Failure>,
+    before_lookup: impl FnOnce(&str) -> Result<(), Failure>,
 ) -> Result<(T, ParsedToken<'t>), Refused>
 where
     T: Stateful,
@@ -325,7 +326,7 @@ where
         let detail = format!("prefix \"{}\" is not registered", parsed.prefix);
         return fail(Reason::UnknownPrefix, detail, subject_of(Some(&parsed), None, None));
     };
-    if let Err(f) = before_lookup(info) {
+    if let Err(f) = before_lookup(&info.key_type) {
         return Err((f, subject_of(Some(&parsed), Some(info), None)));
     }
     if ctx.environment != Some(info.environment.as_str()) {
@@ -391,7 +392,7 @@ fn resolve_legacy<'t, T, R, L>(
     ctx: &Context<'_>,
     registry: &R,
     legacy: &mut L,
-    before_lookup: impl FnOnce(&PrefixInfo) -> Result<(), Failure>,
+    before_lookup: impl FnOnce(&str) -> Result<(), Failure>,
 ) -> Result<(T, ParsedToken<'t>), Refused>
 where
     T: Stateful,
@@ -447,8 +448,7 @@ where
         s.hint = Some(hint_of(lg.jti.as_deref()));
         s
     };
-    let info = PrefixInfo { key_type: state.key_type.clone(), environment: state.environment.clone() };
-    if let Err(f) = before_lookup(&info) {
+    if let Err(f) = before_lookup(&state.key_type) {
         return Err((f, subject()));
     }
     if ctx.environment != Some(state.environment.as_str()) {
@@ -577,17 +577,17 @@ where
     let caller_state = caller.as_ref().map(|(c, _)| c.state());
     let caller_subject = || caller.as_ref().map(|(c, p)| subject_of(Some(p), None, Some(c.state())));
 
-    let permission = |info: &PrefixInfo| -> Result<(), Failure> {
+    let permission = |key_type: &str| -> Result<(), Failure> {
         let Some(cs) = caller_state else { return Ok(()) };
         let allowed = registry
             .key_type(&cs.key_type)
-            .is_some_and(|kt| kt.can_validate.iter().any(|k| *k == info.key_type));
+            .is_some_and(|kt| kt.can_validate.iter().any(|k| k == key_type));
         if allowed {
             Ok(())
         } else {
             Err(Failure {
                 reason: Reason::CallerNotPermitted,
-                detail: format!("key type \"{}\" may not validate key type \"{}\"", cs.key_type, info.key_type),
+                detail: format!("key type \"{}\" may not validate key type \"{key_type}\"", cs.key_type),
                 reuse: None,
             })
         }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use pg_token_core::cache::{heap_chunk, Footprint};
+use pg_token_core::cache::heap_chunk;
 use pg_token_core::hash::{token_hash, TokenHash};
 use pg_token_core::jwt::{Algorithm, IssuerKeys};
 use pg_token_core::legacy::{self, Issuer, Revocations, Verified};
@@ -34,7 +34,8 @@ impl Legacy {
     pub fn footprint(&self) -> usize {
         let text = |x: &String| heap_chunk(x.capacity());
         let issuers: usize = self.issuers.iter().map(|i| 4096 + text(&i.name) + i.message.as_ref().map_or(0, text)).sum();
-        let jtis: usize = self.revocations.jtis.iter().map(|(a, b)| 64 + text(a) + text(b)).sum();
+        let jtis: usize =
+            self.revocations.jtis.iter().map(|(i, j)| 64 + text(i) + j.iter().map(|j| 48 + text(j)).sum::<usize>()).sum();
         let accounts: usize = self.revocations.accounts.keys().map(|a| 48 + text(a)).sum();
         issuers + jtis + accounts
     }
@@ -62,7 +63,7 @@ pub fn load(cat: &Catalog, snap: &scan::LatestSnapshot) -> Legacy {
     scan::scan_all(lc.revocations, snap, |v, n| {
         match (scan::text(v, n, ri), scan::text(v, n, rj), scan::text(v, n, ra)) {
             (Some(issuer), Some(jti), _) => {
-                out.revocations.jtis.insert((issuer, jti));
+                out.revocations.revoke_jti(issuer, jti);
             }
             (_, _, Some(account)) if !n[rt] => {
                 let at = v[rt].value() as i64;
@@ -171,10 +172,4 @@ fn legacy_stored(cat: &Catalog, state: TokenState, verified: &Verified<'_>) -> S
         error::not_installed();
     }
     Stored::from_parts(state, form_composite(cat.identity_desc, cols))
-}
-
-impl Footprint for Legacy {
-    fn footprint(&self) -> usize {
-        Legacy::footprint(self)
-    }
 }
