@@ -23,7 +23,7 @@ use crate::error;
 
 /// Families marked per database at once.
 pub const FAMILY_ENTRIES: usize = 32;
-/// A write the writer failed this many times is given up (the mark stays).
+/// A write that failed this many times by its own fault is given up (the mark stays).
 const MAX_ATTEMPTS: u8 = 3;
 
 /// What an entry is doing; all-zero is `EMPTY`.
@@ -140,12 +140,14 @@ impl Table {
         }
     }
 
-    /// The writer died while writing: ask again, or give up after `MAX_ATTEMPTS` (the mark
-    /// stays, so the family is still refused on this server).
-    pub fn retry_in_progress(&mut self) {
+    /// The write failed: ask again. A failure that was the write's own (`counted`: not a lock or
+    /// statement timeout, a cancel or a deadlock, which are retried without end like the other
+    /// batches) counts, and after `MAX_ATTEMPTS` the write is given up (the mark stays, so the
+    /// family is still refused on this server).
+    pub fn retry_in_progress(&mut self, counted: bool) {
         for e in &mut self.entries {
             if e.state == state::WRITING {
-                e.attempts += 1;
+                e.attempts += u8::from(counted);
                 e.state = if e.attempts >= MAX_ATTEMPTS { state::UNWRITTEN } else { state::REQUESTED };
             }
         }

@@ -84,7 +84,7 @@ pub fn worker_failed(slot: usize, in_batch: bool) -> bool {
             Phase::Events | Phase::Touches | Phase::Uses | Phase::Idle => {}
         }
         s.uses.retry_in_progress();
-        s.families.retry_in_progress();
+        s.families.retry_in_progress(in_batch);
         s.phase = Phase::Idle;
         discarded
     })
@@ -249,7 +249,7 @@ pub fn worker_exited(slot: usize, abnormal: bool) {
                 // Reservations in progress were not committed (or were, and are lost: never
                 // granted twice): the next writer takes the requests again.
                 s.uses.retry_in_progress();
-                s.families.retry_in_progress();
+                s.families.retry_in_progress(abnormal);
                 s.phase = Phase::Idle;
             }
         }
