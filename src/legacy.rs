@@ -36,11 +36,7 @@ fn check_key(algorithms: &[Option<String>], key: &str) -> Vec<String> {
 }
 
 fn check_name(name: &str) {
-    let ok = !name.is_empty()
-        && name.len() <= 31
-        && name.as_bytes()[0].is_ascii_lowercase()
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if !ok {
+    if !limits::is_identifier(name, 31) {
         invalid(format!("legacy issuer name \"{}\" must match [a-z][a-z0-9_]{{0,30}}", limits::quoted(name)));
     }
 }
@@ -81,8 +77,8 @@ fn register_legacy_issuer(
     let environment = required(environment, "environment");
     // What token.legacy_issuers holds; checked here so that a bad argument is 22023, not the
     // table's check violation (23514), as tests/fuzz found.
-    if !(1..=31).contains(&environment.chars().count()) {
-        invalid("a legacy issuer's environment must be 1 to 31 characters long");
+    if !limits::is_identifier(environment, 31) {
+        invalid("a legacy issuer's environment must be 1 to 31 characters of a-z, 0-9 and _, starting with a letter");
     }
     let cutoff_at = required(cutoff_at, "cutoff_at");
     let account_claim = required(account_claim, "account_claim");

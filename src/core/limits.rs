@@ -59,12 +59,17 @@ pub fn scopes(given: &[Option<&str>]) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// 1 to `max` characters of a-z, 0-9 and _, starting with a letter: the names pg_token gives
+/// key types, environments and legacy issuers.
+pub fn is_identifier(s: &str, max: usize) -> bool {
+    (1..=max).contains(&s.len())
+        && s.as_bytes()[0].is_ascii_lowercase()
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// A key type name: 1 to 63 characters of a-z, 0-9 and _, starting with a letter.
 pub fn key_type_name(name: &str) -> Result<(), String> {
-    let ok = (1..=63).contains(&name.len())
-        && name.as_bytes()[0].is_ascii_lowercase()
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if ok {
+    if is_identifier(name, 63) {
         Ok(())
     } else {
         Err(format!(
@@ -76,10 +81,7 @@ pub fn key_type_name(name: &str) -> Result<(), String> {
 
 /// An environment name: 1 to 32 characters of a-z, 0-9 and _, starting with a letter.
 pub fn environment_name(env: &str) -> Result<(), String> {
-    let ok = (1..=32).contains(&env.len())
-        && env.as_bytes()[0].is_ascii_lowercase()
-        && env.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if ok {
+    if is_identifier(env, 32) {
         Ok(())
     } else {
         Err(format!("invalid environment name \"{}\"", quoted(env)))

@@ -231,8 +231,23 @@ pub enum UseOutcome {
     Unavailable(&'static str),
 }
 
-/// How long a validation waits for the writer to reserve uses before it refuses.
-const RESERVATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a validation waits for the writer to reserve uses, or to revoke a token family.
+const WRITER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits a millisecond (or until our latch is set) for the writer, then checks interrupts.
+fn pause_for_writer() {
+    // SAFETY: the standard wait on our own latch, with interrupts checked after.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            1,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pg_sys::check_for_interrupts!();
+}
 
 /// Spends one use of a capped token: from the block reserved in shared memory, or after the
 /// writer has reserved one (waiting for it: the use must be subtracted in a committed
@@ -258,25 +273,12 @@ pub fn spend_use(token_id: &[u8; 16], version: i64, table_remaining: i64, refill
             Step::Full => return UseOutcome::Unavailable("too many capped tokens wait for reservations at once"),
             Step::Requested | Step::Waiting => {}
         }
-        if start.elapsed() >= RESERVATION_TIMEOUT {
+        if start.elapsed() >= WRITER_WAIT {
             return UseOutcome::Unavailable("the event writer reserved no uses within 5 s (see token.worker_status())");
         }
-        // SAFETY: the standard wait on our own latch, with interrupts checked after.
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                1,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-        pg_sys::check_for_interrupts!();
+        pause_for_writer();
     }
 }
-
-/// How long a validation waits for the writer to revoke a token family.
-const FAMILY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Revokes a token family for a reuse: marks it in shared memory at once (no member is
 /// accepted on this server from here on), then asks the writer to revoke every member in its own
@@ -332,24 +334,14 @@ pub fn revoke_family(reuse: &Reuse, subject: &Subject, wait: bool) {
             family::Asked::In(s) => s == family::state::REQUESTED || s == family::state::WRITING,
             family::Asked::Full => true,
         };
-        if !pending || !wait || start.elapsed() >= FAMILY_TIMEOUT {
+        if !pending || !wait || start.elapsed() >= WRITER_WAIT {
             if pending && wait {
                 Error::new(Kind::WrongState, "pg_token: the event writer did not revoke a token family within 5 s; it stays refused on this server and the writer keeps trying")
                     .warn();
             }
             return;
         }
-        // SAFETY: the standard wait on our own latch, with interrupts checked after.
-        unsafe {
-            pg_sys::WaitLatch(
-                pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-                1,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-        pg_sys::check_for_interrupts!();
+        pause_for_writer();
     }
 }
 
