@@ -84,6 +84,15 @@ fn register_legacy_issuer(
     let account_claim = required(account_claim, "account_claim");
     let scopes_claim = required(scopes_claim, "scopes_claim");
     crate::lifecycle::check_text("migration_message", migration_message, 1000);
+    // The table's bounds, as 22023 rather than a check violation.
+    for (what, value, max) in
+        [("issuer", issuer, 1024), ("audience", audience, 1024), ("account_claim", Some(account_claim), 128), ("scopes_claim", Some(scopes_claim), 128)]
+    {
+        if value.is_some_and(|v| v.is_empty()) {
+            invalid(format!("{what} must not be empty"));
+        }
+        crate::lifecycle::check_text(what, value, max);
+    }
     Spi::connect_mut(|client| {
         let kt = spi(client.update(
             "SELECT 1 FROM token.key_types WHERE name OPERATOR(pg_catalog.=) $1 FOR SHARE",

@@ -96,3 +96,15 @@ def test_legacy_issuer_environment_too_long_is_22023_not_a_check_violation(su, a
                   ("k" * 40, "e" * 32))
     assert err.sqlstate == "22023", err
     assert su.execute("SELECT count(*) FROM token.legacy_issuers WHERE name = 'fz_env_long'").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("field, value", [("account_claim", "c" * 129), ("scopes_claim", ""), ("issuer", "i" * 1025),
+                                          ("audience", "")])
+def test_legacy_issuer_fields_beyond_the_tables_bounds_are_22023(su, admin, field, value):
+    """Found by tests/fuzz (seed 2250082437): an account claim over 128 characters reached the
+    table's check constraint (23514); every bounded field is a bad argument, and nothing is
+    registered."""
+    err = refusal(admin, f"SELECT token.register_legacy_issuer('fz_field', '{{HS256}}', %s, 'agent', 'dev', "
+                         f"now() + interval '1 day', {field} => %s)", ("k" * 40, value))
+    assert err.sqlstate == "22023" and field in str(err), err
+    assert su.execute("SELECT count(*) FROM token.legacy_issuers WHERE name = 'fz_field'").fetchone()[0] == 0
