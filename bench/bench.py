@@ -141,7 +141,11 @@ def load(args):
         conn.autocommit = True
         conn.execute("VACUUM ANALYZE token.tokens")
         conn.execute("VACUUM ANALYZE bench.plain")
-        print(f"bench: loaded in {time.monotonic() - started:.0f} s", flush=True)
+        elapsed = time.monotonic() - started
+        print(f"bench: loaded in {elapsed:.0f} s", flush=True)
+        if args.timings:
+            with open(args.timings, "a") as f:
+                f.write(f"{args.to},{elapsed:.1f}\n")
         check_loaded(conn, have + 1, args.to)
 
 
@@ -580,6 +584,32 @@ def report(args):
                   "not take the good clients' CPU on this 2-core one (the kernel shares CPU between sessions first). The "
                   "flooding backends lower their own priority to `token.flood_nice` after 1,000 refusals in a second; the "
                   "last row turns that off."]
+    if args.churn:
+        ch = json.load(open(args.churn))
+        targets.append((f"admin churn: the hot set keeps ≥ 90% of its TPS beside {ch['rate']} revocations/s",
+                        f"{ch['revoke_kept']:.0%}", verdict(ch["revoke_kept"] >= 0.9)))
+        targets.append((f"admin churn: the hot set keeps ≥ 90% of its TPS beside {ch['rate']} rotations/s",
+                        f"{ch['rotate_kept']:.0%}", verdict(ch["rotate_kept"] >= 0.9)))
+        lines += ["", "## Admin churn", "",
+                  f"4 connections validate a hot set of 100 tokens (`bench/scripts/validate_hot_100.pgbench`) for "
+                  f"{ch['seconds']} s: alone, while one session revokes {ch['rate']} other tokens a second "
+                  f"(`token.revoke_token`, one transaction each), and while it rotates {ch['rate']} a second "
+                  f"(`token.rotate_token`); {ch['rounds']} rounds interleaved (median). A change drops only the changed "
+                  "token from the caches (the shared-memory change log), so the hot set stays cached; the hit share "
+                  "is `token.metrics()` over each run.", "",
+                  "| | TPS | kept | churn reached | cache hits |", "|---|---:|---:|---:|---:|",
+                  f"| hot set alone | {ch['alone_tps']:,.0f} | | | {ch['alone_hit_share']:.2%} |",
+                  f"| beside revocations | {ch['revoke_tps']:,.0f} | {ch['revoke_kept']:.0%} | {ch['revoke_rate']:.0f}/s | {ch['revoke_hit_share']:.2%} |",
+                  f"| beside rotations | {ch['rotate_tps']:,.0f} | {ch['rotate_kept']:.0%} | {ch['rotate_rate']:.0f}/s | {ch['rotate_hit_share']:.2%} |"]
+    if args.loads:
+        loads = [ln.strip().split(",") for ln in open(args.loads) if ln.strip()]
+        if loads:
+            lines += ["", "## Building the table", "",
+                      "How long `bench.py load` took to grow `token.tokens` to each size: tokens and their SHA-256 made "
+                      "in Python, `COPY` into the indexed table in batches of 250,000, then `VACUUM ANALYZE`; each step "
+                      "adds to the table the step before left.", "",
+                      "| tokens | seconds for this step |", "|---:|---:|"]
+            lines += [f"| {int(n):,} | {float(t):,.0f} |" for n, t in loads]
     lines += ["", "## Targets (reported, not pass/fail)", "", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {v} |" for t, m, v in targets]
     lines += ["", "## Settings", ""]
@@ -722,6 +752,85 @@ def flood(args):
           f"with token.flood_nice = 0: {row['good_kept_nice0']:.0%})")
 
 
+def churn(args):
+    """Admin churn: 4 connections validate a hot set of 100 tokens alone, while one session
+    revokes --rate tokens a second, and while it rotates --rate a second (each its own
+    transaction), interleaved round by round. The revoked and rotated tokens are cold ones
+    (never in the hot set). What the hot set keeps of its TPS, the churn rate reached, and the
+    cache hit share of the validations (token.metrics(), all backends)."""
+    import threading
+    secs, rate = args.seconds, args.rate
+    with connect(args, autocommit=True) as c:
+        need = rate * secs * args.rounds * 2 + 1000
+        ids = [r[0] for r in c.execute(
+            "SELECT p.id FROM bench.plain p JOIN token.tokens t USING (id) "
+            "WHERE p.n > 3000 AND t.revoked_at IS NULL AND t.revoke_after IS NULL "
+            "ORDER BY p.n DESC LIMIT %s", (need,)).fetchall()]
+        if len(ids) < need:
+            raise SystemExit(f"bench: churn needs {need} cold tokens, found {len(ids)}")
+
+        def settle():
+            c.execute("SELECT token.flush_events('60 s')")
+            c.execute("CHECKPOINT")
+
+        def cache_counts():
+            return c.execute("SELECT cache_hits_total, cache_misses_total FROM token.metrics()").fetchone()
+
+        def run(kind, r):
+            settle()
+            stop, done = threading.Event(), [0]
+
+            def admin():
+                with connect(args, autocommit=True) as a:
+                    start = time.monotonic()
+                    while not stop.is_set():
+                        token_id = ids.pop()
+                        if kind == "revoke":
+                            a.execute("SELECT token.revoke_token(%s, 'bench churn')", (token_id,))
+                        else:
+                            a.execute("SELECT token_id FROM token.rotate_token(%s)", (token_id,))
+                        done[0] += 1
+                        wait = start + done[0] / rate - time.monotonic()
+                        if wait > 0:
+                            time.sleep(wait)
+
+            h0 = cache_counts()
+            t = threading.Thread(target=admin) if kind != "alone" else None
+            if t:
+                t.start()
+            started = time.monotonic()
+            g = pgbench(args, "validate_hot_100", 4, secs, "postgres", f"{args.out}/churn-{kind}-{r}.log")
+            g.wait()
+            elapsed = time.monotonic() - started
+            stop.set()
+            if t:
+                t.join()
+            h1 = cache_counts()
+            hits, misses = h1[0] - h0[0], h1[1] - h0[1]
+            return tps_of(f"{args.out}/churn-{kind}-{r}.log"), done[0] / elapsed, hits / max(hits + misses, 1)
+
+        runs = {"alone": [], "revoke": [], "rotate": []}
+        for r in range(args.rounds):
+            for kind in runs:
+                runs[kind].append(run(kind, r))
+        settle()
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    row = {"seconds": secs, "rate": rate, "rounds": args.rounds}
+    for kind, xs in runs.items():
+        row[f"{kind}_tps"] = med([x[0] for x in xs])
+        row[f"{kind}_rate"] = med([x[1] for x in xs])
+        row[f"{kind}_hit_share"] = med([x[2] for x in xs])
+        row[f"{kind}_runs"] = [x[0] for x in xs]
+    row["revoke_kept"] = row["revoke_tps"] / row["alone_tps"]
+    row["rotate_kept"] = row["rotate_tps"] / row["alone_tps"]
+    with open(args.json, "w") as f:
+        json.dump(row, f)
+    print(f"bench: admin churn: hot set {row['alone_tps']:,.0f} tps alone, {row['revoke_tps']:,.0f} beside "
+          f"{row['revoke_rate']:.0f} revokes/s ({row['revoke_kept']:.0%}), {row['rotate_tps']:,.0f} beside "
+          f"{row['rotate_rate']:.0f} rotations/s ({row['rotate_kept']:.0%}); cache hits "
+          f"{row['alone_hit_share']:.2%} / {row['revoke_hit_share']:.2%} / {row['rotate_hit_share']:.2%}")
+
+
 def rate_accuracy(args):
     """4 sessions share one token limited to --limit per second for --seconds: acceptances per
     window (told apart by the rate_reset_at each accepted call returns), full windows only."""
@@ -779,6 +888,7 @@ def main():
         a.add_argument("--host", required=True)
         a.add_argument("--port", type=int, required=True)
     sub.choices["load"].add_argument("--to", type=int, required=True)
+    sub.choices["load"].add_argument("--timings", help="append to,seconds to this CSV")
     sub.choices["check-suite"].add_argument("--tokens", type=int, required=True)
     for opt, typ in (("--size", int), ("--lookups", int), ("--csv", str)):
         sub.choices["per-token"].add_argument(opt, type=typ, required=True)
@@ -790,6 +900,8 @@ def main():
     r.add_argument("--setting", action="append", default=[])
     r.add_argument("--flood", help="flood.json from `bench.py flood`")
     r.add_argument("--rate", help="rate.json from `bench.py rate-accuracy`")
+    r.add_argument("--churn", help="churn.json from `bench.py churn`")
+    r.add_argument("--loads", help="load.csv: size,seconds to grow the table to it")
     r.add_argument("--jwt-counts", help="JWTs made for the first-presentation rows: hs256=N,rs256=M")
     j = sub.add_parser("jwts")
     j.add_argument("--host", required=True)
@@ -802,6 +914,13 @@ def main():
     ra.add_argument("--json", required=True)
     for opt in ("--seconds", "--limit"):
         ra.add_argument(opt, type=int, required=True)
+    ch = sub.add_parser("churn")
+    ch.add_argument("--host", required=True)
+    ch.add_argument("--port", type=int, required=True)
+    for opt in ("--pgbin", "--scripts", "--out", "--json"):
+        ch.add_argument(opt, required=True)
+    for opt in ("--seconds", "--rounds", "--rate"):
+        ch.add_argument(opt, type=int, required=True)
     fl = sub.add_parser("flood")
     fl.add_argument("--host", required=True)
     fl.add_argument("--port", type=int, required=True)
@@ -812,7 +931,7 @@ def main():
     r.add_argument("--date", help="the run's date (UTC) when re-rendering a report from its CSVs")
     args = p.parse_args()
     {"load": load, "per-token": per_token, "check-suite": check_suite, "report": report, "flood": flood,
-     "rate-accuracy": rate_accuracy, "jwts": jwts}[args.cmd](args)
+     "rate-accuracy": rate_accuracy, "jwts": jwts, "churn": churn}[args.cmd](args)
 
 
 if __name__ == "__main__":

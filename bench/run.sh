@@ -12,6 +12,9 @@
 #   BENCH_RATE_SECONDS   seconds 4 sessions share one rate-limited token (default 20)
 #   BENCH_RATE_LIMIT     that token's limit per second              (default 2000)
 #   BENCH_TOKENS         tokens in the table for the pgbench runs   (default 1000000)
+#   BENCH_CHURN_SECONDS  seconds of each admin-churn run              (default 10)
+#   BENCH_CHURN_RATE     revocations or rotations per second in it   (default 200)
+#   BENCH_CHURN_ROUNDS   alone / beside revocations / beside rotations, rounds (default 3)
 #   BENCH_SIZES          table sizes for the one-statement cost     (default 10000,1000000,10000000)
 #   BENCH_LOOKUPS        validations in that one statement          (default 200000)
 #   BENCH_JWT_HS256      distinct HS256 legacy JWTs for the first-presentation row (default 50000 x BENCH_SECONDS)
@@ -34,6 +37,9 @@ RATE_SECONDS=${BENCH_RATE_SECONDS:-20}
 RATE_LIMIT=${BENCH_RATE_LIMIT:-2000}
 NTOKENS=${BENCH_TOKENS:-1000000}
 SIZES=${BENCH_SIZES:-10000,1000000,10000000}
+CHURN_SECONDS=${BENCH_CHURN_SECONDS:-10}
+CHURN_RATE=${BENCH_CHURN_RATE:-200}
+CHURN_ROUNDS=${BENCH_CHURN_ROUNDS:-3}
 LOOKUPS=${BENCH_LOOKUPS:-200000}
 # Enough JWTs that no session meets one twice within a run at up to 50,000 (HS256) or 20,000
 # (RS256) validations per second; the report says if a run went faster than that.
@@ -84,14 +90,15 @@ psql_su -f bench/schema.sql -f bench/baseline.sql >/dev/null
 
 mkdir -p "$OUT" "$RESULTS"
 : >"$OUT/per_token.csv"
+: >"$OUT/load.csv"
 IFS=, read -r -a sizes <<<"$SIZES"
 per_token() {  # the one-statement cost at table size $1
-  py load --host "$DIR" --port "$PORT" --to "$1"
+  py load --host "$DIR" --port "$PORT" --to "$1" --timings "$OUT/load.csv"
   py per-token --host "$DIR" --port "$PORT" --size "$1" --lookups "$LOOKUPS" --csv "$OUT/per_token.csv"
 }
 # The table only grows: sizes up to NTOKENS, the pgbench suite at NTOKENS, then larger sizes.
 for size in "${sizes[@]}"; do if [ "$size" -le "$NTOKENS" ]; then per_token "$size"; fi; done
-py load --host "$DIR" --port "$PORT" --to "$NTOKENS"
+py load --host "$DIR" --port "$PORT" --to "$NTOKENS" --timings "$OUT/load.csv"
 
 echo "bench: the hot-set function and the baseline table (pgcrypto digest of each token)"
 psql_su >/dev/null <<'SQL'
@@ -190,6 +197,11 @@ py rate-accuracy --host "$DIR" --port "$PORT" --json "$OUT/rate.json" --seconds 
 
 for size in "${sizes[@]}"; do if [ "$size" -gt "$NTOKENS" ]; then per_token "$size"; fi; done
 
+# Last: it revokes and rotates tokens, which the uniform rows above would trip over.
+echo "bench: admin churn (${CHURN_RATE} revocations or rotations per second beside a hot set)"
+py churn --host "$DIR" --port "$PORT" --pgbin "$PGBIN" --scripts "$ROOT/bench/scripts" --out "$OUT" \
+  --json "$OUT/churn.json" --seconds "$CHURN_SECONDS" --rounds "$CHURN_ROUNDS" --rate "$CHURN_RATE"
+
 cache_kb=$(psql_su -Atc "SHOW token.cache_size")
 cache_bytes=$(psql_su -Atc "SELECT budget FROM token.cache_stats()")
 settings=(
@@ -202,6 +214,6 @@ settings=(
 )
 py report --pgbench "$OUT/pgbench.csv" --per-token "$OUT/per_token.csv" --seconds "$SECONDS_PER_RUN" --rounds "$ROUNDS" \
   --tokens "$NTOKENS" --lookups "$LOOKUPS" --cache-bytes "$cache_bytes" --version "$version, release build installed $built; repository at $commit" \
-  --flood "$OUT/flood.json" --rate "$OUT/rate.json" --jwt-counts "hs256=$JWT_HS256,rs256=$JWT_RS256" --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
+  --flood "$OUT/flood.json" --rate "$OUT/rate.json" --churn "$OUT/churn.json" --loads "$OUT/load.csv" --jwt-counts "hs256=$JWT_HS256,rs256=$JWT_RS256" --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
 cat "$RESULTS/latest.md"
 echo "bench: done in $(( ($(date +%s) - started) / 60 )) min; $RESULTS/latest.md and latest.png"

@@ -76,7 +76,9 @@ COMMENT ON FUNCTION token.metrics() IS
 COMMENT ON FUNCTION token.refusal_metrics() IS
     'Refusals by reason since server start, for monitoring (token_admin, pg_monitor)';
 COMMENT ON FUNCTION token.invalidate_caches() IS
-    'pg_token''s cache trigger: a change to tokens, key types or prefixes empties every backend''s validation cache';
+    'pg_token''s cache trigger: a change to key types, prefixes or legacy issuers, or a truncation of tokens, empties every backend''s validation cache';
+COMMENT ON FUNCTION token.note_token_change() IS
+    'pg_token''s cache trigger on tokens: a changed or deleted token is dropped from every backend''s validation cache, and only it';
 COMMENT ON FUNCTION token.register_legacy_issuer(text, text[], text, text, text, timestamptz, text, text, text, text, text, interval) IS
     'Registers a legacy JWT issuer (HS256 secret, or RS256/ES256 public keys): its JWTs validate, marked deprecated, until cutoff_at (token_admin)';
 COMMENT ON FUNCTION token.alter_legacy_issuer(text, timestamptz, text, text[], text) IS

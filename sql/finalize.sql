@@ -1,16 +1,23 @@
 -- pg_token: triggers and privileges, after every function exists.
 
--- Any change to what decides a verdict empties every backend's validation cache. The
--- worker's writes are left out on purpose (they would empty caches constantly): last_used_at,
--- and uses_remaining / refilled_at (use reservations; an administrator's change of a cap bumps
--- uses_version, which is listed). pgrx-tests checks that every other column is listed.
+-- Any change to what decides a verdict drops the changed token from every backend's validation
+-- cache (a row trigger names it in the shared-memory change log; see src/store/changes.rs); a
+-- truncation drops everything. The worker's writes are left out on purpose (they would drop
+-- entries constantly): last_used_at, and uses_remaining / refilled_at (use reservations; an
+-- administrator's change of a cap bumps uses_version, which is listed). pgrx-tests checks that
+-- every other column is listed. The row trigger fires in origin mode; under
+-- session_replication_role = replica (logical replication's apply worker, restores) the
+-- replica triggers below do its work.
 CREATE TRIGGER tokens_invalidate_caches
     AFTER UPDATE OF id, token_hash, hint, prefix, account, key_type, environment, name, scopes,
                     metadata, created_at, expires_at, revoke_after, revoked_at, revoked_reason,
                     rotated_from, family_id, family_issued_at, disabled_at, disabled_reason,
                     parent_id, allowed_networks, rate_limits, uses_version, refill_uses,
                     refill_interval, family_revoked_at
-       OR DELETE OR TRUNCATE ON token.tokens
+       OR DELETE ON token.tokens
+    FOR EACH ROW EXECUTE FUNCTION token.note_token_change();
+CREATE TRIGGER tokens_truncate_invalidate_caches
+    AFTER TRUNCATE ON token.tokens
     FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
 CREATE TRIGGER key_types_invalidate_caches
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON token.key_types
@@ -29,7 +36,7 @@ CREATE TRIGGER legacy_revocations_invalidate_caches
     FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
 -- ALWAYS: also under session_replication_role = replica, so that a change loaded by a data-only
 -- restore still empties the caches (logical replication: the row triggers below).
-ALTER TABLE token.tokens ENABLE ALWAYS TRIGGER tokens_invalidate_caches;
+ALTER TABLE token.tokens ENABLE ALWAYS TRIGGER tokens_truncate_invalidate_caches;
 ALTER TABLE token.key_types ENABLE ALWAYS TRIGGER key_types_invalidate_caches;
 ALTER TABLE token.prefixes ENABLE ALWAYS TRIGGER prefixes_invalidate_caches;
 ALTER TABLE token.legacy_issuers ENABLE ALWAYS TRIGGER legacy_issuers_invalidate_caches;
@@ -60,10 +67,10 @@ CREATE TRIGGER tokens_invalidate_caches_replica_update
               NEW.family_issued_at, NEW.disabled_at, NEW.disabled_reason, NEW.parent_id,
               NEW.allowed_networks, NEW.rate_limits, NEW.uses_version, NEW.refill_uses,
               NEW.refill_interval, NEW.family_revoked_at))
-    EXECUTE FUNCTION token.invalidate_caches();
+    EXECUTE FUNCTION token.note_token_change();
 CREATE TRIGGER tokens_invalidate_caches_replica_delete
     AFTER DELETE ON token.tokens
-    FOR EACH ROW EXECUTE FUNCTION token.invalidate_caches();
+    FOR EACH ROW EXECUTE FUNCTION token.note_token_change();
 CREATE TRIGGER key_types_invalidate_caches_replica
     AFTER INSERT OR UPDATE OR DELETE ON token.key_types
     FOR EACH ROW EXECUTE FUNCTION token.invalidate_caches();

@@ -183,6 +183,12 @@ FROM token.tokens;
 
 -- The cache trigger watches the columns 0.2.0 added (not the writer's: uses_remaining and
 -- refilled_at are use reservations; an administrator's change of a cap bumps uses_version).
+-- A row trigger names each changed token in the shared-memory change log (src/store/changes.rs).
+CREATE FUNCTION token.note_token_change()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', 'note_token_change_wrapper';
+REVOKE EXECUTE ON FUNCTION token.note_token_change() FROM PUBLIC;
 DROP TRIGGER tokens_invalidate_caches ON token.tokens;
 CREATE TRIGGER tokens_invalidate_caches
     AFTER UPDATE OF id, token_hash, hint, prefix, account, key_type, environment, name, scopes,
@@ -190,9 +196,12 @@ CREATE TRIGGER tokens_invalidate_caches
                     rotated_from, family_id, family_issued_at, disabled_at, disabled_reason,
                     parent_id, allowed_networks, rate_limits, uses_version, refill_uses,
                     refill_interval, family_revoked_at
-       OR DELETE OR TRUNCATE ON token.tokens
+       OR DELETE ON token.tokens
+    FOR EACH ROW EXECUTE FUNCTION token.note_token_change();
+CREATE TRIGGER tokens_truncate_invalidate_caches
+    AFTER TRUNCATE ON token.tokens
     FOR EACH STATEMENT EXECUTE FUNCTION token.invalidate_caches();
-ALTER TABLE token.tokens ENABLE ALWAYS TRIGGER tokens_invalidate_caches;
+ALTER TABLE token.tokens ENABLE ALWAYS TRIGGER tokens_truncate_invalidate_caches;
 
 DO $roles$
 BEGIN
@@ -529,10 +538,10 @@ CREATE TRIGGER tokens_invalidate_caches_replica_update
               NEW.family_issued_at, NEW.disabled_at, NEW.disabled_reason, NEW.parent_id,
               NEW.allowed_networks, NEW.rate_limits, NEW.uses_version, NEW.refill_uses,
               NEW.refill_interval, NEW.family_revoked_at))
-    EXECUTE FUNCTION token.invalidate_caches();
+    EXECUTE FUNCTION token.note_token_change();
 CREATE TRIGGER tokens_invalidate_caches_replica_delete
     AFTER DELETE ON token.tokens
-    FOR EACH ROW EXECUTE FUNCTION token.invalidate_caches();
+    FOR EACH ROW EXECUTE FUNCTION token.note_token_change();
 CREATE TRIGGER key_types_invalidate_caches_replica
     AFTER INSERT OR UPDATE OR DELETE ON token.key_types
     FOR EACH ROW EXECUTE FUNCTION token.invalidate_caches();
@@ -720,3 +729,10 @@ COMMENT ON FUNCTION token.revoke_legacy_jwt(text, text, text) IS
     'Revokes one legacy JWT by its issuer and jti, from every session''s next call (token_admin)';
 COMMENT ON FUNCTION token.exchange_legacy_jwt(text, text) IS
     'Verifies a legacy JWT and issues an opaque token for its account and scopes, once per JWT (token_validator)';
+
+-- Targeted cache invalidation: a changed token is dropped from every backend's cache through
+-- the shared-memory change log, named by the row trigger above; a truncation empties them all.
+COMMENT ON FUNCTION token.invalidate_caches() IS
+    'pg_token''s cache trigger: a change to key types, prefixes or legacy issuers, or a truncation of tokens, empties every backend''s validation cache';
+COMMENT ON FUNCTION token.note_token_change() IS
+    'pg_token''s cache trigger on tokens: a changed or deleted token is dropped from every backend''s validation cache, and only it';

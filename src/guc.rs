@@ -21,6 +21,7 @@ pub static MAX_EVENT_ROWS: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static EVENT_WINDOW_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static MAX_EVENT_HINTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static FLOOD_NICE: GucSetting<i32> = GucSetting::<i32>::new(10);
+pub static TEST_COMMIT_PUBLISH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static WORKER_IDLE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 pub static MAX_TOKEN_DEPTH: GucSetting<i32> = GucSetting::<i32>::new(3);
 pub static MAX_CHILD_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(100);
@@ -190,6 +191,16 @@ fn define() {
         19,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"token.test_commit_publish_delay",
+        c"For tests only: how long a committing change waits between becoming visible and telling caches (0: not at all).",
+        c"Holds the window the change log closes open, so that tests can show no cache answers from before the commit in it. Never set it in production.",
+        &TEST_COMMIT_PUBLISH_DELAY_MS,
+        0,
+        10_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS | GucFlags::NO_SHOW_ALL,
     );
     GucRegistry::define_int_guc(
         c"token.worker_idle_timeout",

@@ -56,6 +56,7 @@ pub extern "C-unwind" fn _PG_init() {
         events::queue::init_shared_memory();
         metrics::init_shared_memory();
         quota::init_shared_memory();
+        store::changes::init_shared_memory();
     }
 }
 

@@ -8,9 +8,10 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
+use crate::changes::fingerprint;
 use crate::hash::TokenHash;
 
 /// Heap bytes an entry holds, for the budget: the sum of `heap_chunk` over its allocations.
@@ -28,18 +29,10 @@ pub fn heap_chunk(n: usize) -> usize {
     ((n + 8 + 15) & !15).max(32)
 }
 
-/// Keys are SHA-256 outputs, already uniform: the first 8 bytes are a perfect hash value, so
-/// no hashing work is done on the hot path.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Key(TokenHash);
-
-impl Hash for Key {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_le_bytes(first));
-    }
-}
+/// Keys are SHA-256 outputs, already uniform: the index is keyed by the first 8 bytes (the
+/// fingerprint `changes` names tokens by), so no hashing work is done on the hot path and an
+/// entry can be dropped by fingerprint. The slot keeps the whole hash, compared on lookup.
+type Key = TokenHash;
 
 #[derive(Default)]
 struct PassThrough(u64);
@@ -70,7 +63,7 @@ struct Slot<V> {
 pub const OVERHEAD: usize = 2 * 56 + 48;
 
 pub struct TokenCache<V> {
-    index: HashMap<Key, usize, BuildHasherDefault<PassThrough>>,
+    index: HashMap<u64, usize, BuildHasherDefault<PassThrough>>,
     slots: Vec<Slot<V>>,
     hand: usize,
     bytes: usize,
@@ -86,12 +79,14 @@ impl<V: Footprint> TokenCache<V> {
     }
 
     pub fn get(&mut self, key: &TokenHash) -> Option<Rc<V>> {
-        let Some(&i) = self.index.get(&Key(*key)) else {
-            self.misses += 1;
-            return None;
+        let slot = match self.index.get(&fingerprint(key)) {
+            Some(&i) if self.slots[i].key == *key => &self.slots[i],
+            _ => {
+                self.misses += 1;
+                return None;
+            }
         };
         self.hits += 1;
-        let slot = &self.slots[i];
         slot.referenced.set(true);
         Some(Rc::clone(&slot.value))
     }
@@ -116,14 +111,20 @@ impl<V: Footprint> TokenCache<V> {
             self.evict_one();
         }
         let value = Rc::new(value);
-        self.index.insert(Key(key), self.slots.len());
-        self.slots.push(Slot { key: Key(key), value: Rc::clone(&value), referenced: Cell::new(false), bytes });
+        self.index.insert(fingerprint(&key), self.slots.len());
+        self.slots.push(Slot { key, value: Rc::clone(&value), referenced: Cell::new(false), bytes });
         self.bytes += bytes;
         value
     }
 
+    /// Removes the entry of this key (and one that shares its fingerprint, if any).
     pub fn remove(&mut self, key: &TokenHash) {
-        if let Some(i) = self.index.remove(&Key(*key)) {
+        self.forget(fingerprint(key));
+    }
+
+    /// Removes the entry whose key has this fingerprint, if any.
+    pub fn forget(&mut self, fingerprint: u64) {
+        if let Some(i) = self.index.remove(&fingerprint) {
             self.remove_slot(i);
         }
     }
@@ -132,7 +133,7 @@ impl<V: Footprint> TokenCache<V> {
         let slot = self.slots.swap_remove(i);
         self.bytes -= slot.bytes;
         if let Some(moved) = self.slots.get(i) {
-            self.index.insert(moved.key, i);
+            self.index.insert(fingerprint(&moved.key), i);
         }
         if self.hand >= self.slots.len() {
             self.hand = 0;
@@ -150,8 +151,8 @@ impl<V: Footprint> TokenCache<V> {
                 self.hand += 1;
                 continue;
             }
-            let key = slot.key;
-            self.index.remove(&key);
+            let fp = fingerprint(&slot.key);
+            self.index.remove(&fp);
             self.remove_slot(self.hand);
             return;
         }
@@ -276,5 +277,22 @@ mod tests {
         assert_eq!(handed_back.0, 1000);
         assert!(c.is_empty());
         assert!(c.get(&key(1)).is_none());
+    }
+
+    #[test]
+    fn entries_are_dropped_by_fingerprint_and_a_shared_fingerprint_is_not_a_hit() {
+        let mut c = TokenCache::new(10_000);
+        c.insert(key(1), Blob(10));
+        c.insert(key(2), Blob(10));
+        c.forget(fingerprint(&key(1)));
+        assert!(c.get(&key(1)).is_none());
+        assert!(c.get(&key(2)).is_some(), "only that token goes");
+        // Another hash with the same first 8 bytes: a miss, and inserting it replaces the other.
+        let mut twin = key(2);
+        twin[31] ^= 1;
+        assert!(c.get(&twin).is_none());
+        c.insert(twin, Blob(10));
+        assert!(c.get(&key(2)).is_none() && c.get(&twin).is_some());
+        assert_eq!(c.len(), 1);
     }
 }

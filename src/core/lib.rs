@@ -18,6 +18,7 @@
 pub mod account;
 pub mod aggregate;
 pub mod cache;
+pub mod changes;
 pub mod clock;
 pub mod format;
 pub mod hash;

@@ -1,27 +1,27 @@
-//! When this backend's cached tokens and registry must be thrown away: Postgres' invalidation
-//! messages, received through a relcache callback, and the trigger that sends them.
+//! When this backend's cached tokens and registry must be thrown away wholesale: Postgres'
+//! invalidation messages, received through a relcache callback, and the trigger that sends them.
 //!
-//! Statement triggers on `token.tokens`, `token.key_types`, `token.prefixes` and the legacy
-//! issuer tables (`invalidate_caches`, ENABLE ALWAYS, so they also fire for data-only
-//! restores) queue a relcache invalidation for `token.cache_signal`, an empty composite type
-//! that nothing else invalidates, for every change except the writer's `last_used_at` writes
-//! and use reservations. The logical replication apply worker fires no statement triggers:
-//! row triggers on the same tables, ENABLE REPLICA, call the same function there (for tokens
-//! only when a column other than the writer's changed).
+//! On a primary with pg_token's shared memory, what changed is dropped entry by entry through
+//! the change log (`changes`), which also closes the window between a commit becoming visible
+//! and its invalidation messages arriving. The messages stay for what the log cannot reach:
+//! - hot standbys replay them from the commit record (no trigger runs there, so no log entry);
+//!   a standby empties its cache on each change, as every server did before the log;
+//! - without shared_preload_libraries there is no log, and they are the whole mechanism;
+//! - DDL on our tables and replaced relations (new OIDs), which make us look the catalog up again.
+//!
+//! Statement triggers on `token.key_types`, `token.prefixes` and the legacy issuer tables, and
+//! on TRUNCATE of `token.tokens` (`changes::invalidate_caches`, ENABLE ALWAYS, so they also fire for
+//! data-only restores) note "everything" in the log and queue a relcache invalidation for
+//! `token.cache_signal`, an empty composite type that nothing else invalidates. Row changes of
+//! `token.tokens` go through `changes::note_token_change`, which queues the same message. The
+//! logical replication apply worker fires no statement triggers: row triggers, ENABLE REPLICA,
+//! call the same functions there (for tokens only when a column other than the writer's changed).
 //! Invalidations of the tables themselves (DDL, and every VACUUM and ANALYZE, which the
 //! writer's updates make frequent) only make us look the catalog up again; the cache goes too
-//! if a table was replaced (new OID). We chose Postgres' own invalidation messages over a
-//! shared-memory change counter because they are:
-//! - transactional: sent only when the changing transaction commits, locally applied at each
-//!   command boundary and undone on abort, so no backend drops its cache for a change that
-//!   never happens, and the changing session sees its own change at once;
-//! - replayed on hot standbys from the commit record, so a revoke on the primary also
-//!   empties the standbys' caches (a counter in the primary's shared memory would not reach
-//!   them);
-//! - processed by `AcceptInvalidationMessages()`, which costs one shared-memory read when
-//!   nothing is pending; every call makes it first.
-//!
-//! The price: any change empties every backend's cache (not just the changed token's entry).
+//! if a table was replaced (new OID). The messages are transactional (sent only at commit,
+//! applied locally at each command boundary and undone on abort) and processed by
+//! `AcceptInvalidationMessages()`, which costs one shared-memory read when nothing is pending;
+//! every call makes it first.
 //!
 //! The callback only bumps counters (it must not allocate or raise); the cache is emptied at
 //! the start of the next call (`store::Backend::refresh`), never under a caller's feet. A new
@@ -79,7 +79,12 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
         bump(&DATA_GENERATION);
         bump(&CATALOG_GENERATION);
     } else if DATA_WATCHED.with(Cell::get).contains(&relid) {
-        bump(&DATA_GENERATION);
+        // token.cache_signal (the first watched relation) is what the triggers send; on a
+        // primary with the change log, the log has said what changed, entry by entry.
+        let signal = DATA_WATCHED.with(Cell::get)[0];
+        if relid != signal || !super::changes::targeted() {
+            bump(&DATA_GENERATION);
+        }
     } else if CATALOG_WATCHED.with(Cell::get).contains(&relid) {
         bump(&CATALOG_GENERATION);
     }
@@ -89,18 +94,4 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
 pub fn register_callbacks() {
     // SAFETY: the documented registration API; the callback never errors or allocates.
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(on_relcache_invalidation), pg_sys::Datum::from(0)) };
-}
-
-/// Statement trigger on pg_token's verdict tables (and row trigger, for logical replication's
-/// apply worker): queues a relcache invalidation for token.cache_signal, which every backend
-/// (standbys included) receives when the transaction commits, and this backend at once.
-#[pg_trigger]
-fn invalidate_caches<'a>(
-    _trigger: &'a pgrx::PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
-    let ns = super::catalog::token_namespace();
-    let signal = super::catalog::relid(ns, c"cache_signal");
-    // SAFETY: registers a transactional invalidation message for an existing relation.
-    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(signal) };
-    Ok(None)
 }

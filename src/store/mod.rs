@@ -1,17 +1,20 @@
 //! What this backend knows about tokens: the validation cache, the prefix/key-type registry,
 //! and where pg_token's objects are, kept fresh by Postgres' invalidation messages.
 //!
-//! - `freshness`: the relcache callback and the trigger; when to throw things away.
+//! - `changes`: the shared-memory change log; which entries to drop, and when not to trust one.
+//! - `freshness`: the relcache callback and the triggers; when to throw everything away.
 //! - `catalog`: relation OIDs, attribute numbers and row descriptors.
 //! - `scan`: the hash-index scan that reads one token, and the registry scans.
 //!
-//! Every validation enters through `with`, which first processes invalidations (so a change
-//! committed anywhere is seen by this call), then hands the verdict rules a registry and a
+//! Every validation enters through `with`, which first processes invalidations and the change
+//! log (so a change committed anywhere is seen by this call), then hands the verdict rules a registry and a
 //! finder that looks in the cache before scanning. An entry is not cached when it was read from
 //! this transaction's own uncommitted insert (it may roll back), or when an invalidation
-//! arrived during the read. A new kind of state that decides verdicts (a column, a table) is
+//! arrived or a change was published or in flight during the read; a hit answers only if its
+//! token is not in flight and nothing was published since the log was read. A new kind of state that decides verdicts (a column, a table) is
 //! loaded here and announced by the trigger in `freshness`.
 
+pub mod changes;
 mod catalog;
 pub mod freshness;
 mod legacy;
@@ -22,6 +25,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use pg_token_core::cache::{heap_chunk, Footprint, TokenCache};
+use pg_token_core::changes::Since;
 use pg_token_core::hash::TokenHash;
 use pg_token_core::verdict::{KeyTypeInfo, Micros, PrefixInfo, Registry, Stateful, TokenState};
 use pgrx::pg_sys;
@@ -176,6 +180,8 @@ impl Registry for RegistryCache {
 
 struct Backend {
     data_seen: u64,
+    /// How far this backend has read the change log (None until its first call).
+    changes_seen: Option<u64>,
     catalog_seen: u64,
     catalog: Option<Catalog>,
     registry: Option<RegistryCache>,
@@ -187,6 +193,7 @@ struct Backend {
 thread_local! {
     static BACKEND: RefCell<Backend> = RefCell::new(Backend {
         data_seen: 0,
+        changes_seen: None,
         catalog_seen: 0,
         catalog: None,
         registry: None,
@@ -210,6 +217,7 @@ impl Backend {
         }
         self.data_seen = data;
         self.catalog_seen = catalog;
+        self.follow_changes();
         self.apply_budget();
         if self.catalog.is_none() {
             let found = Catalog::load();
@@ -219,6 +227,31 @@ impl Backend {
                 self.registry = None;
             }
             self.catalog = Some(found);
+        }
+    }
+
+    /// Drops what this backend changed itself, and what the change log says others changed.
+    fn follow_changes(&mut self) {
+        let mut everything = false;
+        changes::take_own(|fp| match fp {
+            Some(fp) => self.cache.forget(fp),
+            None => everything = true,
+        });
+        match self.changes_seen {
+            // The first call: the cache is empty, whatever was published before is irrelevant.
+            None => self.changes_seen = Some(changes::published()),
+            Some(seen) => match changes::since(seen, |fp| self.cache.forget(fp)) {
+                Since::Nothing => {}
+                Since::Read(now) => self.changes_seen = Some(now),
+                Since::Everything(now) => {
+                    everything = true;
+                    self.changes_seen = Some(now);
+                }
+            },
+        }
+        if everything {
+            self.cache.clear();
+            self.registry = None;
         }
     }
 
@@ -265,37 +298,40 @@ impl Backend {
     }
 
     /// Finds a stored token by hash: cache first, then one index scan.
-    fn find(cat: &Catalog, cache: &mut TokenCache<Stored>, hash: &TokenHash) -> Option<Rc<Stored>> {
-        Self::find_or_scan(cat, cache, hash, || scan::scan_token(cat, hash))
+    fn find(cat: &Catalog, cache: &mut TokenCache<Stored>, seen: u64, hash: &TokenHash) -> Option<Rc<Stored>> {
+        Self::find_or_scan(cache, seen, hash, || scan::scan_token(cat, hash))
     }
 
     /// Finds a stored token by id (a derived token's parent): cached like the others, under a
     /// key no token's hash can be (the hash of a domain-separated string, not of a token).
-    fn find_id(cat: &Catalog, cache: &mut TokenCache<Stored>, id: &[u8; 16]) -> Option<Rc<Stored>> {
-        let mut key = Vec::with_capacity(40);
-        key.extend_from_slice(b"pg_token parent id:");
-        key.extend_from_slice(id);
-        let hash = pg_token_core::hash::token_hash(&key);
-        Self::find_or_scan(cat, cache, &hash, || scan::scan_token_by_id(cat, id))
+    fn find_id(cat: &Catalog, cache: &mut TokenCache<Stored>, seen: u64, id: &[u8; 16]) -> Option<Rc<Stored>> {
+        let key = pg_token_core::changes::id_key(id);
+        Self::find_or_scan(cache, seen, &key, || scan::scan_token_by_id(cat, id))
     }
 
+    /// `seen`: where this call read the change log. A hit answers only if its token is not
+    /// being committed and nothing was published since; a row read is kept only if the same
+    /// holds after the read (and no invalidation arrived during it).
     fn find_or_scan(
-        _cat: &Catalog,
         cache: &mut TokenCache<Stored>,
-        hash: &TokenHash,
+        seen: u64,
+        key: &TokenHash,
         scan: impl FnOnce() -> Option<(Stored, bool)>,
     ) -> Option<Rc<Stored>> {
-        if let Some(hit) = cache.get(hash) {
+        if !changes::still_current(key, seen) {
+            cache.remove(key); // and the lookup below counts a miss
+        }
+        if let Some(hit) = cache.get(key) {
             metrics::cache_hit();
             return Some(hit);
         }
         metrics::cache_miss();
         let before = freshness::data_generation();
         let (stored, own_uncommitted) = scan()?;
-        if own_uncommitted || freshness::data_generation() != before {
+        if own_uncommitted || freshness::data_generation() != before || !changes::still_current(key, seen) {
             return Some(Rc::new(stored));
         }
-        Some(cache.insert(*hash, stored))
+        Some(cache.insert(*key, stored))
     }
 }
 
@@ -319,14 +355,15 @@ pub fn with<R>(f: impl FnOnce(&Catalog, &RegistryCache, &mut Find<'_>, &mut Find
             b.registry = Some(loaded);
             b.apply_budget();
         }
+        let seen = b.changes_seen.unwrap_or(0);
         let Backend { catalog, registry, cache, .. } = &mut *b;
         let Some(cat) = catalog.as_ref() else { error::not_installed() };
         let Some(reg) = registry.as_ref() else { error::not_installed() };
         // Both finders share the cache; they are never called at once (the verdict rules call
         // one, then the other).
         let cache = std::cell::RefCell::new(cache);
-        let mut find = |h: &TokenHash| Backend::find(cat, &mut cache.borrow_mut(), h);
-        let mut find_id = |id: &[u8; 16]| Backend::find_id(cat, &mut cache.borrow_mut(), id);
+        let mut find = |h: &TokenHash| Backend::find(cat, &mut cache.borrow_mut(), seen, h);
+        let mut find_id = |id: &[u8; 16]| Backend::find_id(cat, &mut cache.borrow_mut(), seen, id);
         let mut jwts = legacy::Store::new(cat, &reg.legacy);
         f(cat, reg, &mut find, &mut find_id, &mut jwts)
     })

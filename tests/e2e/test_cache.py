@@ -1,11 +1,13 @@
-"""The per-backend validation cache: zero staleness across sessions, and a size bound.
+"""The per-backend validation cache: zero staleness across sessions, targeted invalidation,
+and a size bound.
 
 Session A validates (and so caches); session B changes something and commits; A's very
 next call must see it. cache_stats() counts hits, which proves A really answered from its
-cache before.
+cache before, and that a change to one token left A's other entries in place.
 """
 
 import re
+import threading
 import time
 
 import pytest
@@ -53,6 +55,106 @@ def test_uncommitted_revoke_is_not_seen_committed_is(db, admin, session_a):
         assert reason_of(session_a, token) is None, "B has not committed"
         b.commit()
     assert reason_of(session_a, token) == "revoked"
+
+
+def test_a_revoke_drops_only_the_revoked_token(db, admin, session_a):
+    """A committed revoke drops that token from every cache, and nothing else: A's other
+    cached token is still a hit (tests/isolation/specs/revoke_a_while_b_cached.spec shows the
+    same step by step)."""
+    revoked_id, revoked = generate(admin, db, "acme")
+    _, kept = generate(admin, db, "acme")
+    warm(session_a, revoked)
+    warm(session_a, kept)
+    admin.execute("SELECT token.revoke_token(%s)", (revoked_id,))
+    hits, misses = hits_and_misses(session_a)
+    assert reason_of(session_a, kept) is None
+    assert hits_and_misses(session_a) == (hits + 1, misses), "the other token stayed cached"
+    assert reason_of(session_a, revoked) == "revoked"
+    assert hits_and_misses(session_a) == (hits + 1, misses + 1), "the revoked one was read again"
+
+
+def test_no_cache_answers_from_before_a_visible_commit(db, su, admin, session_a):
+    """The window between a commit becoming visible and caches hearing of it is closed.
+    token.test_commit_publish_delay holds a revoking transaction for 3 s after its commit is
+    visible to new snapshots and before it publishes the change: an observer sees the revoke
+    while the revoking call has not returned, and the session whose cache holds the token is
+    refused from then on. Its other cached token stays a hit throughout (only the committing
+    token counts as in flight)."""
+    token_id, token = generate(admin, db, "acme")
+    _, other = generate(admin, db, "acme")
+    warm(session_a, token)
+    warm(session_a, other)
+    done = threading.Event()
+    failure = []
+
+    def revoke():
+        try:
+            with db.su() as w:
+                w.execute("SET token.test_commit_publish_delay = 3000")
+                w.execute("SELECT token.revoke_token(%s)", (token_id,))
+        except Exception as e:  # reported below
+            failure.append(e)
+        finally:
+            done.set()
+
+    revoker = threading.Thread(target=revoke)
+    revoker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not su.execute("SELECT revoked_at IS NOT NULL FROM token.tokens WHERE id = %s", (token_id,)).fetchone()[0]:
+            assert time.monotonic() < deadline, "the revoke never became visible"
+            time.sleep(0.01)
+        assert not done.is_set(), "the window was open: the revoke is visible, its call has not returned"
+        hits, misses = hits_and_misses(session_a)
+        assert reason_of(session_a, token) == "revoked", "a visible revoke is never answered from the cache"
+        assert reason_of(session_a, other) is None
+        assert not done.is_set(), "still inside the window"
+        assert hits_and_misses(session_a) == (hits + 1, misses + 1), "the other token was a hit, the revoked one a miss"
+    finally:
+        revoker.join()
+    assert not failure, failure
+    assert reason_of(session_a, token) == "revoked"
+
+
+def test_own_changes_are_seen_at_once_and_undone_on_rollback(db, admin):
+    """The changing session drops its own entries at once, and on rollback everything it may
+    have read of its uncommitted change."""
+    token_id, token = generate(admin, db, "acme")
+    with db.connect("e2e_admin") as b:
+        assert reason_of(b, token) is None
+        b.execute("SELECT token.revoke_token(%s)", (token_id,))
+        assert reason_of(b, token) == "revoked", "its own revoke, at once"
+        b.rollback()
+        assert reason_of(b, token) is None, "rolled back"
+        b.rollback()
+
+
+def test_a_revoked_parent_is_seen_through_a_cached_child(db, admin, session_a):
+    """A derived token's verdict depends on its parents, cached by id: revoking the parent
+    drops that entry, and the cached child is refused."""
+    parent_id, _ = generate(admin, db, "acme", scopes=["read"])
+    row = admin.execute("SELECT token_id, token FROM token.derive_token(%s)", (parent_id,)).fetchone()
+    db.record(row[1])
+    assert reason_of(session_a, row[1]) is None
+    hits, misses = hits_and_misses(session_a)
+    assert reason_of(session_a, row[1]) is None
+    assert hits_and_misses(session_a) == (hits + 2, misses), "child and parent answered from the cache"
+    admin.execute("SELECT token.revoke_token(%s)", (parent_id,))
+    assert reason_of(session_a, row[1]) == "parent_invalid"
+
+
+def test_a_transaction_that_changed_tokens_cannot_be_prepared(db, su, admin):
+    """Caches learn of a change when it commits, in the committing backend: a prepared
+    transaction would commit elsewhere, later, unannounced. It is refused with 0A000."""
+    token_id, _ = generate(admin, db, "acme")
+    with db.connect("e2e_admin") as b:
+        b.execute("SELECT token.revoke_token(%s)", (token_id,))
+        with pytest.raises(Exception) as e:
+            b.execute("PREPARE TRANSACTION 'pgt_revoke'")
+        assert e.value.sqlstate == "0A000", e.value
+        assert "PREPARE" in str(e.value)
+        b.rollback()
+    assert su.execute("SELECT revoked_at IS NULL FROM token.tokens WHERE id = %s", (token_id,)).fetchone()[0]
 
 
 def test_rotation_past_grace_is_seen(db, admin, session_a):

@@ -19,7 +19,7 @@ ISOLATION=${ISOLATION:-/usr/lib/postgresql/15/lib/pgxs/src/test/isolation}
 DB=pgt_iso
 SPECS=(revoke_vs_validate rotate_vs_rotate last_used_no_wait registry_vs_validate token_change_vs_validate
        revoke_tree_vs_rotate account_revoke_vs_generate registry_serializable
-       family_reuse_vs_validate family_rotate_vs_rotate)
+       family_reuse_vs_validate family_rotate_vs_rotate revoke_a_while_b_cached)
 
 as_postgres() {
   if [ "$(id -un)" = postgres ]; then "$@";

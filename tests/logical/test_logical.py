@@ -171,9 +171,16 @@ def test_revoke_is_refused_by_a_session_that_cached_the_token(pair):
     env, pub, sub = pair
     with pub.su() as p, sub.app() as s:
         token_id, token = generate(env, p, "acme")
+        _, other = generate(env, p, "acme")
         warm(s, token)
+        warm(s, other)
         p.execute("SELECT token.revoke_token(%s)", (token_id,))
         report("revoke", refused_after(s, time.monotonic(), token, "revoked"))
+        # The apply worker named only the revoked token in the subscriber's change log: the
+        # session's other cached token is still a hit.
+        hits, misses = hits_and_misses(s)
+        assert reason_of(s, other) is None
+        assert hits_and_misses(s) == (hits + 1, misses), "the other token stayed in the subscriber session's cache"
         # A session that never saw the token agrees.
         with sub.app() as fresh:
             assert reason_of(fresh, token) == "revoked"
