@@ -100,6 +100,33 @@ def test_last_used_at_moves_once_per_interval_across_sessions(db, su, admin):
     assert after_b == after_a, "b's touch, within 1 s of a's write, must not move last_used_at again"
 
 
+def test_the_writer_reports_its_updates_while_it_runs(db, su, admin, app):
+    """A writer kept busy by steady traffic never exits, so it reports its statistics as it
+    goes, as a backend does: otherwise its updates would reach pg_stat_user_tables only when it
+    exits, and autovacuum would never hear of the dead row versions they leave."""
+    counts = ("SELECT n_tup_upd FROM pg_catalog.pg_stat_user_tables "
+              "WHERE relid = 'token.tokens'::regclass")
+    writer = ("SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_token writer' "
+              "AND datname = current_database()")
+    tokens = [generate(admin, db, "acme")[1] for _ in range(3)]
+    su.execute("SELECT pg_catalog.pg_stat_clear_snapshot()")
+    updated = su.execute(counts).fetchone()[0]
+    for token in tokens:
+        app.execute("SELECT token.validate_token(%s)", (token,))
+    flush(su)
+    pid = su.execute(writer).fetchone()
+    assert pid is not None, "the writer that applied them is still idling (token.worker_idle_timeout, 2 s)"
+    deadline = time.monotonic() + 1.5
+    while True:
+        su.execute("SELECT pg_catalog.pg_stat_clear_snapshot()")
+        now_updated = su.execute(counts).fetchone()[0]
+        if now_updated >= updated + 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert su.execute(writer).fetchone() == pid, "the writer exited before we looked: the test proves nothing"
+    assert now_updated >= updated + 3, "the running writer's updates are not in pg_stat_user_tables"
+
+
 def test_validation_never_waits_on_the_token_row_lock(db, su, admin):
     token_id, token = generate(admin, db, "acme")
     with db.su() as locker:
