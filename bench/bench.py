@@ -785,18 +785,20 @@ def last_use(args):
                         "-f", f"{args.scripts}/validate_uniform.pgbench", "bench"],
                        stdout=open(log, "w"), stderr=subprocess.STDOUT, check=True)
         c.execute("SELECT token.flush_events('60 s')")
-        lsn1 = c.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        lsn1, ended = c.execute("SELECT pg_current_wal_lsn(), clock_timestamp()").fetchone()
         # Only writers still running are counted (under steady load the one writer never idles out).
         cpu1 = writer_cpu()
         writer_cpu_s = sum(t - cpu0.get(pid, 0) for pid, t in cpu1.items()) / 1e9 if cpu1 else None
         queue1 = queue()
         wal = int(c.execute("SELECT pg_wal_lsn_diff(%s, %s)", (lsn1, lsn0)).fetchone()[0])
-        updates = c.execute("SELECT count(*) FROM token.tokens WHERE last_used_at >= %s", (started,)).fetchone()[0]
+        updates = c.execute("SELECT count(*) FROM token.tokens WHERE last_used_at BETWEEN %s AND %s",
+                            (started, ended)).fetchone()[0]
         fpi_bytes = None
         if walinspect:
             # Per record type (an update that starts a new page is "Heap/UPDATE+INIT").
-            records = c.execute('SELECT "resource_manager/record_type", count, fpi_size '
-                                "FROM pg_get_wal_stats(%s, %s, per_record => true)", (lsn0, lsn1)).fetchall()
+            # PostgreSQL 15 reads no further than the flushed WAL (the writer's last commit is).
+            records = c.execute('SELECT "resource_manager/record_type", count, fpi_size FROM pg_get_wal_stats(%s, '
+                                "LEAST(%s::pg_lsn, pg_current_wal_flush_lsn()), per_record => true)", (lsn0, lsn1)).fetchall()
             hot = sum(n for r, n, _ in records if r.startswith("Heap/HOT_UPDATE"))
             cold = sum(n for r, n, _ in records if r.startswith("Heap/UPDATE"))
             fpi_bytes = sum(fb for _, _, fb in records)
