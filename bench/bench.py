@@ -556,6 +556,30 @@ def report(args):
                   f"| acceptances per window: least, most | {ra['min']:,}, {ra['max']:,} |",
                   f"| worst deviation from the limit | {ra['worst_pct']:.2f}% |",
                   f"| refused as rate_limited | {ra['refused']:,} |"]
+    if args.last_use:
+        lu = json.load(open(args.last_use))
+        fpi = ("" if lu["fpi_bytes"] is None else
+               f"| of which full-page images | {lu['fpi_bytes'] / lu['wal_bytes']:.0%} "
+               f"({lu['wal_per_update_without_fpi']:,.0f} bytes per update without them) |")
+        cpu = ("" if not lu["writer_cpu_s"] or not lu["updates"] else
+               f"| the writer's CPU time per update | {lu['writer_cpu_s'] / lu['updates'] * 1e6:.1f} µs "
+               f"({lu['writer_cpu_s']:.2f} s in all) |")
+        lines += ["", "## Last-use updates", "",
+                  f"`validate_uniform` once more ({lu['seconds']} s, after a CHECKPOINT), then `token.flush_events()`: "
+                  "the WAL between the LSN before the run and after the writer applied everything it queued, per "
+                  "row it updated (rows whose `last_used_at` moved into the run), and how many of those updates were "
+                  "HOT (no index entry written; from `pg_walinspect` where installed, else pg_stat_user_tables). "
+                  "Nothing else writes during the run: the WAL is the writer's (a row lock and an update per row) "
+                  "and the pruning of the versions it leaves. The first change of each page after the CHECKPOINT "
+                  "writes the whole page (full-page images; a server checkpointing every few minutes pays that "
+                  "once per page per checkpoint).", "",
+                  "| | |", "|---|---:|",
+                  f"| validate_uniform | {lu['tps']:,.0f} tps |",
+                  f"| rows updated | {lu['updates']:,} ({lu['updates'] / lu['seconds']:,.0f} per second; queued "
+                  f"{lu['touch_written']:,}, dropped {lu['touch_dropped']:,}) |",
+                  f"| **WAL per last-use update** | **{lu['wal_per_update']:,.0f} bytes** |"]
+        lines += [x for x in (fpi, cpu) if x]
+        lines.append(f"| HOT updates | {lu['hot_share']:.1%} ({lu['hot']:,} of {lu['hot'] + lu['cold']:,}) |")
     if args.flood:
         fl = json.load(open(args.flood))
         targets.append(("refusal flood: events + WAL + server log < 0.1 MB/s", f"{fl['total_mb_s']:.4f} MB/s",
@@ -845,6 +869,87 @@ def churn(args):
           f"{row['revoke_admin_us']:.0f} us CPU per revoke, {row['rotate_admin_us']:.0f} per rotation")
 
 
+def last_use(args):
+    """What the event writer's last-use updates write: validate_uniform for --seconds (4 clients,
+    as in the pgbench rows), then the WAL between the LSNs before the run and after the writer
+    has applied everything it queued, per row it updated (rows whose last_used_at moved into the
+    run; a token is updated at most once per 60 s interval, so once in a run), and the share of
+    those updates that were HOT (no index entries written). Nothing else writes during the run,
+    so all of that WAL is the writer's and the reads' pruning of what it left behind. With
+    pg_walinspect (PostgreSQL 15+) the WAL records say how many updates were HOT and how much
+    of the WAL was full-page images (the first change of each page after the CHECKPOINT that
+    starts the run); else the table's statistics counters say it."""
+    with connect(args, autocommit=True) as c:
+        walinspect = c.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pg_walinspect'").fetchone()
+        if walinspect:
+            c.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+
+        def counters():
+            c.execute("SELECT pg_stat_clear_snapshot()")
+            return c.execute("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                             "WHERE relid = 'token.tokens'::regclass").fetchone()
+
+        def queue():
+            return c.execute("SELECT coalesce(sum(touches_written), 0)::bigint, coalesce(sum(touches_dropped), 0)::bigint "
+                             "FROM token.worker_status()").fetchone()
+
+        def writer_cpu():  # the writer's CPU time so far, by pid (it comes and goes with the work)
+            pids = c.execute("SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_token writer' "
+                             "AND datname = current_database()").fetchall()
+            return {pid: cpu_ns(pid) or 0 for (pid,) in pids}
+
+        c.execute("SELECT token.flush_events('60 s')")
+        c.execute("CHECKPOINT")
+        stats0, queue0, cpu0 = counters(), queue(), writer_cpu()
+        lsn0, started = c.execute("SELECT pg_current_wal_lsn(), clock_timestamp()").fetchone()
+        log = f"{args.out}/last-use.log"
+        subprocess.run([f"{args.pgbin}/pgbench", "-h", args.host, "-p", str(args.port), "-U", "postgres", "-n", "-M", "prepared",
+                        "-c", "4", "-j", "2", "-T", str(args.seconds), "-D", f"ntokens={args.tokens}",
+                        "-f", f"{args.scripts}/validate_uniform.pgbench", "bench"],
+                       stdout=open(log, "w"), stderr=subprocess.STDOUT, check=True)
+        c.execute("SELECT token.flush_events('60 s')")
+        lsn1, ended = c.execute("SELECT pg_current_wal_lsn(), clock_timestamp()").fetchone()
+        # Only writers still running are counted (under steady load the one writer never idles out).
+        cpu1 = writer_cpu()
+        writer_cpu_s = sum(t - cpu0.get(pid, 0) for pid, t in cpu1.items()) / 1e9 if cpu1 else None
+        queue1 = queue()
+        wal = int(c.execute("SELECT pg_wal_lsn_diff(%s, %s)", (lsn1, lsn0)).fetchone()[0])
+        updates = c.execute("SELECT count(*) FROM token.tokens WHERE last_used_at BETWEEN %s AND %s",
+                            (started, ended)).fetchone()[0]
+        fpi_bytes = None
+        if walinspect:
+            # Per record type (an update that starts a new page is "Heap/UPDATE+INIT").
+            # PostgreSQL 15 reads no further than the flushed WAL (the writer's last commit is).
+            records = c.execute('SELECT "resource_manager/record_type", count, fpi_size FROM pg_get_wal_stats(%s, '
+                                "LEAST(%s::pg_lsn, pg_current_wal_flush_lsn()), per_record => true)", (lsn0, lsn1)).fetchall()
+            hot = sum(n for r, n, _ in records if r.startswith("Heap/HOT_UPDATE"))
+            cold = sum(n for r, n, _ in records if r.startswith("Heap/UPDATE"))
+            fpi_bytes = sum(fb for _, _, fb in records)
+            with open(f"{args.out}/last-use-wal.txt", "w") as f:
+                f.writelines(f"{r}\t{n}\t{fb}\n" for r, n, fb in sorted(records, key=lambda x: -x[1]))
+        else:
+            # The writer reports its statistics at most once a second and when it goes idle.
+            deadline = time.monotonic() + 10
+            while True:
+                stats1 = counters()
+                if stats1[0] - stats0[0] >= updates or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            hot, cold = stats1[1] - stats0[1], (stats1[0] - stats0[0]) - (stats1[1] - stats0[1])
+    row = {
+        "seconds": args.seconds, "tps": tps_of(log), "updates": updates, "wal_bytes": wal,
+        "wal_per_update": wal / updates if updates else 0.0,
+        "fpi_bytes": fpi_bytes,
+        "wal_per_update_without_fpi": (wal - fpi_bytes) / updates if updates and fpi_bytes is not None else None,
+        "hot": hot, "cold": cold, "hot_share": hot / (hot + cold) if hot + cold else 0.0,
+        "touch_written": queue1[0] - queue0[0], "touch_dropped": queue1[1] - queue0[1], "writer_cpu_s": writer_cpu_s,
+    }
+    with open(args.json, "w") as f:
+        json.dump(row, f)
+    print(f"bench: last-use updates: {updates:,} in {args.seconds} s of validate_uniform ({row['tps']:,.0f} tps), "
+          f"{row['wal_per_update']:,.0f} WAL bytes each, {row['hot_share']:.0%} HOT", flush=True)
+
+
 def rate_accuracy(args):
     """4 sessions share one token limited to --limit per second for --seconds: acceptances per
     window (told apart by the rate_reset_at each accepted call returns), full windows only."""
@@ -916,6 +1021,7 @@ def main():
     r.add_argument("--rate", help="rate.json from `bench.py rate-accuracy`")
     r.add_argument("--churn", help="churn.json from `bench.py churn`")
     r.add_argument("--loads", help="load.csv: size,seconds to grow the table to it")
+    r.add_argument("--last-use", help="last_use.json from `bench.py last-use`")
     r.add_argument("--jwt-counts", help="JWTs made for the first-presentation rows: hs256=N,rs256=M")
     j = sub.add_parser("jwts")
     j.add_argument("--host", required=True)
@@ -935,6 +1041,13 @@ def main():
         ch.add_argument(opt, required=True)
     for opt in ("--seconds", "--rounds", "--rate"):
         ch.add_argument(opt, type=int, required=True)
+    lu = sub.add_parser("last-use")
+    lu.add_argument("--host", required=True)
+    lu.add_argument("--port", type=int, required=True)
+    for opt in ("--pgbin", "--scripts", "--out", "--json"):
+        lu.add_argument(opt, required=True)
+    for opt in ("--seconds", "--tokens"):
+        lu.add_argument(opt, type=int, required=True)
     fl = sub.add_parser("flood")
     fl.add_argument("--host", required=True)
     fl.add_argument("--port", type=int, required=True)
@@ -945,7 +1058,7 @@ def main():
     r.add_argument("--date", help="the run's date (UTC) when re-rendering a report from its CSVs")
     args = p.parse_args()
     {"load": load, "per-token": per_token, "check-suite": check_suite, "report": report, "flood": flood,
-     "rate-accuracy": rate_accuracy, "jwts": jwts, "churn": churn}[args.cmd](args)
+     "rate-accuracy": rate_accuracy, "jwts": jwts, "churn": churn, "last-use": last_use}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,10 @@ for round in $(seq 1 "$ROUNDS"); do
   run_pgbench authenticate_rls authenticate_rls bench_app
 done
 
+echo "bench: what the event writer's last-use updates write (WAL, HOT share)"
+py last-use --host "$DIR" --port "$PORT" --pgbin "$PGBIN" --scripts "$ROOT/bench/scripts" --out "$OUT" \
+  --seconds "$SECONDS_PER_RUN" --tokens "$NTOKENS" --json "$OUT/last_use.json"
+
 echo "bench: refusal flood (${FLOOD_SECONDS} s)"
 py flood --host "$DIR" --port "$PORT" --pgbin "$PGBIN" --scripts "$ROOT/bench/scripts" --out "$OUT" \
   --log "$DIR/server.log" --json "$OUT/flood.json" --seconds "$FLOOD_SECONDS" --rounds "$FLOOD_ROUNDS"
@@ -214,6 +218,6 @@ settings=(
 )
 py report --pgbench "$OUT/pgbench.csv" --per-token "$OUT/per_token.csv" --seconds "$SECONDS_PER_RUN" --rounds "$ROUNDS" \
   --tokens "$NTOKENS" --lookups "$LOOKUPS" --cache-bytes "$cache_bytes" --version "$version, release build installed $built; repository at $commit" \
-  --flood "$OUT/flood.json" --rate "$OUT/rate.json" --churn "$OUT/churn.json" --loads "$OUT/load.csv" --jwt-counts "hs256=$JWT_HS256,rs256=$JWT_RS256" --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
+  --flood "$OUT/flood.json" --rate "$OUT/rate.json" --last-use "$OUT/last_use.json" --churn "$OUT/churn.json" --loads "$OUT/load.csv" --jwt-counts "hs256=$JWT_HS256,rs256=$JWT_RS256" --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
 cat "$RESULTS/latest.md"
 echo "bench: done in $(( ($(date +%s) - started) / 60 )) min; $RESULTS/latest.md and latest.png"

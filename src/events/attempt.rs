@@ -53,6 +53,7 @@ pub(super) fn write(plans: &mut Plans, slot: usize, retry: &mut Retry, f: impl F
     .execute();
     let Some(caught) = failed else {
         retry.succeeded();
+        report_stats(false);
         return true;
     };
     // SAFETY: the error was caught inside the transaction BackgroundWorker::transaction
@@ -74,4 +75,15 @@ pub(super) fn write(plans: &mut Plans, slot: usize, retry: &mut Retry, f: impl F
         caught.sqlstate, caught.message
     ));
     false
+}
+
+/// Sends this process's table and WAL statistics to the cumulative statistics system (at most
+/// once a second unless `force`), as a backend does between statements: a writer kept busy by
+/// steady traffic never exits, and without this its updates would never reach
+/// pg_stat_user_tables, so autovacuum would never hear of the dead rows they leave.
+pub(super) fn report_stats(force: bool) {
+    // SAFETY: called between transactions, in a process connected to a database.
+    unsafe {
+        pg_sys::pgstat_report_stat(force);
+    }
 }

@@ -26,7 +26,7 @@ use pg_token_core::aggregate::Entry;
 use pg_token_core::uses;
 
 use super::queue::{self, Touch, EVENT_DELAY, TOUCH_BATCH, TOUCH_DELAY};
-use super::attempt::{write, Retry};
+use super::attempt::{report_stats, write, Retry};
 use super::plans::{extension_installed, prepared, still_installed, Plans};
 use super::{family, reserve};
 use crate::error::{self, Error, Kind};
@@ -229,6 +229,7 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
             }
             continue;
         }
+        report_stats(true); // idle: what was left unreported since the last write
         if !BackgroundWorker::wait_latch(Some(at_least_1ms(idle_limit - idle))) {
             return; // SIGTERM or postmaster death; whatever is queued waits for the next writer
         }

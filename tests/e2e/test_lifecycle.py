@@ -100,6 +100,57 @@ def test_last_used_at_moves_once_per_interval_across_sessions(db, su, admin):
     assert after_b == after_a, "b's touch, within 1 s of a's write, must not move last_used_at again"
 
 
+def test_last_use_update_is_hot(db, su, admin, app):
+    """last_used_at is in no index, and token.tokens keeps a tenth of each page free (fillfactor
+    90, on fresh and upgraded installs alike): so the writer's last-use update is HOT, the row's
+    new version a heap-only tuple on the old one's page, with no index entry written (the
+    uniform bench rewrites 1M tokens' rows this way). pageinspect reads the page."""
+    options = su.execute("SELECT reloptions FROM pg_catalog.pg_class WHERE oid = 'token.tokens'::regclass").fetchone()[0]
+    assert options == ["fillfactor=90"], f"token.tokens keeps no room for HOT updates: {options}"
+    token_id, token = generate(admin, db, "acme")
+    where = "SELECT (ctid::text::point)[0]::int, (ctid::text::point)[1]::int FROM token.tokens WHERE id = %s"
+    page_before, _ = su.execute(where, (token_id,)).fetchone()
+    app.execute("SELECT token.validate_token(%s)", (token,))
+    flush(su)
+    page, item = su.execute(where, (token_id,)).fetchone()
+    su.execute("CREATE EXTENSION IF NOT EXISTS pageinspect")
+    try:
+        heap_only, used = su.execute(
+            "SELECT (i.t_infomask2 & 32768) <> 0, (SELECT last_used_at IS NOT NULL FROM token.tokens WHERE id = %s) "
+            "FROM heap_page_items(get_raw_page('token.tokens', %s)) i WHERE i.lp = %s", (token_id, page, item)).fetchone()
+    finally:
+        su.execute("DROP EXTENSION pageinspect")
+    assert used, "the validation's last use was written"
+    assert page == page_before and heap_only, "the last-use update was not HOT (new version off the page, or indexed)"
+
+
+def test_the_writer_reports_its_updates_while_it_runs(db, su, admin, app):
+    """A writer kept busy by steady traffic never exits, so it reports its statistics as it
+    goes, as a backend does: otherwise its updates would reach pg_stat_user_tables only when it
+    exits, and autovacuum would never hear of the dead row versions they leave."""
+    counts = ("SELECT n_tup_upd FROM pg_catalog.pg_stat_user_tables "
+              "WHERE relid = 'token.tokens'::regclass")
+    writer = ("SELECT pid FROM pg_catalog.pg_stat_activity WHERE backend_type = 'pg_token writer' "
+              "AND datname = current_database()")
+    tokens = [generate(admin, db, "acme")[1] for _ in range(3)]
+    su.execute("SELECT pg_catalog.pg_stat_clear_snapshot()")
+    updated = su.execute(counts).fetchone()[0]
+    for token in tokens:
+        app.execute("SELECT token.validate_token(%s)", (token,))
+    flush(su)
+    pid = su.execute(writer).fetchone()
+    assert pid is not None, "the writer that applied them is still idling (token.worker_idle_timeout, 2 s)"
+    deadline = time.monotonic() + 1.5
+    while True:
+        su.execute("SELECT pg_catalog.pg_stat_clear_snapshot()")
+        now_updated = su.execute(counts).fetchone()[0]
+        if now_updated >= updated + 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert su.execute(writer).fetchone() == pid, "the writer exited before we looked: the test proves nothing"
+    assert now_updated >= updated + 3, "the running writer's updates are not in pg_stat_user_tables"
+
+
 def test_validation_never_waits_on_the_token_row_lock(db, su, admin):
     token_id, token = generate(admin, db, "acme")
     with db.su() as locker:
