@@ -500,6 +500,17 @@ def report(args):
     ]
     for s in sizes:
         lines.append(f"| {s:,} | {per[(s, 'hit')][0]:.2f} µs | {per[(s, 'miss')][0]:.2f} µs |")
+    small_pages = {}
+    if args.small_pages and os.path.exists(args.small_pages):
+        for size, kind, cpu_us, _wall, _entry in csv.reader(open(args.small_pages)):
+            small_pages[(int(size), kind)] = float(cpu_us)
+    for s in sorted({s for s, _ in small_pages}):
+        lines.append(f"| {s:,}, 4 kB pages | {small_pages[(s, 'hit')]:.2f} µs | {small_pages[(s, 'miss')]:.2f} µs |")
+    lines += ["", (f"Shared memory in 2 MB huge pages (`huge_pages = on`, {args.huge_pages}), as a large shared_buffers "
+                   "should be; the last row is the same table after a restart with 4 kB pages and `pg_prewarm`: a miss "
+                   "reads two random pages of a multi-gigabyte table, and with small pages most of its cost is address "
+                   "translation.") if args.huge_pages == "on" else
+              "Shared memory in 4 kB pages (`BENCH_HUGE_PAGES=off`, or huge pages could not be reserved)."]
 
     def verdict(ok):
         return "met" if ok else "**missed**"
@@ -525,6 +536,12 @@ def report(args):
         targets.append(("≤ 4 µs per validation on cache misses (one statement, largest of all sizes)",
                         f"{miss:.2f} µs ({worst('miss', miss):,} tokens)", verdict(miss <= 4.0)))
         big, small = max(sizes), min(sizes)
+        targets.append((f"≤ 3 µs per validation on cache misses at {big:,} tokens (issue 18)",
+                        f"{per[(big, 'miss')][0]:.2f} µs", verdict(per[(big, 'miss')][0] <= 3.0)))
+        if big != small:
+            g = per[(big, "miss")][0] / per[(small, "miss")][0]
+            targets.append((f"cache misses at {big:,} tokens ≤ 1.5× what {small:,} cost (issue 18)",
+                            f"{g:.2f}×", verdict(g <= 1.5)))
         if big != small:
             for kind, plural in (("hit", "hits"), ("miss", "misses")):
                 g = per[(big, kind)][0] / per[(small, kind)][0]
@@ -1020,6 +1037,8 @@ def main():
     r.add_argument("--flood", help="flood.json from `bench.py flood`")
     r.add_argument("--rate", help="rate.json from `bench.py rate-accuracy`")
     r.add_argument("--churn", help="churn.json from `bench.py churn`")
+    r.add_argument("--huge-pages", default="off", help="on when the cluster ran in huge pages")
+    r.add_argument("--small-pages", help="per_token CSV of the largest size measured with 4 kB pages")
     r.add_argument("--loads", help="load.csv: size,seconds to grow the table to it")
     r.add_argument("--last-use", help="last_use.json from `bench.py last-use`")
     r.add_argument("--jwt-counts", help="JWTs made for the first-presentation rows: hs256=N,rs256=M")
