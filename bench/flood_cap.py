@@ -46,6 +46,19 @@ def tps_of(log):
     raise SystemExit(f"no tps in {log}:\n" + open(log).read())
 
 
+def cpu_seconds(pids):
+    """User + system CPU seconds of these processes (all their threads) so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=int, default=10)
@@ -94,6 +107,27 @@ def main():
                     f.wait()
                 return tps_of(run / f"good-{tag}-{r}.log"), tps_of(run / f"flood-{tag}-{r}.log") if f else 0.0
 
+            def flood_cpu(tag):
+                """CPU the flood alone takes (its backends and its pgbench), in cores, and its
+                refusals per second: less noisy on a shared machine than throughput."""
+                f = pgbench(args, run / "flood.pgbench", args.flooders, "bench_app", run / f"flood-cpu-{tag}.log", nice=19)
+                time.sleep(1.5)
+                pids = [f.pid] + [p for (p,) in c.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE usename = 'bench_app' AND backend_type = 'client backend'")]
+                t0, cpu0 = time.monotonic(), cpu_seconds(pids)
+                time.sleep(max(args.seconds - 3, 1))
+                t1, cpu1 = time.monotonic(), cpu_seconds(pids)
+                f.wait()
+                return (cpu1 - cpu0) / (t1 - t0), tps_of(run / f"flood-cpu-{tag}.log")
+
+            set_cap(None)
+            cpu_capped = flood_cpu("capped")
+            set_cap(0)
+            cpu_uncapped = flood_cpu("uncapped")
+            set_cap(None)
+            print(f"flood alone: {cpu_capped[0]:.2f} cores at the default cap ({cpu_capped[1]:,.0f} refusals/s), "
+                  f"{cpu_uncapped[0]:.2f} cores uncapped ({cpu_uncapped[1]:,.0f} refusals/s)", flush=True)
+
             runs = {"alone": [], "capped": [], "uncapped": []}
             for r in range(args.rounds):
                 set_cap(None)
@@ -118,6 +152,10 @@ def main():
           f"flood {flood['capped']:,.0f} refusals/s")
     print(f"  beside the flood, cap off:     {med['uncapped']:>10,.0f} tps ({med['uncapped'] / med['alone']:.0%}); "
           f"flood {flood['uncapped']:,.0f} refusals/s")
+    kept = {k: statistics.median(x[0] / a[0] for x, a in zip(runs[k], runs["alone"])) for k in ("capped", "uncapped")}
+    print(f"  median of the per-round ratios: capped {kept['capped']:.0%}, uncapped {kept['uncapped']:.0%}")
+    print(f"  the flood alone: {cpu_capped[0]:.2f} cores at cap {default_cap} ({cpu_capped[1]:,.0f} refusals/s), "
+          f"{cpu_uncapped[0]:.2f} cores uncapped ({cpu_uncapped[1]:,.0f} refusals/s)")
     print(f"  per-round ratios (capped, uncapped): " + ", ".join(
         f"({c[0] / a[0]:.0%}, {u[0] / a[0]:.0%})" for a, c, u in zip(runs["alone"], runs["capped"], runs["uncapped"])))
     print(f"  logs in {run}")

@@ -29,8 +29,8 @@ thread_local! {
 }
 
 /// Counts a refusal against this backend's cap and waits as long as the cap asks before the
-/// refusal is answered. Waits shorter than a millisecond (the latch's resolution) are not
-/// waited now: the schedule keeps them, and a later refusal waits them together.
+/// refusal is answered. A debt under 10 ms is not waited now: the schedule keeps it, and a
+/// later refusal waits it whole (fewer, longer sleeps cost the flooding backend less CPU).
 pub fn hold_refusal() {
     let Ok(cap) = u32::try_from(guc::MAX_REFUSAL_RATE.get()) else { return };
     if cap == 0 {
@@ -45,8 +45,9 @@ pub fn hold_refusal() {
     let origin = origin.unwrap_or_else(Instant::now);
     let now = since(origin);
     let wait = tarpit.refuse(now, cap);
-    STATE.with(|s| s.set((tarpit, Some(origin), logged || wait > 0)));
-    if wait < 1000 {
+    let held = wait > 0;
+    STATE.with(|s| s.set((tarpit, Some(origin), logged || held)));
+    if !held {
         return;
     }
     if !logged && guc::LOG_EVENTS.get() {

@@ -66,9 +66,12 @@ def test_a_flooding_connection_is_held_at_its_cap(db, su, function):
     seconds = 1.5
     rng = random.Random(function)
     marker = f"tarpit-{uuid.uuid4()}"
+    log = db.data / "server.log"
+    log_before = log.stat().st_size
     with capped_role(db, su, CAP) as role:
         with connect(db, role, marker) as c:
             assert c.execute("SHOW token.max_refusal_rate").fetchone()[0] == str(CAP)
+            pid = c.info.backend_pid
             made = 0
             end = time.monotonic() + seconds
             while time.monotonic() < end:
@@ -82,6 +85,8 @@ def test_a_flooding_connection_is_held_at_its_cap(db, su, function):
     print(f"\n{function}: {made} refusals in {seconds} s at token.max_refusal_rate = {CAP} (bound {bound:.0f})")
     assert made <= bound, f"{made} refusals in {seconds} s through {function}: the tarpit did not hold them at {CAP}/s"
     assert counted == made, "every refusal is still counted in token.events"
+    held = log.read_bytes()[log_before:].decode(errors="replace").count(f"pg_token: backend {pid} refused over {CAP} tokens")
+    assert held == 1, "the backend logs once that the tarpit holds it"
 
 
 def test_accepted_tokens_on_a_flooding_connection_never_wait(db, su, admin):
@@ -172,7 +177,7 @@ def test_a_terminate_ends_a_wait_in_the_tarpit(db, su):
         assert su.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0] is True
         t.join(30)
         assert not t.is_alive(), "a terminate did not end the wait"
-        assert isinstance(outcome.get("error"), psycopg.OperationalError), outcome
+        assert isinstance(outcome.get("error"), psycopg.errors.AdminShutdown), outcome
         c.close()
         for _ in range(500):
             if su.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0] == 0:
