@@ -2,8 +2,8 @@
 //! waits before answering each further refusal, so a connection flooding garbage tokens costs
 //! the server that many refusals' work a second at most, and spends the rest of its time asleep
 //! on its latch instead of on the CPU that legitimate connections need. The arithmetic (one
-//! second of burst, then one refusal per `1/cap` s) is `pg_token_core::tarpit`; this module
-//! keeps the backend's schedule and does the waiting.
+//! second of burst, then one refusal per `1/cap` s, waited in steps of at least 10 ms) is
+//! `pg_token_core::tarpit`; this module keeps the backend's schedule and does the waiting.
 //!
 //! It must never delay an accepted token (only `validation`'s refusal path calls it), never
 //! busy-wait, never wait where it cannot be interrupted, and never hold anything a wait could

@@ -17,7 +17,7 @@
 //! is `cap * (t + 1) + cap / 100 + 1`.
 //!
 //! Time is passed in (a monotonic clock in the edge), so the rules are tested here without one.
-//! A clock that went backwards (or debts piled up by waits cut short) never make one refusal
+//! A clock that went backwards (or debts piled up by waits cut short) never makes one refusal
 //! wait more than `MIN_WAIT_US` and two intervals.
 
 use crate::clock::Micros;
