@@ -606,10 +606,13 @@ def report(args):
         lines += ["", "## Refusal flood", "",
                   f"4 connections as `bench_app` (a token_validator) run `SELECT valid FROM token.check_token('hk_live_' || "
                   f"md5(random()::text))` for {fl['seconds']} s, every call a distinct garbage token; then 2 connections "
-                  f"validating hot-set tokens run alone, beside 2 flooding ones, and beside them with `token.flood_nice = 0`, "
-                  f"{len(fl['alone_runs'])} rounds "
+                  f"validating hot-set tokens run alone, beside 2 flooding ones, beside them with `token.flood_nice = 0`, "
+                  f"and beside them with `token.max_refusal_rate = 0`, {len(fl['alone_runs'])} rounds "
                   "interleaved (median). Sizes are measured around the flood: `pg_total_relation_size('token.events')`, "
                   "`pg_wal_lsn_diff` (all WAL, not only the events'), and the server log's growth.", "",
+                  f"The refusal tarpit in force: `token.max_refusal_rate = {fl.get('max_refusal_rate', 0)}` "
+                  f"({cap_words(fl.get('max_refusal_rate', 0))}); every figure but the last row's is measured with it.",
+                  "",
                   "| | |", "|---|---:|",
                   f"| refusals per second | {fl['refusals_per_s']:,.0f} |",
                   f"| refusal rows written per second | {fl['rows_per_s']:.2f} ({fl['rows']:,} rows for {fl['refusals']:,} refusals) |",
@@ -620,11 +623,14 @@ def report(args):
                   f"| good traffic alone (2 connections) | {fl['good_alone_tps']:,.0f} tps |",
                   f"| good traffic beside 2 flooding connections | {fl['good_beside_tps']:,.0f} tps ({fl['good_kept']:.0%}) |",
                   f"| the same with `token.flood_nice = 0` | {fl['good_beside_nice0_tps']:,.0f} tps ({fl['good_kept_nice0']:.0%}) |",
+                  *([f"| the same with `token.max_refusal_rate = 0` (no tarpit) | {fl['good_beside_uncapped_tps']:,.0f} tps "
+                     f"({fl['good_kept_uncapped']:.0%}) |"] if "good_beside_uncapped_tps" in fl else []),
                   "",
                   "The flood's pgbench runs at `nice 19`: it stands in for an attacker's client on another machine, so it must "
                   "not take the good clients' CPU on this 2-core one (the kernel shares CPU between sessions first). The "
-                  "flooding backends lower their own priority to `token.flood_nice` after 1,000 refusals in a second; the "
-                  "last row turns that off."]
+                  "flooding backends lower their own priority to `token.flood_nice` after 1,000 refusals in a second (the "
+                  "`flood_nice = 0` row turns that off), and wait before each refusal past `token.max_refusal_rate` a second "
+                  "(the tarpit; the last row turns it off)."]
     if args.churn:
         ch = json.load(open(args.churn))
         targets.append((f"admin churn: the hot set keeps ≥ 90% of its TPS beside {ch['rate']} revocations/s",
@@ -745,6 +751,9 @@ def flood(args):
             c.execute("CHECKPOINT")
 
         settle()
+        # The refusal tarpit's cap in force for bench_app (the default unless the settings
+        # changed it): every figure below is measured with it, but the last row's.
+        cap = int(c.execute("SELECT setting FROM pg_settings WHERE name = 'token.max_refusal_rate'").fetchone()[0])
         (lsn0, size0, rows0, refused0), log0 = state(), os.path.getsize(args.log)
         p = pgbench(args, "flood", 4, args.seconds, "bench_app", f"{args.out}/flood.log", nice=19)
         p.wait()
@@ -755,9 +764,10 @@ def flood(args):
         refusals = refused1 - refused0
         mb = lambda b: b / 1e6 / secs  # noqa: E731
         events_mb, wal_mb, log_mb = mb(size1 - size0), mb(float(wal)), mb(log1 - log0)
-        # Good traffic alone, beside a flood, and beside a flood with token.flood_nice = 0
-        # (backends refusing floods keep their priority), interleaved round by round.
-        alone, beside, beside_plain = [], [], []
+        # Good traffic alone, beside a flood, beside a flood with token.flood_nice = 0
+        # (backends refusing floods keep their priority), and beside a flood with
+        # token.max_refusal_rate = 0 (no tarpit), interleaved round by round.
+        alone, beside, beside_plain, beside_uncapped = [], [], [], []
 
         def good_beside(r, tag):
             settle()
@@ -778,24 +788,38 @@ def flood(args):
             time.sleep(0.5)
             beside_plain.append(good_beside(r, "beside-nice0"))
             c.execute("ALTER SYSTEM RESET token.flood_nice")
+            c.execute("ALTER SYSTEM SET token.max_refusal_rate = 0")
+            c.execute("SELECT pg_reload_conf()")
+            time.sleep(0.5)
+            beside_uncapped.append(good_beside(r, "beside-uncapped"))
+            c.execute("ALTER SYSTEM RESET token.max_refusal_rate")
             c.execute("SELECT pg_reload_conf()")
             time.sleep(0.5)
         c.execute("SELECT token.flush_events('60 s')")
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     row = {
-        "seconds": secs, "refusals": refusals, "refusals_per_s": refusals / secs,
+        "seconds": secs, "max_refusal_rate": cap, "refusals": refusals, "refusals_per_s": refusals / secs,
         "rows": rows1 - rows0, "rows_per_s": (rows1 - rows0) / secs,
         "events_mb_s": events_mb, "wal_mb_s": wal_mb, "log_mb_s": log_mb, "total_mb_s": events_mb + wal_mb + log_mb,
         "good_alone_tps": med(alone), "good_beside_tps": med(beside), "good_kept": med(beside) / med(alone),
         "good_beside_nice0_tps": med(beside_plain), "good_kept_nice0": med(beside_plain) / med(alone),
+        "good_beside_uncapped_tps": med(beside_uncapped), "good_kept_uncapped": med(beside_uncapped) / med(alone),
         "alone_runs": alone, "beside_runs": beside, "beside_nice0_runs": beside_plain,
+        "beside_uncapped_runs": beside_uncapped,
     }
     with open(args.json, "w") as f:
         json.dump(row, f)
-    print(f"bench: flood {refusals / secs:,.0f} refusals/s -> {(rows1 - rows0) / secs:.2f} rows/s, "
+    print(f"bench: flood with token.max_refusal_rate = {cap} ({cap_words(cap)}): {refusals / secs:,.0f} refusals/s -> "
+          f"{(rows1 - rows0) / secs:.2f} rows/s, "
           f"{row['total_mb_s']:.4f} MB/s (events {events_mb:.4f}, WAL {wal_mb:.4f}, log {log_mb:.4f}); "
           f"good traffic {med(beside):,.0f} tps beside the flood vs {med(alone):,.0f} alone ({row['good_kept']:.0%}; "
-          f"with token.flood_nice = 0: {row['good_kept_nice0']:.0%})")
+          f"with token.flood_nice = 0: {row['good_kept_nice0']:.0%}; "
+          f"with token.max_refusal_rate = 0: {row['good_kept_uncapped']:.0%})")
+
+
+def cap_words(cap):
+    """token.max_refusal_rate as a reader should take it."""
+    return "no tarpit" if cap == 0 else f"each flooding backend held at {cap:,} refusals a second"
 
 
 def churn(args):

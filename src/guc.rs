@@ -22,6 +22,7 @@ pub static EVENT_WINDOW_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static MAX_EVENT_HINTS: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static FLOOD_NICE: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static TEST_COMMIT_PUBLISH_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static MAX_REFUSAL_RATE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static WORKER_IDLE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 pub static MAX_TOKEN_DEPTH: GucSetting<i32> = GucSetting::<i32>::new(3);
 pub static MAX_CHILD_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(100);
@@ -201,6 +202,19 @@ fn define() {
         10_000,
         GucContext::Suset,
         GucFlags::UNIT_MS | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_int_guc(
+        c"token.max_refusal_rate",
+        c"Refusals per second one backend may make before each further refusal waits (0: no limit).",
+        c"A tarpit for floods of garbage tokens: past a burst of this many, a backend's refusals are \
+          spaced so that it refuses at most this many a second. Accepted tokens never wait; the wait \
+          ends at once on a cancel or a statement timeout. Per server connection: behind a pooler, \
+          every client of that connection shares it.",
+        &MAX_REFUSAL_RATE,
+        0,
+        1_000_000,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"token.worker_idle_timeout",

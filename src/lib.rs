@@ -15,6 +15,7 @@
 //! | `logscrub`   | the log hook that masks tokens, and the backend's activity text |
 //! | `metrics`    | counters summed over backends, for monitoring |
 //! | `quota`      | rate limits and usage caps, applied to accepted tokens |
+//! | `tarpit`     | the wait that holds a flooding backend's refusals to `token.max_refusal_rate` |
 //! | `guc`        | every `token.*` setting |
 //! | `error`      | every SQLSTATE, from one map |
 //! | `datum`, `v1`| composite rows kept as bytes; hand-declared V1 functions |
@@ -36,6 +37,7 @@ mod registry;
 mod schema;
 mod session;
 mod store;
+mod tarpit;
 mod v1;
 mod validation;
 

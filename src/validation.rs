@@ -33,6 +33,7 @@ use crate::guc;
 use crate::logscrub;
 use crate::metrics;
 use crate::store::{self, Stored};
+use crate::tarpit;
 use crate::v1;
 
 pgrx::extension_sql_file!("../sql/validation.sql", name = "validation", requires = ["bootstrap"]);
@@ -200,12 +201,14 @@ fn family_in_flight(token: &Stored, watched: bool) -> Option<String> {
     events::family_marked(&family).then(|| "its token family was revoked because a rotated-away token was reused".to_owned())
 }
 
-/// Records a refusal (metrics, events) and hands it back. A refusal that detected a reuse
-/// revokes the family first (waiting for the writer to commit it).
+/// Records a refusal (metrics, events) and hands it back, once the tarpit has held it as long
+/// as this backend's refusal rate asks (`token.max_refusal_rate`). A refusal that detected a
+/// reuse revokes the family first (waiting for the writer to commit it).
 fn refused(refusal: Refusal, rate: Option<Admission>) -> Rejection {
     revoke_reused_family(&refusal, true);
     metrics::refused(refusal.reason);
     events::refused(&refusal);
+    tarpit::hold_refusal();
     Rejection { refusal, rate }
 }
 
@@ -221,7 +224,8 @@ pub fn revoke_reused_family(refusal: &Refusal, wait: bool) {
 }
 
 /// Records a refusal made outside `judge` (rotation's reuse check) and raises it. The family
-/// write is not waited for: the caller holds a row lock it needs, released by this very error.
+/// write is not waited for: the caller holds a row lock it needs, released by this very error;
+/// for the same reason the tarpit does not hold it.
 pub fn refuse_reuse(refusal: Refusal) -> ! {
     revoke_reused_family(&refusal, false);
     metrics::refused(refusal.reason);

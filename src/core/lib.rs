@@ -3,8 +3,9 @@
 //! Token syntax and checksum (`format`), hashing (`hash`), the refusal reasons (`reason`), the
 //! verdict rules (`verdict`), log redaction (`redact`), the per-backend cache structure
 //! (`cache`), account ids and their one spelling (`account`), bounds on what admins store
-//! (`limits`), the clock (`clock`), JWTs from legacy issuers (`jwt`) and the fixed-size
-//! records that cross shared memory (`ring`).
+//! (`limits`), the clock (`clock`), JWTs from legacy issuers (`jwt`), the fixed-size
+//! records that cross shared memory (`ring`) and how long the refusal tarpit holds a refusal
+//! (`tarpit`).
 //!
 //! This crate cannot reach Postgres: it does not depend on pgrx (a compile-time fact, checked
 //! again by `scripts/check_layout.py`), so its unit and property tests run with
@@ -29,6 +30,7 @@ pub mod network;
 pub mod ratelimit;
 pub mod reason;
 pub mod redact;
+pub mod tarpit;
 pub mod ring;
 pub mod uses;
 pub mod verdict;

@@ -43,6 +43,7 @@ def test_validator_is_denied(db, app, what, sql):
     ("SET token.max_token_depth = 16", "42501"),
     ("SET token.max_child_tokens = 100000", "42501"),
     ("SET token.jwt_leeway = 300", "42501"),
+    ("SET token.max_refusal_rate = 0", "42501"),
     ("ALTER ROLE e2e_app SET token.environment = 'prod'", "42501"),
     ("ALTER SYSTEM SET token.environment = 'prod'", "42501"),
     # Server-wide settings (postgresql.conf and a reload): no session can SET them at all.
@@ -65,7 +66,8 @@ def test_every_token_setting_is_covered_above(app):
     assert names == {"token.environment", "token.cache_size", "token.last_used_interval", "token.log_events",
                      "token.event_retention", "token.worker_idle_timeout", "token.min_event_retention",
                      "token.max_event_rows", "token.event_window", "token.max_event_hints", "token.flood_nice",
-                     "token.max_token_depth", "token.max_child_tokens", "token.jwt_leeway", "token.legacy_notice"}
+                     "token.max_token_depth", "token.max_child_tokens", "token.jwt_leeway", "token.legacy_notice",
+                     "token.max_refusal_rate"}
 
 
 def test_validator_validates(db, admin, app):
