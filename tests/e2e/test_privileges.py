@@ -44,6 +44,8 @@ def test_validator_is_denied(db, app, what, sql):
     ("SET token.max_child_tokens = 100000", "42501"),
     ("SET token.jwt_leeway = 300", "42501"),
     ("SET token.max_refusal_rate = 0", "42501"),
+    # The test hook that holds a commit's publication (hidden from SHOW ALL, so listed by hand).
+    ("SET token.test_commit_publish_delay = 1000", "42501"),
     ("ALTER ROLE e2e_app SET token.environment = 'prod'", "42501"),
     ("ALTER SYSTEM SET token.environment = 'prod'", "42501"),
     # Server-wide settings (postgresql.conf and a reload): no session can SET them at all.
