@@ -506,7 +506,7 @@ def report(args):
             small_pages[(int(size), kind)] = float(cpu_us)
     for s in sorted({s for s, _ in small_pages}):
         lines.append(f"| {s:,}, 4 kB pages | {small_pages[(s, 'hit')]:.2f} µs | {small_pages[(s, 'miss')]:.2f} µs |")
-    lines += ["", (f"Shared memory in 2 MB huge pages (`huge_pages = on`, {args.huge_pages}), as a large shared_buffers "
+    lines += ["", (f"Shared memory in 2 MB huge pages (`huge_pages = on`), as a large shared_buffers "
                    "should be; the last row is the same table after a restart with 4 kB pages and `pg_prewarm`: a miss "
                    "reads two random pages of a multi-gigabyte table, and with small pages most of its cost is address "
                    "translation.") if args.huge_pages == "on" else
