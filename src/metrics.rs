@@ -21,7 +21,7 @@ use pgrx::prelude::*;
 use pgrx::PgSharedMemoryInitialization;
 
 use crate::events;
-use crate::events::queue::Zeroed;
+use crate::events::queue::{attach_zeroed, Zeroed};
 
 /// Backends counted in slots of their own; process numbers beyond share the last slot (with
 /// atomic additions there).
@@ -65,18 +65,9 @@ impl PgSharedMemoryInitialization for Metrics {
     }
 
     unsafe fn on_shmem_startup(&'static self, _value: Zeroed) {
-        // SAFETY: as in events::queue: under AddinShmemInitLock, the area zeroed where it lies
-        // (all-zero counters).
+        // SAFETY: all-zero counters; the pointer is written once, before any backend exists.
         unsafe {
-            let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-            pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            let mut found = false;
-            let shared = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), size_of::<Shared>(), &mut found).cast::<Shared>();
-            if !found {
-                ptr::write_bytes(shared.cast::<u8>(), 0, size_of::<Shared>());
-            }
-            *self.shared.get() = shared;
-            pg_sys::LWLockRelease(init_lock);
+            *self.shared.get() = attach_zeroed::<Shared>(SHMEM_NAME, |_| {});
         }
     }
 }

@@ -25,7 +25,7 @@ use pgrx::PgSharedMemoryInitialization;
 
 use pg_token_core::verdict::TokenState;
 
-use crate::events::{self, queue::Zeroed, UseOutcome};
+use crate::events::{self, queue::{attach_zeroed, Zeroed}, UseOutcome};
 
 /// Token windows counted at once, server-wide (an entry is one token's one window), in
 /// `PARTITIONS` tables of their own, each under its own lock: validations of different tokens
@@ -68,22 +68,15 @@ impl PgSharedMemoryInitialization for RateTable {
     }
 
     unsafe fn on_shmem_startup(&'static self, _value: Zeroed) {
-        // SAFETY: as in events::queue: under AddinShmemInitLock, the area zeroed where it lies
-        // (an all-zero table is empty).
+        // SAFETY: an all-zero table is empty; the tranche of PARTITIONS locks was requested
+        // above; the pointer is written once, before any backend exists.
         unsafe {
-            let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-            pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            let mut found = false;
-            let shared = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), size_of::<Shared>(), &mut found).cast::<Shared>();
-            if !found {
-                ptr::write_bytes(shared.cast::<u8>(), 0, size_of::<Shared>());
+            *self.shared.get() = attach_zeroed(SHMEM_NAME, |shared: *mut Shared| {
                 let locks = pg_sys::GetNamedLWLockTranche(SHMEM_NAME.as_ptr());
                 for (i, p) in (*shared).partitions.iter_mut().enumerate() {
                     p.lock = &raw mut (*locks.add(i)).lock;
                 }
-            }
-            *self.shared.get() = shared;
-            pg_sys::LWLockRelease(init_lock);
+            });
         }
     }
 }

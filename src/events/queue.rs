@@ -193,6 +193,28 @@ pub struct Zeroed;
 // SAFETY: a unit value with no pointers.
 unsafe impl PGRXSharedMemory for Zeroed {}
 
+/// Finds (or creates, zeroed where it lies, then hands to `init` once) the shared-memory struct
+/// `name`, under AddinShmemInitLock (MainLWLockArray[21], as pgrx's own PgLwLock does): what
+/// every one of pg_token's shmem startup hooks does. An all-zero `T` must be a valid state.
+///
+/// # Safety
+/// Only from a shmem startup hook, with `name` requested at `size_of::<T>()` bytes.
+pub unsafe fn attach_zeroed<T>(name: &std::ffi::CStr, init: impl FnOnce(*mut T)) -> *mut T {
+    // SAFETY: the standard add-in initialization; the area is never built on the stack.
+    unsafe {
+        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let shared = pg_sys::ShmemInitStruct(name.as_ptr(), size_of::<T>(), &mut found).cast::<T>();
+        if !found {
+            ptr::write_bytes(shared.cast::<u8>(), 0, size_of::<T>());
+            init(shared);
+        }
+        pg_sys::LWLockRelease(init_lock);
+        shared
+    }
+}
+
 impl PgSharedMemoryInitialization for EventQueue {
     type Value = Zeroed;
 
@@ -205,20 +227,12 @@ impl PgSharedMemoryInitialization for EventQueue {
     }
 
     unsafe fn on_shmem_startup(&'static self, _value: Zeroed) {
-        // SAFETY: standard add-in initialization under AddinShmemInitLock (MainLWLockArray[21],
-        // as pgrx's own PgLwLock does); an all-zero `Shared` is a valid empty state (Stopped
-        // slots, empty rings), so the area is zeroed where it lies, never built on the stack.
+        // SAFETY: an all-zero `Shared` is a valid empty state (Stopped slots, empty rings); the
+        // tranche was requested above; the pointer is written once, before any backend exists.
         unsafe {
-            let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-            pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            let mut found = false;
-            let shared = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), size_of::<Shared>(), &mut found).cast::<Shared>();
-            if !found {
-                ptr::write_bytes(shared.cast::<u8>(), 0, size_of::<Shared>());
+            *self.shared.get() = attach_zeroed(SHMEM_NAME, |shared: *mut Shared| {
                 (*shared).lock = &raw mut (*pg_sys::GetNamedLWLockTranche(SHMEM_NAME.as_ptr())).lock;
-            }
-            *self.shared.get() = shared;
-            pg_sys::LWLockRelease(init_lock);
+            });
         }
     }
 }

@@ -31,7 +31,7 @@ use pgrx::prelude::*;
 use pgrx::PgSharedMemoryInitialization;
 
 use crate::error;
-use crate::events::queue::Zeroed;
+use crate::events::queue::{attach_zeroed, Zeroed};
 use crate::guc;
 
 const SHMEM_NAME: &CStr = c"pg_token change log";
@@ -55,18 +55,9 @@ impl PgSharedMemoryInitialization for SharedLog {
     }
 
     unsafe fn on_shmem_startup(&'static self, _value: Zeroed) {
-        // SAFETY: as in metrics: under AddinShmemInitLock, zeroed where it lies (an all-zero
-        // ChangeLog is empty, nothing in flight).
+        // SAFETY: an all-zero ChangeLog is empty, nothing in flight; the pointer is written once, before any backend exists.
         unsafe {
-            let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-            pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-            let mut found = false;
-            let log = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), size_of::<ChangeLog>(), &mut found).cast::<ChangeLog>();
-            if !found {
-                ptr::write_bytes(log.cast::<u8>(), 0, size_of::<ChangeLog>());
-            }
-            *self.log.get() = log;
-            pg_sys::LWLockRelease(init_lock);
+            *self.log.get() = attach_zeroed::<ChangeLog>(SHMEM_NAME, |_| {});
         }
     }
 }
