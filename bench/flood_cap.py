@@ -26,6 +26,8 @@ import time
 
 import psycopg
 
+from bench import tps_of  # bench/bench.py, beside this file
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "scripts" / "cluster.sh"
 GOOD = "SELECT * FROM token.validate_token(:tok);\n"
@@ -37,13 +39,6 @@ def pgbench(args, script, clients, user, log, defines=(), nice=0):
            "-n", "-M", "prepared", "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(args.seconds),
            "-f", script, *[f"-D{d}" for d in defines], "flood"]
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
-def tps_of(log):
-    for line in open(log):
-        if line.startswith("tps = "):
-            return float(line.split()[2])
-    raise SystemExit(f"no tps in {log}:\n" + open(log).read())
 
 
 def cpu_seconds(pids):

@@ -83,16 +83,17 @@ pub fn targeted() -> bool {
 /// What this transaction changed, and what this backend must drop from its own cache.
 #[derive(Default)]
 struct Pending {
+    /// At most MAX_NAMED + 1: more, or EVERYTHING among them, and the log treats them as
+    /// everything (`ChangeLog::claim` and `publish` decide).
     fingerprints: Vec<u64>,
-    everything: bool,
     claim: Option<Claim>,
 }
 
 thread_local! {
     static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
     /// Fingerprints this backend's own cache must drop at the next call (its own changes,
-    /// seen at once; everything read during an aborted change). `None` in it: everything.
-    static OWN: RefCell<Vec<Option<u64>>> = const { RefCell::new(Vec::new()) };
+    /// seen at once; everything read during an aborted change). EVERYTHING in it: everything.
+    static OWN: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
     static REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -103,16 +104,13 @@ fn note(fps: impl IntoIterator<Item = u64>) {
         OWN.with(|o| {
             let mut o = o.borrow_mut();
             for fp in fps {
-                if p.fingerprints.len() < MAX_NAMED + 1 {
+                if p.fingerprints.len() <= MAX_NAMED {
                     p.fingerprints.push(fp);
-                } else {
-                    p.everything = true;
                 }
                 if o.len() < MAX_NAMED {
-                    o.push(Some(fp));
+                    o.push(fp);
                 } else {
-                    o.clear();
-                    o.push(None);
+                    *o = vec![EVERYTHING];
                 }
             }
         });
@@ -127,16 +125,10 @@ pub fn note_token(hash: &TokenHash, id: &[u8; 16]) {
 /// This transaction changed what every verdict may depend on.
 pub fn note_everything() {
     note([EVERYTHING]);
-    PENDING.with(|p| p.borrow_mut().everything = true);
-    OWN.with(|o| {
-        let mut o = o.borrow_mut();
-        o.clear();
-        o.push(None);
-    });
 }
 
-/// What this backend's cache must drop now: fingerprints, `None` for everything.
-pub fn take_own(mut each: impl FnMut(Option<u64>)) {
+/// What this backend's cache must drop now: fingerprints, EVERYTHING for everything.
+pub fn take_own(mut each: impl FnMut(u64)) {
     let own = OWN.with(|o| std::mem::take(&mut *o.borrow_mut()));
     for fp in own {
         each(fp);
@@ -205,8 +197,7 @@ fn pre_commit() {
         if p.fingerprints.is_empty() || p.claim.is_some() {
             return;
         }
-        let claim = if p.everything { l.claim(&[EVERYTHING]) } else { l.claim(&p.fingerprints) };
-        p.claim = Some(claim);
+        p.claim = Some(l.claim(&p.fingerprints));
     });
 }
 
@@ -220,22 +211,14 @@ fn end(committed: bool) {
     if let Some(l) = log() {
         if committed {
             hold_for_test();
-            if pending.everything {
-                l.publish(&[EVERYTHING]);
-            } else {
-                l.publish(&pending.fingerprints);
-            }
+            l.publish(&pending.fingerprints);
         }
         if let Some(c) = pending.claim {
             l.release(c);
         }
     }
     if !committed {
-        OWN.with(|o| {
-            let mut o = o.borrow_mut();
-            o.clear();
-            o.push(None);
-        });
+        OWN.with(|o| *o.borrow_mut() = vec![EVERYTHING]);
     }
 }
 

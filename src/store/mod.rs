@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use pg_token_core::cache::{heap_chunk, Footprint, TokenCache};
-use pg_token_core::changes::Since;
+use pg_token_core::changes::{Since, EVERYTHING};
 use pg_token_core::hash::TokenHash;
 use pg_token_core::verdict::{KeyTypeInfo, Micros, PrefixInfo, Registry, Stateful, TokenState};
 use pgrx::pg_sys;
@@ -234,8 +234,8 @@ impl Backend {
     fn follow_changes(&mut self) {
         let mut everything = false;
         changes::take_own(|fp| match fp {
-            Some(fp) => self.cache.forget(fp),
-            None => everything = true,
+            EVERYTHING => everything = true,
+            fp => self.cache.forget(fp),
         });
         match self.changes_seen {
             // The first call: the cache is empty, whatever was published before is irrelevant.
