@@ -21,7 +21,7 @@ def warm(conn, token):
 
 
 def events(su, token_id, event):
-    return su.execute("SELECT detail, db_user, client_addr FROM token.events WHERE token_id = %s AND event = %s",
+    return su.execute("SELECT detail, db_user, client_addr FROM token.events WHERE token_id = %s AND event = %s ORDER BY id",
                       (token_id, event)).fetchall()
 
 
