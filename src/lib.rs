@@ -32,6 +32,7 @@ mod legacy;
 mod lifecycle;
 mod logscrub;
 mod metrics;
+mod prepared;
 mod quota;
 mod registry;
 mod schema;

@@ -16,9 +16,16 @@ pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The installed extension's version in this database, or None when it is not installed.
 pub fn installed() -> Option<String> {
-    error::spi(Spi::get_one::<String>(
-        "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_token'",
-    ))
+    error::spi(Spi::connect(|client| {
+        crate::prepared::run(
+            client,
+            "SELECT extversion FROM pg_catalog.pg_extension WHERE extname OPERATOR(pg_catalog.=) 'pg_token'",
+            Some(1),
+            &[],
+        )?
+        .first()
+        .get_one::<String>()
+    }))
 }
 
 /// Refuses `function` with 55000 unless this database runs the library's own schema.

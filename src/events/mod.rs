@@ -388,7 +388,8 @@ pub fn lifecycle(client: &mut pgrx::spi::SpiClient<'_>, e: Lifecycle<'_>) -> Res
         environment: e.environment.map(str::to_owned),
     };
     log_line(e.event, None, &subject, None, e.detail.as_deref(), &who);
-    client.update(
+    crate::prepared::run(
+        client,
         "INSERT INTO token.events (occurred_at, event, token_id, account, prefix, hint, environment, \
          detail, client_addr, application_name, db_user, backend_pid) \
          VALUES (pg_catalog.clock_timestamp(), $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",

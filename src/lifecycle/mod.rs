@@ -77,7 +77,7 @@ pub(crate) fn lock_account(client: &mut SpiClient<'_>, account: &str, exclusive:
     } else {
         "SELECT pg_catalog.pg_advisory_xact_lock_shared($1, (pg_catalog.hashtext($2) OPERATOR(pg_catalog.&) ($3 OPERATOR(pg_catalog.-) 1)))"
     };
-    spi(client.update(sql, None, &[ACCOUNT_LOCK_SPACE.into(), account.into(), ACCOUNT_BUCKETS.into()]));
+    spi(crate::prepared::run(client, sql, None, &[ACCOUNT_LOCK_SPACE.into(), account.into(), ACCOUNT_BUCKETS.into()]));
 }
 
 pub(crate) struct NewToken {

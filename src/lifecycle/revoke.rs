@@ -12,6 +12,7 @@ use super::{check_account, check_text, fail, lock_account, required, require_wri
 use crate::error::{self, Error, Kind};
 use crate::events::{self, Lifecycle};
 use crate::guc;
+use crate::prepared;
 use crate::schema;
 use crate::store;
 
@@ -25,7 +26,8 @@ fn revoke_token(token_id: Option<pgrx::Uuid>, reason: default!(Option<&str>, "NU
     let token_id = required(token_id, "token_id");
     check_text("reason", reason, limits::MAX_REASON_CHARS);
     Spi::connect_mut(|client| {
-        let revoked = spi(client.update(
+        let revoked = spi(prepared::run(
+            client,
             "UPDATE token.tokens SET revoked_at = pg_catalog.clock_timestamp(), revoked_reason = $2 \
              WHERE id OPERATOR(pg_catalog.=) $1 AND revoked_at IS NULL \
              RETURNING account, prefix, hint, environment",
@@ -33,7 +35,8 @@ fn revoke_token(token_id: Option<pgrx::Uuid>, reason: default!(Option<&str>, "NU
             &[token_id.into(), reason.into()],
         ));
         if revoked.is_empty() {
-            let exists = spi(client.select(
+            let exists = spi(prepared::run(
+                client,
                 "SELECT 1 FROM token.tokens WHERE id OPERATOR(pg_catalog.=) $1",
                 Some(1),
                 &[token_id.into()],

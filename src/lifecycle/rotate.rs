@@ -11,6 +11,7 @@ use pgrx::prelude::*;
 use super::{database_environment, fail, invalid, new_secret, required, require_writable, spi, NewToken};
 use crate::error::Kind;
 use crate::events::{self, Lifecycle};
+use crate::prepared;
 use crate::schema;
 use crate::validation::{self, Origin, Purpose};
 
@@ -32,23 +33,27 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval, presented: bool) -> NewToken {
     }
     let env = database_environment();
     Spi::connect_mut(|client| {
-        let old = spi(client.update(
+        let old = spi(prepared::run(
+            client,
             "SELECT t.account, t.environment, t.prefix, \
                     t.revoked_at IS NOT NULL, t.revoke_after IS NOT NULL, \
                     (t.expires_at IS NOT NULL AND t.expires_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp()), \
                     t.key_type, \
                     (SELECT s.id FROM token.tokens s WHERE s.rotated_from OPERATOR(pg_catalog.=) t.id LIMIT 1), \
-                    LEAST(pg_catalog.now() OPERATOR(pg_catalog.+) \
-                              (CASE WHEN t.expires_at IS NULL THEN COALESCE(kt.default_ttl, kt.max_ttl) \
-                                    ELSE (t.expires_at OPERATOR(pg_catalog.-) t.created_at) END), \
-                          (t.family_issued_at OPERATOR(pg_catalog.+) kt.max_ttl), \
-                          (SELECT p.expires_at FROM token.tokens p WHERE p.id OPERATOR(pg_catalog.=) t.parent_id)), \
+                    e.until, \
                     ARRAY(SELECT s FROM pg_catalog.unnest(t.scopes) AS s \
                            WHERE kt.allowed_scopes IS NULL OR s OPERATOR(pg_catalog.=) ANY (kt.allowed_scopes)), \
                     t.family_issued_at, t.disabled_at IS NOT NULL, \
                     t.family_id, kt.reuse_detection, \
-                    (t.revoke_after OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp()), t.hint \
+                    (t.revoke_after OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp()), t.hint, \
+                    e.until OPERATOR(pg_catalog.<=) pg_catalog.now() \
              FROM token.tokens t JOIN token.key_types kt ON kt.name OPERATOR(pg_catalog.=) t.key_type \
+                  CROSS JOIN LATERAL (SELECT LEAST( \
+                      pg_catalog.now() OPERATOR(pg_catalog.+) \
+                          (CASE WHEN t.expires_at IS NULL THEN COALESCE(kt.default_ttl, kt.max_ttl) \
+                                ELSE (t.expires_at OPERATOR(pg_catalog.-) t.created_at) END), \
+                      (t.family_issued_at OPERATOR(pg_catalog.+) kt.max_ttl), \
+                      (SELECT p.expires_at FROM token.tokens p WHERE p.id OPERATOR(pg_catalog.=) t.parent_id)) AS until) e \
              WHERE t.id OPERATOR(pg_catalog.=) $1 FOR NO KEY UPDATE OF t",
             Some(1),
             &[token_id.into()],
@@ -102,7 +107,8 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval, presented: bool) -> NewToken {
         }
         let key_type: String = required(spi(r.get(7)), "key_type");
         // FOR SHARE: unregister_prefix waits for this rotation (and then revokes the successor).
-        let registered = spi(client.update(
+        let registered = spi(prepared::run(
+            client,
             "SELECT 1 FROM token.prefixes WHERE prefix OPERATOR(pg_catalog.=) $1 \
              AND key_type OPERATOR(pg_catalog.=) $2 AND environment OPERATOR(pg_catalog.=) $3 FOR SHARE",
             Some(1),
@@ -112,11 +118,10 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval, presented: bool) -> NewToken {
             state(&format!("has prefix \"{prefix}\", which is not registered for its key type any more"));
         }
         let expires_at: Option<TimestampWithTimeZone> = spi(r.get(9));
+        let old_hint: Option<String> = spi(r.get(16));
         let scopes: Vec<String> = spi(r.get::<Vec<String>>(10)).unwrap_or_default();
-        let ended = spi(client
-            .select("SELECT $1 OPERATOR(pg_catalog.<=) pg_catalog.now()", Some(1), &[expires_at.into()])
-            .and_then(|t| t.first().get_one::<bool>()));
-        if ended == Some(true) {
+        // The family's end: the successor's expiry (never past its first issue + max_ttl) is now.
+        if spi(r.get::<bool>(17)).unwrap_or(false) {
             let issued: Option<TimestampWithTimeZone> = spi(r.get(11));
             fail(
                 Kind::WrongState,
@@ -129,8 +134,8 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval, presented: bool) -> NewToken {
         }
 
         let secret = new_secret(&prefix);
-        let id = spi(client
-            .update(
+        let id = spi(prepared::run(
+                client,
                 "INSERT INTO token.tokens (id, token_hash, hint, prefix, account, key_type, environment, name, scopes, \
                                            metadata, expires_at, rotated_from, family_id, family_issued_at, parent_id, \
                                            allowed_networks, rate_limits, uses_remaining, refill_uses, refill_interval, \
@@ -147,7 +152,8 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval, presented: bool) -> NewToken {
         let new = NewToken { id: required(id, "token id"), token: secret.token };
         // The old token's usage cap moves to the successor (the old one keeps no uses, so the
         // two never spend more than the cap), and its children become the successor's.
-        spi(client.update(
+        spi(prepared::run(
+            client,
             "UPDATE token.tokens SET revoke_after = pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) $2, \
                     uses_remaining = CASE WHEN uses_remaining IS NULL THEN NULL ELSE 0 END, \
                     refill_uses = NULL, refill_interval = NULL, refilled_at = NULL, \
@@ -157,14 +163,12 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval, presented: bool) -> NewToken {
             None,
             &[token_id.into(), grace.into()],
         ));
-        spi(client.update(
+        spi(prepared::run(
+            client,
             "UPDATE token.tokens SET parent_id = $2 WHERE parent_id OPERATOR(pg_catalog.=) $1",
             None,
             &[token_id.into(), new.id.into()],
         ));
-        let old_hint: Option<String> = spi(client
-            .select("SELECT hint FROM token.tokens WHERE id OPERATOR(pg_catalog.=) $1", Some(1), &[token_id.into()])
-            .and_then(|t| t.first().get_one()));
         spi(events::lifecycle(
             client,
             Lifecycle {
