@@ -8,9 +8,12 @@
 //! The functions that use these run with a pinned `search_path` and name everything with its
 //! schema, so a plan never depends on the caller's path.
 //!
-//! Only for statements whose text is a constant: the text is the key. The parameter types are
-//! those of the first call's arguments; a later call with other types is refused
-//! (42804) rather than handing a datum of one type to a plan made for another.
+//! The text is the key: a statement built at run time is kept once per distinct text (build it
+//! once, in a `OnceLock`). The parameter types are those of the call's arguments: a call with
+//! other types than the kept plan's (the extension's own types get new OIDs when it is dropped
+//! and created again) prepares the statement again rather than hand a datum of one type to a
+//! plan made for another. The plan it replaces is left allocated (a few kB, once per
+//! re-creation), since a caller up the stack may still be running it.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -20,7 +23,6 @@ use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::{self, PgOid};
 use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult, SpiTupleTable};
 
-use crate::error::{Error, Kind};
 
 struct Kept {
     plan: &'static OwnedPreparedStatement,
@@ -47,12 +49,7 @@ pub fn run<'conn>(
     let kept = KEPT.with(|k| k.borrow().get(sql).map(|e| (e.plan, e.types == types)));
     let plan = match kept {
         Some((plan, true)) => plan,
-        Some((_, false)) => Error::new(
-            Kind::DatatypeMismatch,
-            "pg_token: a kept statement was called with other parameter types",
-        )
-        .raise(),
-        None => {
+        _ => {
             let oids: Vec<PgOid> = types.iter().map(|&o| PgOid::from(o)).collect();
             let plan: &'static OwnedPreparedStatement =
                 Box::leak(Box::new(client.prepare_mut(sql, &oids)?.keep()));

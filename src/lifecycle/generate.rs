@@ -1,6 +1,8 @@
 //! `generate_token`: a new token for an account, under a key type's rules, in this database's
 //! environment. The token starts a rotation family of its own (`family_id` = its id).
 
+use std::sync::OnceLock;
+
 use pg_token_core::limits;
 use pgrx::datum::{Interval, TimestampWithTimeZone};
 use pgrx::prelude::*;
@@ -13,6 +15,7 @@ use super::{
 use crate::datum::{RawJsonb, RawInets, RawRateLimits};
 use crate::error::Kind;
 use crate::events::{self, Lifecycle};
+use crate::prepared;
 use crate::schema;
 
 /// Issues a token for `account` under `key_type`, in this database's environment. Returns its
@@ -49,14 +52,14 @@ fn generate_token_v2(
         let rate_limits = check_rate_limits(client, rate_limits);
         let networks = check_networks(client, allowed_networks);
         // The document as the caller gave it (pgrx's JsonB would round numbers through f64).
-        let (is_object, bytes) = spi(client
-            .select(
-                "SELECT pg_catalog.jsonb_typeof($1) OPERATOR(pg_catalog.=) 'object', \
-                        pg_catalog.octet_length($1::pg_catalog.text)",
-                Some(1),
-                &[metadata.into()],
-            )
-            .and_then(|t| t.first().get_two::<bool, i32>()));
+        let (is_object, bytes) = spi(prepared::run(
+            client,
+            "SELECT pg_catalog.jsonb_typeof($1) OPERATOR(pg_catalog.=) 'object', \
+                    pg_catalog.octet_length($1::pg_catalog.text)",
+            Some(1),
+            &[metadata.into()],
+        )
+        .and_then(|t| t.first().get_two::<bool, i32>()));
         if metadata.is_some() && is_object != Some(true) {
             invalid("metadata must be a JSON object");
         }
@@ -66,7 +69,8 @@ fn generate_token_v2(
 
         // The key type: TTL rules (on real timestamps: '3 months' from today is compared with
         // '90 days' from today, not as intervals where a month is 30 days) and allowed scopes.
-        let kt = spi(client.select(
+        let kt = spi(prepared::run(
+            client,
             "SELECT CASE WHEN $2::pg_catalog.interval IS NOT NULL \
                          THEN pg_catalog.now() OPERATOR(pg_catalog.+) $2 \
                          ELSE pg_catalog.now() OPERATOR(pg_catalog.+) COALESCE(kt.default_ttl, kt.max_ttl) END, \
@@ -101,7 +105,8 @@ fn generate_token_v2(
         let chosen = match prefix {
             Some(p) => {
                 // FOR SHARE: unregister_prefix waits for us (and then revokes this token too).
-                let ok = spi(client.update(
+                let ok = spi(prepared::run(
+                    client,
                     "SELECT 1 FROM token.prefixes WHERE prefix OPERATOR(pg_catalog.=) $1 \
                      AND key_type OPERATOR(pg_catalog.=) $2 AND environment OPERATOR(pg_catalog.=) $3 FOR SHARE",
                     Some(1),
@@ -120,7 +125,8 @@ fn generate_token_v2(
                 p.to_owned()
             }
             None => {
-                let found = spi(client.update(
+                let found = spi(prepared::run(
+                    client,
                     "SELECT prefix FROM token.prefixes WHERE key_type OPERATOR(pg_catalog.=) $1 \
                      AND environment OPERATOR(pg_catalog.=) $2 ORDER BY prefix FOR SHARE",
                     None,
@@ -149,7 +155,8 @@ fn generate_token_v2(
         // us, then revokes this one too).
         lock_account(client, &account, false);
         let secret = new_secret(&chosen);
-        let sql = format!(
+        static INSERT: OnceLock<String> = OnceLock::new();
+        let sql = INSERT.get_or_init(|| format!(
             "INSERT INTO token.tokens (id, token_hash, hint, prefix, account, key_type, environment, name, \
                                        scopes, metadata, expires_at, family_id, family_issued_at, \
                                        uses_remaining, refill_uses, refill_interval, refilled_at, rate_limits, \
@@ -159,30 +166,30 @@ fn generate_token_v2(
                FROM (SELECT pg_catalog.gen_random_uuid() AS id) u \
              RETURNING id",
             networks_sql(15)
-        );
-        let id = spi(client
-            .update(
-                &sql,
-                Some(1),
-                &[
-                    secret.hash.clone().into(),
-                    secret.hint.as_str().into(),
-                    chosen.as_str().into(),
-                    account.as_str().into(),
-                    key_type.into(),
-                    env.as_str().into(),
-                    name.into(),
-                    scopes.into(),
-                    metadata.into(),
-                    expires_at.into(),
-                    uses.into(),
-                    refill_uses.into(),
-                    refill_interval.into(),
-                    rate_limits,
-                    inets(networks),
-                ],
-            )
-            .and_then(|t| t.first().get_one::<pgrx::Uuid>()));
+        ));
+        let id = spi(prepared::run(
+            client,
+            sql,
+            Some(1),
+            &[
+                secret.hash.clone().into(),
+                secret.hint.as_str().into(),
+                chosen.as_str().into(),
+                account.as_str().into(),
+                key_type.into(),
+                env.as_str().into(),
+                name.into(),
+                scopes.into(),
+                metadata.into(),
+                expires_at.into(),
+                uses.into(),
+                refill_uses.into(),
+                refill_interval.into(),
+                rate_limits,
+                inets(networks),
+            ],
+        )
+        .and_then(|t| t.first().get_one::<pgrx::Uuid>()));
         let new = NewToken { id: required(id, "token id"), token: secret.token };
         let hint = Some(secret.hint);
         spi(events::lifecycle(

@@ -135,20 +135,20 @@ fn rotate(token_id: pgrx::Uuid, grace: Interval, presented: bool) -> NewToken {
 
         let secret = new_secret(&prefix);
         let id = spi(prepared::run(
-                client,
-                "INSERT INTO token.tokens (id, token_hash, hint, prefix, account, key_type, environment, name, scopes, \
-                                           metadata, expires_at, rotated_from, family_id, family_issued_at, parent_id, \
-                                           allowed_networks, rate_limits, uses_remaining, refill_uses, refill_interval, \
-                                           refilled_at) \
-                 SELECT pg_catalog.gen_random_uuid(), $1, $2, t.prefix, t.account, t.key_type, t.environment, t.name, \
-                        $3, t.metadata, $4, t.id, t.family_id, t.family_issued_at, t.parent_id, t.allowed_networks, \
-                        t.rate_limits, t.uses_remaining, t.refill_uses, t.refill_interval, t.refilled_at \
-                   FROM token.tokens t WHERE t.id OPERATOR(pg_catalog.=) $5 \
-                 RETURNING id",
-                Some(1),
-                &[secret.hash.clone().into(), secret.hint.as_str().into(), scopes.into(), expires_at.into(), token_id.into()],
-            )
-            .and_then(|t| t.first().get_one::<pgrx::Uuid>()));
+            client,
+            "INSERT INTO token.tokens (id, token_hash, hint, prefix, account, key_type, environment, name, scopes, \
+                                       metadata, expires_at, rotated_from, family_id, family_issued_at, parent_id, \
+                                       allowed_networks, rate_limits, uses_remaining, refill_uses, refill_interval, \
+                                       refilled_at) \
+             SELECT pg_catalog.gen_random_uuid(), $1, $2, t.prefix, t.account, t.key_type, t.environment, t.name, \
+                    $3, t.metadata, $4, t.id, t.family_id, t.family_issued_at, t.parent_id, t.allowed_networks, \
+                    t.rate_limits, t.uses_remaining, t.refill_uses, t.refill_interval, t.refilled_at \
+               FROM token.tokens t WHERE t.id OPERATOR(pg_catalog.=) $5 \
+             RETURNING id",
+            Some(1),
+            &[secret.hash.clone().into(), secret.hint.as_str().into(), scopes.into(), expires_at.into(), token_id.into()],
+        )
+        .and_then(|t| t.first().get_one::<pgrx::Uuid>()));
         let new = NewToken { id: required(id, "token id"), token: secret.token };
         // The old token's usage cap moves to the successor (the old one keeps no uses, so the
         // two never spend more than the cap), and its children become the successor's.

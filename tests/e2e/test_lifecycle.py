@@ -46,7 +46,8 @@ def test_generate_validate_rotate_revoke(db, admin, app):
 def test_a_backends_kept_statements_follow_a_recreated_extension(db, su):
     """The lifecycle functions keep their statements' plans for the life of the backend
     (src/prepared.rs). Dropped and created again under the same session, the extension's new
-    tables are the ones written: the rotation, the revocation and their events land in them."""
+    tables are the ones written: the rotation, the revocation and their events land in them,
+    and a rate limit of the new token.rate_limit type (a new OID) is taken."""
     name = "pgt_e2e_kept_plans"
     su.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     su.execute(f"CREATE DATABASE {name}")
@@ -57,14 +58,17 @@ def test_a_backends_kept_statements_follow_a_recreated_extension(db, su):
             for round_ in range(2):
                 for sql in setup:
                     c.execute(sql)
-                token_id, token = c.execute("SELECT token_id, token FROM token.generate_token('acme', 'agent')").fetchone()
+                token_id, token = c.execute("SELECT token_id, token FROM token.generate_token('acme', 'agent', "
+                                            "rate_limits => %s, allowed_networks => '{127.0.0.1/32}')",
+                                            ('{"(100,\\"1 hour\\")"}',)).fetchone()
                 db.record(token)
                 new_id, new_token = c.execute("SELECT token_id, token FROM token.rotate_token(%s)", (token_id,)).fetchone()
                 db.record(new_token)
                 assert c.execute("SELECT token.revoke_token(%s, 'kept plans')", (new_id,)).fetchone()[0] is True
                 events = c.execute("SELECT event, token_id FROM token.events WHERE token_id IS NOT NULL ORDER BY id").fetchall()
                 assert events == [("generated", token_id), ("rotated", token_id), ("revoked", new_id)], round_
-                assert c.execute("SELECT count(*), count(revoked_at), count(revoke_after) FROM token.tokens").fetchone() == (2, 1, 1)
+                assert c.execute("SELECT count(*), count(revoked_at), count(revoke_after), "
+                                 "bool_and(rate_limits::text = '{\"(100,01:00:00)\"}') FROM token.tokens").fetchone() == (2, 1, 1, True)
                 assert reason_of(c, new_token) == "revoked" and reason_of(c, token) is None
                 if round_ == 0:
                     c.execute("DROP EXTENSION pg_token")
