@@ -641,11 +641,16 @@ def report(args):
                   f"4 connections validate a hot set of 100 tokens (`bench/scripts/validate_hot_100.pgbench`) for "
                   f"{ch['seconds']} s: alone, while one session revokes {ch['rate']} other tokens a second "
                   f"(`token.revoke_token`, one transaction each), and while it rotates {ch['rate']} a second "
-                  f"(`token.rotate_token`); {ch['rounds']} rounds interleaved (median). A change drops only the changed "
-                  "token from the caches (the shared-memory change log), so the hot set stays cached; the hit share "
-                  "is `token.metrics()` over each run.", "",
+                  f"(`token.rotate_token`), and, as the control, while it commits {ch['rate']} trivial writes a second "
+                  f"(`UPDATE` of a one-row table: what any client committing at that rate costs); {ch['rounds']} rounds "
+                  "interleaved, each starting with another kind. TPS is each kind's median round; kept is the median over rounds of each round's ratio "
+                  "to that round's run alone. A change drops only the changed token from the caches (the shared-memory "
+                  "change log), so the hot set stays cached; the hit share is `token.metrics()` over each run.", "",
                   "| | TPS | kept | churn reached | cache hits | admin backend CPU |", "|---|---:|---:|---:|---:|---:|",
                   f"| hot set alone | {ch['alone_tps']:,.0f} | | | {ch['alone_hit_share']:.2%} | |",
+                  f"| beside trivial commits (control) | {ch['commit_tps']:,.0f} | {ch['commit_kept']:.0%} | "
+                  f"{ch['commit_rate']:.0f}/s | {ch['commit_hit_share']:.2%} | {ch['commit_admin_cpu']:.0%} of a core, "
+                  f"{ch['commit_admin_us']:.0f} us per commit |",
                   f"| beside revocations | {ch['revoke_tps']:,.0f} | {ch['revoke_kept']:.0%} | {ch['revoke_rate']:.0f}/s | "
                   f"{ch['revoke_hit_share']:.2%} | {ch['revoke_admin_cpu']:.0%} of a core, {ch['revoke_admin_us']:.0f} us per revoke |",
                   f"| beside rotations | {ch['rotate_tps']:,.0f} | {ch['rotate_kept']:.0%} | {ch['rotate_rate']:.0f}/s | "
@@ -824,10 +829,13 @@ def cap_words(cap):
 
 def churn(args):
     """Admin churn: 4 connections validate a hot set of 100 tokens alone, while one session
-    revokes --rate tokens a second, and while it rotates --rate a second (each its own
-    transaction), interleaved round by round. The revoked and rotated tokens are cold ones
-    (never in the hot set). What the hot set keeps of its TPS, the churn rate reached, and the
-    cache hit share of the validations (token.metrics(), all backends)."""
+    commits --rate trivial writes a second (the control: what any client committing at that
+    rate costs), while it revokes --rate tokens a second, and while it rotates --rate a second
+    (each its own transaction), interleaved round by round. The revoked and rotated tokens are
+    cold ones (never in the hot set). What the hot set keeps of its TPS (the median over rounds
+    of each round's ratio to the same round's run alone: the machine drifts between rounds),
+    the churn rate reached, and the cache hit share of the validations (token.metrics(), all
+    backends)."""
     import threading
     secs, rate = args.seconds, args.rate
     with connect(args, autocommit=True) as c:
@@ -838,6 +846,9 @@ def churn(args):
             "ORDER BY p.n DESC LIMIT %s", (need,)).fetchall()]
         if len(ids) < need:
             raise SystemExit(f"bench: churn needs {need} cold tokens, found {len(ids)}")
+        c.execute("CREATE TABLE IF NOT EXISTS bench.churn_control (n bigint NOT NULL)")
+        c.execute("TRUNCATE bench.churn_control")
+        c.execute("INSERT INTO bench.churn_control VALUES (0)")
 
         def settle():
             c.execute("SELECT token.flush_events('60 s')")
@@ -856,11 +867,12 @@ def churn(args):
                     c0 = cpu_ns(pid)
                     start = time.monotonic()
                     while not stop.is_set():
-                        token_id = ids.pop()
-                        if kind == "revoke":
-                            a.execute("SELECT token.revoke_token(%s, 'bench churn')", (token_id,))
+                        if kind == "commit":
+                            a.execute("UPDATE bench.churn_control SET n = n + 1")
+                        elif kind == "revoke":
+                            a.execute("SELECT token.revoke_token(%s, 'bench churn')", (ids.pop(),))
                         else:
-                            a.execute("SELECT token_id FROM token.rotate_token(%s)", (token_id,))
+                            a.execute("SELECT token_id FROM token.rotate_token(%s)", (ids.pop(),))
                         done[0] += 1
                         wait = start + done[0] / rate - time.monotonic()
                         if wait > 0:
@@ -885,9 +897,11 @@ def churn(args):
             return (tps_of(f"{args.out}/churn-{kind}-{r}.log"), done[0] / elapsed, hits / max(hits + misses, 1),
                     cpu[0], 1e6 * cpu[0] / max(done[0] / elapsed, 1e-9))
 
-        runs = {"alone": [], "revoke": [], "rotate": []}
+        runs = {"alone": [], "commit": [], "revoke": [], "rotate": []}
+        kinds = list(runs)
         for r in range(args.rounds):
-            for kind in runs:
+            # Each round starts with another kind, so that no kind always runs first.
+            for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
                 runs[kind].append(run(kind, r))
         settle()
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
@@ -899,11 +913,14 @@ def churn(args):
         row[f"{kind}_runs"] = [x[0] for x in xs]
         row[f"{kind}_admin_cpu"] = med([x[3] for x in xs])
         row[f"{kind}_admin_us"] = med([x[4] for x in xs])
-    row["revoke_kept"] = row["revoke_tps"] / row["alone_tps"]
-    row["rotate_kept"] = row["rotate_tps"] / row["alone_tps"]
+    for kind in ("commit", "revoke", "rotate"):
+        ratios = [x[0] / a[0] for x, a in zip(runs[kind], runs["alone"])]
+        row[f"{kind}_ratios"] = ratios
+        row[f"{kind}_kept"] = med(ratios)
     with open(args.json, "w") as f:
         json.dump(row, f)
-    print(f"bench: admin churn: hot set {row['alone_tps']:,.0f} tps alone, {row['revoke_tps']:,.0f} beside "
+    print(f"bench: admin churn: hot set {row['alone_tps']:,.0f} tps alone, {row['commit_tps']:,.0f} beside "
+          f"{row['commit_rate']:.0f} trivial commits/s ({row['commit_kept']:.0%}), {row['revoke_tps']:,.0f} beside "
           f"{row['revoke_rate']:.0f} revokes/s ({row['revoke_kept']:.0%}), {row['rotate_tps']:,.0f} beside "
           f"{row['rotate_rate']:.0f} rotations/s ({row['rotate_kept']:.0%}); cache hits "
           f"{row['alone_hit_share']:.2%} / {row['revoke_hit_share']:.2%} / {row['rotate_hit_share']:.2%}; admin backend "

@@ -14,7 +14,7 @@
 #   BENCH_TOKENS         tokens in the table for the pgbench runs   (default 1000000)
 #   BENCH_CHURN_SECONDS  seconds of each admin-churn run              (default 10)
 #   BENCH_CHURN_RATE     revocations or rotations per second in it   (default 200)
-#   BENCH_CHURN_ROUNDS   alone / beside revocations / beside rotations, rounds (default 3)
+#   BENCH_CHURN_ROUNDS   alone / beside trivial commits / revocations / rotations, rounds (default 5)
 #   BENCH_SIZES          table sizes for the one-statement cost     (default 10000,1000000,10000000)
 #   BENCH_LOOKUPS        validations in that one statement          (default 200000)
 #   BENCH_JWT_HS256      distinct HS256 legacy JWTs for the first-presentation row (default 50000 x BENCH_SECONDS)
@@ -41,7 +41,7 @@ NTOKENS=${BENCH_TOKENS:-1000000}
 SIZES=${BENCH_SIZES:-10000,1000000,10000000}
 CHURN_SECONDS=${BENCH_CHURN_SECONDS:-10}
 CHURN_RATE=${BENCH_CHURN_RATE:-200}
-CHURN_ROUNDS=${BENCH_CHURN_ROUNDS:-3}
+CHURN_ROUNDS=${BENCH_CHURN_ROUNDS:-5}
 LOOKUPS=${BENCH_LOOKUPS:-200000}
 # Enough JWTs that no session meets one twice within a run at up to 50,000 (HS256) or 20,000
 # (RS256) validations per second; the report says if a run went faster than that.
