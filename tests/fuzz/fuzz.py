@@ -57,6 +57,7 @@ ALLOWED = {
     "22007": "invalid datetime/interval syntax (and 'infinity' intervals before PostgreSQL 17)",
     "22008": "timestamptz or interval field out of range ('2024-02-30', '178000000 years')",
     "22015": "interval field overflow",
+    "22009": "a timestamptz whose time zone displacement is out of range ('s+56D')",
     "22003": "bigint/integer out of range ('9223372036854775808', a rate limit of 2^31 requests)",
     "22021": "bytes that are not UTF-8 (convert_from), refused before any function sees them",
     "22P05": "jsonb refuses \\u0000 and lone surrogates",
