@@ -1,6 +1,7 @@
 //! Statements the lifecycle functions run on every call, parsed and planned once per backend
 //! and kept for its life (`SPI_keepplan`) instead of on every call. A rotation runs about ten
-//! statements; parsing and planning them was a third of its CPU.
+//! statements; parsing and planning them on every call was more than half of its CPU (1.7 ms
+//! of backend CPU per rotation before, 0.8 ms after, same cluster).
 //!
 //! A kept plan stays right when the schema changes under it: Postgres' plan cache notices the
 //! invalidation of any relation or function the statement names and analyzes the statement
