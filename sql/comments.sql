@@ -51,6 +51,8 @@ COMMENT ON FUNCTION token.canonical_account(text) IS
     'An account id''s one spelling, as pg_token stores and compares it (''00042'' -> ''42'', uuids lowercase)';
 COMMENT ON FUNCTION token.cache_stats() IS
     'This backend''s validation cache: entries, bytes, budget, hits and misses (token_validator)';
+COMMENT ON FUNCTION token.shared_cache_stats() IS
+    'The validation cache all backends share: capacity, bytes, whether this session uses it, hits and fills since server start (token_admin, pg_monitor)';
 COMMENT ON FUNCTION token.current_account() IS
     'The account of the identity authenticate bound in this transaction, or NULL (for policies)';
 COMMENT ON FUNCTION token.current_account_uuid() IS

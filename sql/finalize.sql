@@ -168,3 +168,4 @@ GRANT token_gateway, token_reporter TO token_admin WITH ADMIN OPTION;
 
 -- Monitoring roles read the counters too (postgres_exporter connects as one).
 GRANT EXECUTE ON FUNCTION token.metrics(), token.refusal_metrics() TO pg_monitor;
+GRANT EXECUTE ON FUNCTION token.shared_cache_stats() TO token_admin, pg_monitor;

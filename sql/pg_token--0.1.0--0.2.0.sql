@@ -736,3 +736,19 @@ COMMENT ON FUNCTION token.invalidate_caches() IS
     'pg_token''s cache trigger: a change to key types, prefixes or legacy issuers, or a truncation of tokens, empties every backend''s validation cache';
 COMMENT ON FUNCTION token.note_token_change() IS
     'pg_token''s cache trigger on tokens: a changed or deleted token is dropped from every backend''s validation cache, and only it';
+
+-- The validation cache all backends share (token.shared_cache_size): its counters.
+CREATE FUNCTION token.shared_cache_stats() RETURNS TABLE (
+	"capacity" bigint,
+	"bytes" bigint,
+	"enabled" bool,
+	"hits_total" bigint,
+	"fills_total" bigint
+)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'shared_cache_stats_wrapper';
+REVOKE EXECUTE ON FUNCTION token.shared_cache_stats() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION token.shared_cache_stats() TO token_admin, pg_monitor;
+COMMENT ON FUNCTION token.shared_cache_stats() IS
+    'The validation cache all backends share: capacity, bytes, whether this session uses it, hits and fills since server start (token_admin, pg_monitor)';

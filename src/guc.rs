@@ -14,6 +14,8 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 pub static ENVIRONMENT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static LAST_USED_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static CACHE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(8 * 1024);
+pub static SHARED_CACHE_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
+pub static SHARED_CACHE: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static LOG_EVENTS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static EVENT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(90 * 24 * 3600);
 pub static MIN_EVENT_RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
@@ -124,6 +126,24 @@ fn define() {
         i32::MAX / 1024,
         GucContext::Suset,
         GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
+        c"token.shared_cache_size",
+        c"Shared memory for the validation cache all backends share (0 disables it).",
+        c"About 450 bytes a token; needs shared_preload_libraries and a restart. Standbys do not use it.",
+        &SHARED_CACHE_SIZE_KB,
+        0,
+        i32::MAX,
+        GucContext::Postmaster,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_bool_guc(
+        c"token.shared_cache",
+        c"Look tokens up in, and add them to, the shared validation cache.",
+        c"Off: a token this backend has not cached is read from the table (for measurements).",
+        &SHARED_CACHE,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
         c"token.log_events",
@@ -263,4 +283,9 @@ pub fn event_limits() -> pg_token_core::aggregate::Limits {
 
 pub fn cache_budget_bytes() -> usize {
     usize::try_from(CACHE_SIZE_KB.get()).unwrap_or(0) * 1024
+}
+
+/// `token.shared_cache_size` in bytes.
+pub fn shared_cache_bytes() -> usize {
+    usize::try_from(SHARED_CACHE_SIZE_KB.get()).unwrap_or(0) * 1024
 }

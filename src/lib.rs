@@ -60,6 +60,7 @@ pub extern "C-unwind" fn _PG_init() {
         metrics::init_shared_memory();
         quota::init_shared_memory();
         store::changes::init_shared_memory();
+        store::shared::init_shared_memory();
     }
 }
 

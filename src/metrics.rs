@@ -36,9 +36,12 @@ struct Counters {
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     refusals: [AtomicU64; REASONS],
-    /// Pads a slot to whole cache lines (3 + 32 + 5 = 40 words, five lines), so neighbours never
-    /// share one.
-    _pad: [u64; 5],
+    /// Local misses the shared cache answered, and rows this backend added to it.
+    shared_hits: AtomicU64,
+    shared_fills: AtomicU64,
+    /// Pads a slot to whole cache lines (3 + 32 + 2 + 3 = 40 words, five lines), so neighbours
+    /// never share one.
+    _pad: [u64; 3],
 }
 
 #[repr(C)]
@@ -119,6 +122,27 @@ pub fn cache_hit() {
 
 pub fn cache_miss() {
     bump(|c| &c.cache_misses);
+}
+
+pub fn shared_hit() {
+    bump(|c| &c.shared_hits);
+}
+
+pub fn shared_fill() {
+    bump(|c| &c.shared_fills);
+}
+
+/// The shared cache's counters summed over the slots: (hits, fills).
+pub fn shared_totals() -> (u64, u64) {
+    // SAFETY: a plain read of a pointer written once at startup.
+    let shared = unsafe { *METRICS.shared.get() };
+    if shared.is_null() {
+        return (0, 0);
+    }
+    // SAFETY: the array lives in shared memory for the server's life; its fields are atomics.
+    unsafe { &(*shared).slots }
+        .iter()
+        .fold((0, 0), |(h, f), c| (h + c.shared_hits.load(Ordering::Relaxed), f + c.shared_fills.load(Ordering::Relaxed)))
 }
 
 /// The slots summed: (validations, cache hits, cache misses, refusals by reason).

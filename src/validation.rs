@@ -426,3 +426,18 @@ fn cache_stats() -> TableIterator<
     let n = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
     TableIterator::once((n(s.entries), n(s.bytes), n(s.budget), n(s.hits), n(s.misses)))
 }
+
+/// The validation cache all backends share: the entries it can hold, its bytes, and since
+/// server start the misses of backends' own caches it answered and the rows added to it.
+#[pg_extern(volatile, parallel_restricted)]
+fn shared_cache_stats() -> TableIterator<
+    'static,
+    (name!(capacity, i64), name!(bytes, i64), name!(enabled, bool), name!(hits_total, i64), name!(fills_total, i64)),
+> {
+    events::require_preload();
+    let (hits, fills) = crate::metrics::shared_totals();
+    let n = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
+    let capacity = store::shared::capacity() as u64;
+    let bytes = if capacity == 0 { 0 } else { crate::guc::shared_cache_bytes() as u64 };
+    TableIterator::once((n(capacity), n(bytes), store::shared::usable().is_some(), n(hits), n(fills)))
+}

@@ -4,8 +4,8 @@
 //! verdict rules (`verdict`), log redaction (`redact`), the per-backend cache structure
 //! (`cache`), account ids and their one spelling (`account`), bounds on what admins store
 //! (`limits`), the clock (`clock`), JWTs from legacy issuers (`jwt`), the fixed-size
-//! records that cross shared memory (`ring`) and how long the refusal tarpit holds a refusal
-//! (`tarpit`).
+//! records that cross shared memory (`ring`), the validation cache shared by all backends
+//! (`shared`) and how long the refusal tarpit holds a refusal (`tarpit`).
 //!
 //! This crate cannot reach Postgres: it does not depend on pgrx (a compile-time fact, checked
 //! again by `scripts/check_layout.py`), so its unit and property tests run with
@@ -32,5 +32,6 @@ pub mod reason;
 pub mod redact;
 pub mod tarpit;
 pub mod ring;
+pub mod shared;
 pub mod uses;
 pub mod verdict;

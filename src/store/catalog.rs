@@ -114,6 +114,11 @@ pub struct Catalog {
     pub identity_legacy: Option<[usize; 2]>,
     pub legacy: Option<LegacyCatalog>,
     pub rate_limit_desc: pg_sys::TupleDesc,
+    /// token.tokens' own row descriptor (with its columns' missing values), for the rows the
+    /// shared cache keeps.
+    pub tokens_desc: pg_sys::TupleDesc,
+    /// Where this database's token.tokens rows belong in the shared cache.
+    pub shared_scope: pg_token_core::shared::Scope,
     pub atts: TokenAtts,
     pub key_type_atts: KeyTypeAtts,
     /// The relations whose invalidation empties the cache: cache_signal and the relations
@@ -250,6 +255,8 @@ impl Catalog {
             verdict_per_call: per_call_columns(verdict_desc),
             identity_legacy: columns(identity_desc, ["deprecation", "sunset_at"]),
             legacy: LegacyCatalog::load(ns),
+            tokens_desc: row_desc(ns, c"tokens").1,
+            shared_scope: super::shared::scope(tokens),
             atts,
             key_type_atts,
         }
@@ -269,10 +276,11 @@ impl Catalog {
 
 impl Drop for Catalog {
     fn drop(&mut self) {
-        // SAFETY: both descriptors were copied into TopMemoryContext by `row_desc`.
+        // SAFETY: the descriptors were copied into TopMemoryContext by `row_desc`.
         unsafe {
             pg_sys::FreeTupleDesc(self.identity_desc);
             pg_sys::FreeTupleDesc(self.verdict_desc);
+            pg_sys::FreeTupleDesc(self.tokens_desc);
             if !self.rate_limit_desc.is_null() {
                 pg_sys::FreeTupleDesc(self.rate_limit_desc);
             }

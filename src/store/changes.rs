@@ -9,7 +9,8 @@
 //! publishes it once the commit is visible (`XACT_EVENT_COMMIT`), then releases the claim. So a
 //! backend drops only the entries that changed, and never answers from a cached entry while
 //! its change is visible but not yet published (`store::Backend` checks both on every hit).
-//! The changing backend drops its own entries at once, and everything it read on abort.
+//! The changing backend drops its own entries at once, and everything it read on abort. The
+//! shared cache (`shared`) loses what a commit changed between publication and release.
 //!
 //! The triggers still queue Postgres' invalidation message for `token.cache_signal`: standbys
 //! replay it and empty their caches (no trigger runs there), and it is the whole mechanism
@@ -135,6 +136,12 @@ pub fn take_own(mut each: impl FnMut(u64)) {
     }
 }
 
+/// Whether this transaction changed a token or the registry (its own changes are not in the
+/// shared cache, and must win over what is).
+pub fn own_pending() -> bool {
+    PENDING.with(|p| !p.borrow().fingerprints.is_empty())
+}
+
 /// Entries published so far (0 without the log).
 pub fn published() -> u64 {
     log().map_or(0, ChangeLog::published)
@@ -212,6 +219,8 @@ fn end(committed: bool) {
         if committed {
             hold_for_test();
             l.publish(&pending.fingerprints);
+            let fps = &pending.fingerprints;
+            super::shared::forget(fps, fps.len() > MAX_NAMED || fps.contains(&EVERYTHING));
         }
         if let Some(c) = pending.claim {
             l.release(c);
@@ -239,6 +248,7 @@ unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum)
     let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
     if let (Some(l), Some(c)) = (log(), pending.claim) {
         l.publish(&[EVERYTHING]);
+        super::shared::forget(&[], true);
         l.release(c);
     }
 }

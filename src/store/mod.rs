@@ -5,6 +5,7 @@
 //! - `freshness`: the relcache callback and the triggers; when to throw everything away.
 //! - `catalog`: relation OIDs, attribute numbers and row descriptors.
 //! - `scan`: the hash-index scan that reads one token, and the registry scans.
+//! - `shared`: the validation cache all backends share, asked after this backend's own.
 //!
 //! Every validation enters through `with`, which first processes invalidations and the change
 //! log (so a change committed anywhere is seen by this call), then hands the verdict rules a registry and a
@@ -19,6 +20,7 @@ mod catalog;
 pub mod freshness;
 mod legacy;
 mod scan;
+pub mod shared;
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::HashMap;
@@ -297,26 +299,28 @@ impl Backend {
         reg
     }
 
-    /// Finds a stored token by hash: cache first, then one index scan.
+    /// Finds a stored token by hash: this backend's cache, the shared cache, then one index scan.
     fn find(cat: &Catalog, cache: &mut TokenCache<Stored>, seen: u64, hash: &TokenHash) -> Option<Rc<Stored>> {
-        Self::find_or_scan(cache, seen, hash, || scan::scan_token(cat, hash))
+        Self::find_or_scan(cat, cache, seen, hash, |keep| scan::scan_token(cat, hash, keep))
     }
 
     /// Finds a stored token by id (a derived token's parent): cached like the others, under a
     /// key no token's hash can be (the hash of a domain-separated string, not of a token).
     fn find_id(cat: &Catalog, cache: &mut TokenCache<Stored>, seen: u64, id: &[u8; 16]) -> Option<Rc<Stored>> {
         let key = pg_token_core::changes::id_key(id);
-        Self::find_or_scan(cache, seen, &key, || scan::scan_token_by_id(cat, id))
+        Self::find_or_scan(cat, cache, seen, &key, |keep| scan::scan_token_by_id(cat, id, keep))
     }
 
     /// `seen`: where this call read the change log. A hit answers only if its token is not
     /// being committed and nothing was published since; a row read is kept only if the same
-    /// holds after the read (and no invalidation arrived during it).
+    /// holds after the read (and no invalidation arrived during it). The shared cache is asked
+    /// after this backend's, under the same rule (`shared`).
     fn find_or_scan(
+        cat: &Catalog,
         cache: &mut TokenCache<Stored>,
         seen: u64,
         key: &TokenHash,
-        scan: impl FnOnce() -> Option<(Stored, bool)>,
+        scan: impl FnOnce(bool) -> Option<scan::Scanned>,
     ) -> Option<Rc<Stored>> {
         if !changes::still_current(key, seen) {
             cache.remove(key); // and the lookup below counts a miss
@@ -326,12 +330,22 @@ impl Backend {
             return Some(hit);
         }
         metrics::cache_miss();
-        let before = freshness::data_generation();
-        let (stored, own_uncommitted) = scan()?;
-        if own_uncommitted || freshness::data_generation() != before || !changes::still_current(key, seen) {
-            return Some(Rc::new(stored));
+        let table = shared::usable();
+        if let Some(t) = table {
+            if let Some(stored) = shared::get(t, cat, key, seen) {
+                return Some(cache.insert(*key, stored));
+            }
         }
-        Some(cache.insert(*key, stored))
+        let before = freshness::data_generation();
+        let epoch = table.map_or(0, |t| t.epoch());
+        let found = scan(table.is_some())?;
+        if found.own || freshness::data_generation() != before || !changes::still_current(key, seen) {
+            return Some(Rc::new(found.stored));
+        }
+        if let (Some(t), Some(row)) = (table, &found.row) {
+            shared::fill(t, cat, key, epoch, seen, row);
+        }
+        Some(cache.insert(*key, found.stored))
     }
 }
 

@@ -76,25 +76,33 @@ pub fn scan_all(rel_oid: pg_sys::Oid, snap: &LatestSnapshot, mut f: impl FnMut(&
     }
 }
 
-/// One scan of the hash index on token_hash. Returns the row and whether this transaction
-/// wrote it. A hash index returns every entry whose hash code matches, so each candidate row's
-/// token_hash is compared with ours (a real match is the first candidate all but always).
-pub fn scan_token(cat: &Catalog, hash: &TokenHash) -> Option<(Stored, bool)> {
+/// A row read from token.tokens: as this backend keeps it, whether this transaction wrote it,
+/// and (when asked for, and it fits) the heap tuple's bytes for the shared cache.
+pub struct Scanned {
+    pub stored: Stored,
+    pub own: bool,
+    pub row: Option<Vec<u8>>,
+}
+
+/// One scan of the hash index on token_hash. A hash index returns every entry whose hash code
+/// matches, so each candidate row's token_hash is compared with ours (a real match is the
+/// first candidate all but always).
+pub fn scan_token(cat: &Catalog, hash: &TokenHash, keep_row: bool) -> Option<Scanned> {
     let key = (&hash[..]).into_datum().unwrap_or(pg_sys::Datum::from(0));
     let h = cat.atts.token_hash;
     // SAFETY: token_hash is a bytea column; the datum points into the pinned tuple.
     let same = |v: &[pg_sys::Datum], n: &[bool]| !n[h] && unsafe { pgrx::varlena::varlena_to_byte_slice(v[h].cast_mut_ptr()) } == &hash[..];
-    scan_one(cat, cat.hash_index, pg_sys::HTEqualStrategyNumber, pg_sys::F_BYTEAEQ, key, same)
+    scan_one(cat, cat.hash_index, pg_sys::HTEqualStrategyNumber, pg_sys::F_BYTEAEQ, key, same, keep_row)
 }
 
 /// A token by id, through the primary key (a derived token's parents are found this way).
-pub fn scan_token_by_id(cat: &Catalog, id: &[u8; 16]) -> Option<(Stored, bool)> {
+pub fn scan_token_by_id(cat: &Catalog, id: &[u8; 16], keep_row: bool) -> Option<Scanned> {
     let key = pgrx::Uuid::from_bytes(*id).into_datum().unwrap_or(pg_sys::Datum::from(0));
-    scan_one(cat, cat.id_index, pg_sys::BTEqualStrategyNumber, pg_sys::F_UUID_EQ, key, |_, _| true)
+    scan_one(cat, cat.id_index, pg_sys::BTEqualStrategyNumber, pg_sys::F_UUID_EQ, key, |_, _| true, keep_row)
 }
 
 /// The first row of token.tokens that `index` finds equal to `key` and `want` accepts, read
-/// under the latest committed state, with whether this transaction wrote it.
+/// under the latest committed state.
 fn scan_one(
     cat: &Catalog,
     index_oid: pg_sys::Oid,
@@ -102,7 +110,8 @@ fn scan_one(
     proc: u32,
     key_datum: pg_sys::Datum,
     want: impl Fn(&[pg_sys::Datum], &[bool]) -> bool,
-) -> Option<(Stored, bool)> {
+    keep_row: bool,
+) -> Option<Scanned> {
     let snap = LatestSnapshot::take();
     // SAFETY: the relation and index are opened and closed here, under AccessShareLock (held
     // to the end of the transaction); the scan uses a registered snapshot. A candidate's
@@ -141,7 +150,12 @@ fn scan_one(
             // pgrx's inline version: PostgreSQL 18 also exports a function of the same name.
             let xmin = pg_sys::submodules::htup::HeapTupleHeaderGetXmin((*tup).t_data);
             let own = pg_sys::TransactionIdIsCurrentTransactionId(xmin);
-            found = Some((stored_from_row(cat, &values, &nulls), own));
+            let t = &*tup;
+            let whole = t.t_len as usize <= pg_token_core::shared::PAYLOAD
+                && (*t.t_data).t_infomask & pg_sys::HEAP_HASEXTERNAL as u16 == 0;
+            let row = (keep_row && !own && whole)
+                .then(|| std::slice::from_raw_parts(t.t_data.cast::<u8>(), t.t_len as usize).to_vec());
+            found = Some(Scanned { stored: stored_from_row(cat, &values, &nulls), own, row });
             break;
         }
         pg_sys::index_endscan(scan);
@@ -150,6 +164,27 @@ fn scan_one(
         pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         drop(snap);
         found
+    }
+}
+
+/// A token row kept by the shared cache, built as `scan_one` builds a row it read.
+///
+/// # Safety
+/// `data` points to `len` bytes of a heap tuple of token.tokens as the table's current
+/// definition (`cat.tokens_desc`) stores it, without TOAST pointers, aligned as a tuple is.
+pub unsafe fn stored_from_tuple(cat: &Catalog, data: *mut pg_sys::HeapTupleHeaderData, len: usize) -> Stored {
+    // SAFETY: per the contract; the datums point into `data`, which outlives their use here
+    // (stored_from_row copies what it keeps).
+    unsafe {
+        let mut tup: pg_sys::HeapTupleData = std::mem::zeroed();
+        tup.t_len = len as u32;
+        tup.t_tableOid = cat.tokens;
+        tup.t_data = data;
+        let natts = (*cat.tokens_desc).natts as usize;
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![true; natts];
+        pg_sys::heap_deform_tuple(&mut tup, cat.tokens_desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        stored_from_row(cat, &values, &nulls)
     }
 }
 
