@@ -324,8 +324,15 @@ def per_token(args):
         conn.execute("VACUUM ANALYZE bench.sample")
         distinct = conn.execute("SELECT count(DISTINCT token) FROM bench.sample").fetchone()[0]
     results = {}
-    for kind, cache in (("hit", "1GB"), ("miss", "0")):
+    # hit: this backend's cache, warmed. shared: no cache of its own, the shared cache warmed by
+    # another session. miss: neither, every call reads the table.
+    for kind, cache, shared in (("hit", "1GB", "on"), ("shared", "0", "on"), ("miss", "0", "off")):
         best = None
+        if kind == "shared":
+            with connect(args, autocommit=True) as w:
+                w.execute("SET token.cache_size = 0")
+                w.execute("SET token.last_used_interval = -1")
+                w.execute(VALIDATE).fetchone()
         for _ in range(3):
             # A fresh backend each time: nothing cached from an earlier pass.
             with connect(args, autocommit=True) as c:
@@ -333,6 +340,7 @@ def per_token(args):
                 # Validation only: last-use updates are left to the pgbench rows.
                 c.execute("SET token.last_used_interval = -1")
                 c.execute(f"SET token.cache_size = '{cache}'")
+                c.execute(f"SET token.shared_cache = {shared}")
                 c.execute("SET jit = off")
                 base = min((timed(c, pid, BASE) for _ in range(2)), key=lambda x: x[0])
                 if kind == "hit":
@@ -340,18 +348,27 @@ def per_token(args):
                     entries, used = c.execute("SELECT entries, bytes FROM token.cache_stats()").fetchone()
                     assert entries == distinct, f"bench: the cache holds {entries} of {distinct} tokens"
                     entry_bytes = used // entries
+                shared0 = c.execute("SELECT hits_total FROM token.shared_cache_stats()").fetchone()[0]
                 cpu, wall = timed(c, pid, VALIDATE)
-                if kind == "miss":
+                shared_hits = c.execute("SELECT hits_total FROM token.shared_cache_stats()").fetchone()[0] - shared0
+                if kind != "hit":
                     entries = c.execute("SELECT entries FROM token.cache_stats()").fetchone()[0]
                     assert entries == 0, "bench: token.cache_size = 0 still cached tokens"
+                if kind == "shared":
+                    # A bucket that drew more tokens than it holds evicts one now and then.
+                    assert shared_hits >= 0.99 * args.lookups, f"bench: {shared_hits} of {args.lookups} were shared hits"
+                    shared_share = shared_hits / args.lookups
+                if kind == "miss":
+                    assert shared_hits == 0, "bench: token.shared_cache = off still used the shared cache"
                 per = ((cpu - base[0]) / args.lookups / 1000, (wall - base[1]) / args.lookups / 1000)
                 best = per if best is None or per[0] < best[0] else best
         results[kind] = best
     with open(args.csv, "a") as f:
-        for kind in ("hit", "miss"):
+        for kind in ("hit", "shared", "miss"):
             f.write(f"{args.size},{kind},{results[kind][0]:.3f},{results[kind][1]:.3f},{entry_bytes}\n")
-    print(f"bench: {args.size:>10,} tokens: cache hit {results['hit'][0]:.2f} us, miss {results['miss'][0]:.2f} us "
-          f"(CPU per validation, {args.lookups:,} in one statement)", flush=True)
+    print(f"bench: {args.size:>10,} tokens: cache hit {results['hit'][0]:.2f} us, shared cache {results['shared'][0]:.2f} us "
+          f"({shared_share:.3%} shared hits), "
+          f"table {results['miss'][0]:.2f} us (CPU per validation, {args.lookups:,} in one statement)", flush=True)
 
 
 # ---- report ----
@@ -491,24 +508,27 @@ def report(args):
         "",
         "`SELECT count(token.validate_token(token)) FROM bench.sample`, tokens drawn uniformly from the table,",
         "minus the same statement without the call; the backend's CPU time, best of 3 fresh sessions.",
-        "Cache hit: `token.cache_size = '1GB'`, warmed by one pass. Miss: `token.cache_size = 0` (every call",
-        "does the index scan). Both with `token.last_used_interval = -1` (the cost of validating, not of queuing",
-        "last-use updates; the pgbench rows include those).",
+        "Cache hit: `token.cache_size = '1GB'`, warmed by one pass. Shared cache: `token.cache_size = 0` (no cache",
+        "of the backend's own), every token in the shared cache (`token.shared_cache_size`) from another session's",
+        "pass: what a backend pays for a token it has not cached itself. Table: `token.cache_size = 0` and",
+        "`token.shared_cache = off` (every call does the index scan). All with `token.last_used_interval = -1`",
+        "(the cost of validating, not of queuing last-use updates; the pgbench rows include those).",
         "",
-        "| tokens in the table | cache hit | cache miss |",
-        "|---:|---:|---:|",
+        "| tokens in the table | cache hit | shared cache | table read |",
+        "|---:|---:|---:|---:|",
     ]
     for s in sizes:
-        lines.append(f"| {s:,} | {per[(s, 'hit')][0]:.2f} µs | {per[(s, 'miss')][0]:.2f} µs |")
+        lines.append(f"| {s:,} | {per[(s, 'hit')][0]:.2f} µs | {per[(s, 'shared')][0]:.2f} µs | {per[(s, 'miss')][0]:.2f} µs |")
     small_pages = {}
     if args.small_pages and os.path.exists(args.small_pages):
         for size, kind, cpu_us, _wall, _entry in csv.reader(open(args.small_pages)):
             small_pages[(int(size), kind)] = float(cpu_us)
     for s in sorted({s for s, _ in small_pages}):
-        lines.append(f"| {s:,}, 4 kB pages | {small_pages[(s, 'hit')]:.2f} µs | {small_pages[(s, 'miss')]:.2f} µs |")
+        lines.append(f"| {s:,}, 4 kB pages | {small_pages[(s, 'hit')]:.2f} µs | {small_pages[(s, 'shared')]:.2f} µs "
+                     f"| {small_pages[(s, 'miss')]:.2f} µs |")
     lines += ["", (f"Shared memory in 2 MB huge pages (`huge_pages = on`), as a large shared_buffers "
-                   "should be; the last row is the same table after a restart with 4 kB pages and `pg_prewarm`: a miss "
-                   "reads two random pages of a multi-gigabyte table, and with small pages most of its cost is address "
+                   "should be; the last row is the same table after a restart with 4 kB pages and `pg_prewarm`: a table "
+                   "read touches two random pages of a multi-gigabyte table, and with small pages most of its cost is address "
                    "translation.") if args.huge_pages == "on" else
               "Shared memory in 4 kB pages (`BENCH_HUGE_PAGES=off`, or huge pages could not be reserved)."]
 
@@ -533,19 +553,21 @@ def report(args):
         worst = lambda kind, v: next(s for s in sizes if per[(s, kind)][0] == v)
         targets.append(("≤ 1 µs per validation on cache hits (one statement, largest of all sizes)",
                         f"{hit:.2f} µs ({worst('hit', hit):,} tokens)", verdict(hit <= 1.0)))
-        targets.append(("≤ 4 µs per validation on cache misses (one statement, largest of all sizes)",
+        targets.append(("≤ 4 µs per validation reading the table (one statement, largest of all sizes)",
                         f"{miss:.2f} µs ({worst('miss', miss):,} tokens)", verdict(miss <= 4.0)))
         big, small = max(sizes), min(sizes)
-        targets.append((f"≤ 3 µs per validation on cache misses at {big:,} tokens (issue 18)",
-                        f"{per[(big, 'miss')][0]:.2f} µs", verdict(per[(big, 'miss')][0] <= 3.0)))
+        targets.append((f"≤ 3 µs per validation on misses of the backend's cache at {big:,} tokens, answered by "
+                        "the shared cache (issue 18)",
+                        f"{per[(big, 'shared')][0]:.2f} µs (reading the table: {per[(big, 'miss')][0]:.2f} µs)",
+                        verdict(per[(big, 'shared')][0] <= 3.0)))
         if big != small:
-            g = per[(big, "miss")][0] / per[(small, "miss")][0]
-            targets.append((f"cache misses at {big:,} tokens ≤ 1.5× what {small:,} cost (issue 18)",
-                            f"{g:.2f}×", verdict(g <= 1.5)))
-        if big != small:
-            for kind, plural in (("hit", "hits"), ("miss", "misses")):
+            g = per[(big, "shared")][0] / per[(small, "shared")][0]
+            t = per[(big, "miss")][0] / per[(small, "miss")][0]
+            targets.append((f"those misses at {big:,} tokens ≤ 1.5× what {small:,} cost (issue 18)",
+                            f"{g:.2f}× (reading the table: {t:.2f}×)", verdict(g <= 1.5)))
+            for kind, plural in (("hit", "cache hits"), ("miss", "table reads")):
                 g = per[(big, kind)][0] / per[(small, kind)][0]
-                targets.append((f"{big:,} tokens cost ≤ 1.3× what {small:,} cost per validation (cache {plural})",
+                targets.append((f"{big:,} tokens cost ≤ 1.3× what {small:,} cost per validation ({plural})",
                                 f"{g:.2f}×", verdict(g <= 1.3)))
     if "one_token" in tps and "four_tokens" in tps:
         r = tps["one_token"] / tps["four_tokens"]
@@ -679,7 +701,8 @@ def report(args):
         lines.append(
             f"- Uniform: a backend's {args.cache_bytes // 1024 // 1024} MB cache holds about {entries:,} tokens "
             f"({entry_bytes} bytes each, measured), {min(entries / args.tokens, 1):.1%} of the {args.tokens:,}, so at most "
-            "that share of validations can be cache hits; the others are an index scan each, and each queues a last-use "
+            "that share of validations can be cache hits; the others come from the shared cache "
+            f"({args.shared_capacity:,} entries, so all {args.tokens:,} once warm) or an index scan, and each queues a last-use "
             "update unless the row was used less than a minute ago. The event writer collects them for up to 100 ms "
             f"and applies up to 2,048 in one UPDATE, on the same {os.cpu_count()} cores; over the {r['rounds']} rounds it "
             f"took {int(r['touch_written']):,} from its queue and dropped {int(r['touch_dropped']):,} for want of room "
@@ -706,14 +729,16 @@ def chart(args, runs, tps, floor, per, sizes):
     for i, k in enumerate(keys):
         ax1.text(tps[k], i, f" {tps[k] / floor:.0%}", va="center", fontsize=8)
     ax1.set_xlim(right=max(tps.values()) * 1.12)
-    for kind, style, color in (("hit", "o-", "#2a7"), ("miss", "s-", "#c84")):
+    for kind, style, color, label in (("hit", "o-", "#2a7", "cache hit"), ("shared", "^-", "#27a", "shared cache"),
+                                      ("miss", "s-", "#c84", "table read")):
         xs = [s for s in sizes if (s, kind) in per]
-        ax2.plot(xs, [per[(s, kind)][0] for s in xs], style, color=color, label=f"cache {kind}")
+        ax2.plot(xs, [per[(s, kind)][0] for s in xs], style, color=color, label=label)
         for x in xs:
             ax2.annotate(f"{per[(x, kind)][0]:.2f}", (x, per[(x, kind)][0]), textcoords="offset points", xytext=(0, 6),
                          ha="center", fontsize=8)
     ax2.axhline(1.0, color="#2a7", lw=0.8, ls="--", label="target, hit (1 µs)")
-    ax2.axhline(4.0, color="#c84", lw=0.8, ls="--", label="target, miss (4 µs)")
+    ax2.axhline(3.0, color="#27a", lw=0.8, ls="--", label="target, backend cache miss (3 µs)")
+    ax2.axhline(4.0, color="#c84", lw=0.8, ls="--", label="target, table read (4 µs)")
     ax2.set_xscale("log")
     ax2.set_xlabel("tokens in the table")
     ax2.set_ylabel("CPU µs per validation")
@@ -1079,6 +1104,7 @@ def main():
     r.add_argument("--rate", help="rate.json from `bench.py rate-accuracy`")
     r.add_argument("--churn", help="churn.json from `bench.py churn`")
     r.add_argument("--huge-pages", default="off", help="on when the cluster ran in huge pages")
+    r.add_argument("--shared-capacity", type=int, default=0, help="entries the shared cache holds")
     r.add_argument("--small-pages", help="per_token CSV of the largest size measured with 4 kB pages")
     r.add_argument("--loads", help="load.csv: size,seconds to grow the table to it")
     r.add_argument("--last-use", help="last_use.json from `bench.py last-use`")

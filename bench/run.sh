@@ -20,6 +20,7 @@
 #   BENCH_JWT_HS256      distinct HS256 legacy JWTs for the first-presentation row (default 50000 x BENCH_SECONDS)
 #   BENCH_JWT_RS256      distinct RS256 legacy JWTs for the first-presentation row (default 20000 x BENCH_SECONDS)
 #   BENCH_SHARED_BUFFERS shared_buffers of the throwaway cluster    (default 6GB, fits 10M tokens)
+#   BENCH_SHARED_CACHE   token.shared_cache_size of that cluster     (default 1GB, 2.3M tokens)
 #   BENCH_HUGE_PAGES     on: back shared memory with 2 MB huge pages, reserved for the run and
 #                        given back after (needs root); off: 4 kB pages  (default on)
 #   BENCH_DIR            where the cluster lives (removed on exit)  (default /tmp/pg_token-bench)
@@ -48,6 +49,7 @@ LOOKUPS=${BENCH_LOOKUPS:-200000}
 JWT_HS256=${BENCH_JWT_HS256:-$((50000 * SECONDS_PER_RUN))}
 JWT_RS256=${BENCH_JWT_RS256:-$((20000 * SECONDS_PER_RUN))}
 SHARED_BUFFERS=${BENCH_SHARED_BUFFERS:-6GB}
+SHARED_CACHE=${BENCH_SHARED_CACHE:-1GB}
 DIR=${BENCH_DIR:-/tmp/pg_token-bench}
 RESULTS=${BENCH_RESULTS:-bench/results}
 VENV="${PG_TOKEN_VENV:-/opt/pg_token-venv}"
@@ -84,7 +86,7 @@ cleanup() {
 trap cleanup EXIT
 PORT=$(bash scripts/cluster.sh free-port)
 CONF=("shared_buffers = '$SHARED_BUFFERS'" "max_wal_size = '16GB'" "checkpoint_timeout = '30min'"
-      "autovacuum = off" "jit = off" "max_connections = 20")
+      "autovacuum = off" "jit = off" "max_connections = 20" "token.shared_cache_size = '$SHARED_CACHE'")
 bash scripts/cluster.sh start "$DIR" "$PORT" "${CONF[@]}"
 
 # Huge pages, as a DBA with gigabytes of shared_buffers configures them: a miss touches two
@@ -240,16 +242,17 @@ py churn --host "$DIR" --port "$PORT" --pgbin "$PGBIN" --scripts "$ROOT/bench/sc
 
 cache_kb=$(psql_su -Atc "SHOW token.cache_size")
 cache_bytes=$(psql_su -Atc "SELECT budget FROM token.cache_stats()")
+shared_capacity=$(psql_su -Atc "SELECT capacity FROM token.shared_cache_stats()")
 settings=(
   "Cluster: ${CONF[*]}; fsync = off (scripts/cluster.sh). Tables are VACUUM ANALYZEd after loading; autovacuum off so that it cannot run during a measurement."
   "pgbench over the Unix socket as \`postgres\` (superuser), except the RLS row: \`bench_app\`, a login role in \`token_validator\` that does not own \`bench.docs\`. A CHECKPOINT and \`token.flush_events()\` before each run."
-  "pgbench rows use pg_token's defaults: \`token.cache_size\` = $cache_kb per backend, \`token.last_used_interval\` = 60 s, except where the row says otherwise."
+  "pgbench rows use pg_token's defaults: \`token.cache_size\` = $cache_kb per backend, \`token.last_used_interval\` = 60 s, except where the row says otherwise; \`token.shared_cache_size\` = $SHARED_CACHE ($shared_capacity tokens), where the default is 64MB."
   "Hot set: after its first pass each backend's cache holds all 1,000 tokens, so validations are cache hits and a token's last use is queued at most once a minute per backend."
   "Legacy JWT rows: issuers \`bench_hs256\` (HS256) and \`bench_rs256\` (RS256, 2048-bit key) for the bench key type; $JWT_HS256 and $JWT_RS256 pre-made JWTs in \`bench.jwt_hs256\` / \`bench.jwt_rs256\`, each client reading its own quarter in order; \`token.legacy_notice\` = off."
-  "One statement: \`token.cache_size\` = 1GB (hit) or 0 (miss) and \`token.last_used_interval\` = -1, set in that session only."
+  "One statement: \`token.cache_size\` = 1GB (hit) or 0 (shared cache, table read), \`token.shared_cache\` = off (table read) and \`token.last_used_interval\` = -1, set in that session only."
 )
 py report --pgbench "$OUT/pgbench.csv" --per-token "$OUT/per_token.csv" --seconds "$SECONDS_PER_RUN" --rounds "$ROUNDS" \
-  --tokens "$NTOKENS" --lookups "$LOOKUPS" --cache-bytes "$cache_bytes" --version "$version, release build installed $built; repository at $commit" \
+  --tokens "$NTOKENS" --lookups "$LOOKUPS" --cache-bytes "$cache_bytes" --shared-capacity "$shared_capacity" --version "$version, release build installed $built; repository at $commit" \
   --huge-pages "$huge" --small-pages "$OUT/per_token_small_pages.csv" \
   --flood "$OUT/flood.json" --rate "$OUT/rate.json" --last-use "$OUT/last_use.json" --churn "$OUT/churn.json" --loads "$OUT/load.csv" --jwt-counts "hs256=$JWT_HS256,rs256=$JWT_RS256" --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
 cat "$RESULTS/latest.md"

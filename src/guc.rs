@@ -130,7 +130,7 @@ fn define() {
     GucRegistry::define_int_guc(
         c"token.shared_cache_size",
         c"Shared memory for the validation cache all backends share (0 disables it).",
-        c"About 450 bytes a token; needs shared_preload_libraries and a restart. Standbys do not use it.",
+        c"464 bytes a token; needs shared_preload_libraries and a restart. Standbys do not use it.",
         &SHARED_CACHE_SIZE_KB,
         0,
         i32::MAX,

@@ -3,10 +3,13 @@
 //! so that a token any backend read lately costs the next backend a copy instead of an index
 //! scan and a heap fetch: with ten million tokens those are a dozen cache misses and more.
 //!
-//! Each bucket holds `WAYS` entries behind one sequence lock. Readers never write: they copy an
-//! entry and check that the bucket's sequence did not move meanwhile (a writer in the bucket, or
-//! one that came and went, sends them to the table). Writers (a fill, a removal) take the bucket
-//! with a compare-and-swap, for a few hundred nanoseconds.
+//! Each bucket holds `WAYS` entries behind one sequence lock, and a token may live in either of
+//! two buckets its fingerprint names (two choices keep the table usable nearly full: with one,
+//! a bucket that drew more tokens than it has ways would evict while others sit empty).
+//! Readers never write: they copy an entry and check that the bucket's sequence did not move
+//! meanwhile (a writer in the bucket, or one that came and went, sends them to the table).
+//! Writers (a fill, a removal) take one bucket at a time with a compare-and-swap, for a few
+//! hundred nanoseconds.
 //!
 //! Zero staleness is the caller's protocol, with the change log (`changes`): a fill is made only
 //! if, under the bucket's lock, nothing was published since the filler read the log before its
@@ -35,12 +38,13 @@ pub const PAYLOAD: usize = WORDS * 8;
 /// definition), so that no other table's lookup can match it.
 pub type Scope = [u64; 2];
 
-/// The table-wide state.
+/// The table-wide state, a cache line of its own (the buckets after it start on a line).
 #[repr(C)]
 #[derive(Default)]
 pub struct Header {
     /// Entries filled under another epoch are gone.
     epoch: AtomicU64,
+    _pad: [u64; 7],
 }
 
 #[repr(C)]
@@ -63,6 +67,7 @@ pub struct Bucket {
     /// Each way's fingerprint (0: empty), on the bucket's first cache line: a lookup reads this
     /// line and then one entry.
     tags: [AtomicU64; WAYS],
+    _pad: [u64; 2],
     entries: [Entry; WAYS],
 }
 
@@ -76,7 +81,13 @@ impl Default for Bucket {
             len: zero(),
             data: std::array::from_fn(|_| zero()),
         };
-        Bucket { seq: zero(), victim: zero(), tags: std::array::from_fn(|_| zero()), entries: std::array::from_fn(|_| entry()) }
+        Bucket {
+            seq: zero(),
+            victim: zero(),
+            tags: std::array::from_fn(|_| zero()),
+            _pad: [0; 2],
+            entries: std::array::from_fn(|_| entry()),
+        }
     }
 }
 
@@ -134,31 +145,40 @@ impl<'a> SharedCache<'a> {
         self.header.epoch.load(Ordering::SeqCst)
     }
 
-    fn bucket(&self, fp: u64) -> Option<&'a Bucket> {
+    /// The two buckets a fingerprint may live in (one when the table has one bucket, or both
+    /// choices fall together).
+    fn buckets(&self, fp: u64) -> impl Iterator<Item = &'a Bucket> {
         let n = self.buckets.len() as u64;
-        if n == 0 {
-            return None;
-        }
-        self.buckets.get(((fp >> 7) % n) as usize)
+        let (first, second) = if n == 0 {
+            (None, None)
+        } else {
+            let a = (fp >> 7) % n;
+            let b = (fp.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15).wrapping_mul(0xff51_afd7_ed55_8ccd) % n;
+            (Some(a), (b != a).then_some(b))
+        };
+        [first, second].into_iter().flatten().filter_map(|i| self.buckets.get(i as usize))
     }
 
     /// Copies the row kept under `key` in `scope` into `out` and returns its length, or None
     /// (no entry, another epoch's, or a writer in the bucket meanwhile).
     pub fn get(&self, key: &TokenHash, scope: Scope, out: &mut [u64; WORDS]) -> Option<usize> {
         let fp = fingerprint(key);
-        let b = self.bucket(fp)?;
+        let want = words(key);
+        self.buckets(fp).find_map(|b| self.get_in(b, fp, &want, scope, out))
+    }
+
+    fn get_in(&self, b: &Bucket, fp: u64, want: &[u64; 4], scope: Scope, out: &mut [u64; WORDS]) -> Option<usize> {
         let before = b.seq.load(Ordering::Acquire);
         if before & 1 == 1 {
             return None;
         }
         let epoch = self.header.epoch.load(Ordering::Acquire);
-        let want = words(key);
         let mut found = None;
         for (t, e) in b.tags.iter().zip(&b.entries) {
             if t.load(Ordering::Relaxed) != tag(fp) {
                 continue;
             }
-            let same = e.key.iter().zip(want).all(|(k, w)| k.load(Ordering::Relaxed) == w)
+            let same = e.key.iter().zip(want).all(|(k, w)| k.load(Ordering::Relaxed) == *w)
                 && e.scope.iter().zip(scope).all(|(s, w)| s.load(Ordering::Relaxed) == w)
                 && e.epoch.load(Ordering::Relaxed) == epoch;
             let len = e.len.load(Ordering::Relaxed) as usize;
@@ -179,70 +199,113 @@ impl<'a> SharedCache<'a> {
         found
     }
 
-    /// Keeps `row` under `key` in `scope`, if `still_current()` (called under the bucket's lock)
-    /// says nothing was published since the filler read the log, and the epoch is still `epoch`.
-    pub fn fill(&self, key: &TokenHash, scope: Scope, epoch: u64, row: &[u8], still_current: impl FnOnce() -> bool) -> Fill {
+    /// Keeps `row` under `key` in `scope`, if `still_current()` (called under the lock of the
+    /// bucket written) says nothing was published since the filler read the log, and the epoch
+    /// is still `epoch`: over its own entry, else in a free way of the emptier bucket, else of
+    /// the other, else in place of another entry of the emptier one.
+    pub fn fill(&self, key: &TokenHash, scope: Scope, epoch: u64, row: &[u8], still_current: impl Fn() -> bool) -> Fill {
         if row.is_empty() || row.len() > PAYLOAD {
             return Fill::TooBig;
         }
         let fp = fingerprint(key);
-        let Some(b) = self.bucket(fp) else { return Fill::Disabled };
         let want = words(key);
-        let held = lock(b);
-        if !still_current() || self.header.epoch.load(Ordering::SeqCst) != epoch {
-            unlock(b, held);
-            return Fill::Stale;
-        }
-        let live = |i: usize| {
-            let e = &b.entries[i];
-            b.tags[i].load(Ordering::Relaxed) != 0 && e.len.load(Ordering::Relaxed) != 0 && e.epoch.load(Ordering::Relaxed) == epoch
+        let mut buckets: Vec<&Bucket> = self.buckets(fp).collect();
+        // The emptier bucket first (read without its lock: a hint), which keeps the two
+        // choices balanced.
+        let free = |b: &Bucket| {
+            let free = b.tags.iter().zip(&b.entries).filter(|(t, e)| {
+                t.load(Ordering::Relaxed) == 0 || e.len.load(Ordering::Relaxed) == 0 || e.epoch.load(Ordering::Relaxed) != epoch
+            });
+            free.count()
         };
-        let own = (0..WAYS).find(|&i| {
-            let e = &b.entries[i];
-            live(i)
-                && e.key.iter().zip(want).all(|(k, w)| k.load(Ordering::Relaxed) == w)
-                && e.scope.iter().zip(scope).all(|(s, w)| s.load(Ordering::Relaxed) == w)
-        });
-        let (way, evicted) = match own.or_else(|| (0..WAYS).find(|&i| !live(i))) {
-            Some(i) => (i, false),
-            None => ((b.victim.fetch_add(1, Ordering::Relaxed) % WAYS as u64) as usize, true),
-        };
-        let e = &b.entries[way];
-        b.tags[way].store(tag(fp), Ordering::Relaxed);
-        for (k, w) in e.key.iter().zip(want) {
-            k.store(w, Ordering::Relaxed);
+        buckets.sort_by_key(|b| std::cmp::Reverse(free(b)));
+        let Some(first) = buckets.first().copied() else { return Fill::Disabled };
+        // Three passes: its own entry in either bucket, a free way, then eviction in the first.
+        for pass in [Pass::Own, Pass::Free, Pass::Evict] {
+            for &b in &buckets {
+                if pass == Pass::Evict && !std::ptr::eq(b, first) {
+                    continue;
+                }
+                let held = lock(b);
+                if !still_current() || self.header.epoch.load(Ordering::SeqCst) != epoch {
+                    unlock(b, held);
+                    return Fill::Stale;
+                }
+                let live = |i: usize| {
+                    let e = &b.entries[i];
+                    b.tags[i].load(Ordering::Relaxed) != 0
+                        && e.len.load(Ordering::Relaxed) != 0
+                        && e.epoch.load(Ordering::Relaxed) == epoch
+                };
+                let own = || {
+                    (0..WAYS).find(|&i| {
+                        let e = &b.entries[i];
+                        live(i)
+                            && e.key.iter().zip(want).all(|(k, w)| k.load(Ordering::Relaxed) == w)
+                            && e.scope.iter().zip(scope).all(|(s, w)| s.load(Ordering::Relaxed) == w)
+                    })
+                };
+                let way = match pass {
+                    Pass::Own => own(),
+                    Pass::Free => (0..WAYS).find(|&i| !live(i)),
+                    Pass::Evict => Some((b.victim.fetch_add(1, Ordering::Relaxed) % WAYS as u64) as usize),
+                };
+                let Some(way) = way else {
+                    unlock(b, held);
+                    continue;
+                };
+                write(b, way, fp, &want, scope, epoch, row);
+                unlock(b, held);
+                return Fill::Filled { evicted: pass == Pass::Evict };
+            }
         }
-        for (s, w) in e.scope.iter().zip(scope) {
-            s.store(w, Ordering::Relaxed);
-        }
-        e.epoch.store(epoch, Ordering::Relaxed);
-        for (d, chunk) in e.data.iter().zip(row.chunks(8)) {
-            let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            d.store(u64::from_ne_bytes(w), Ordering::Relaxed);
-        }
-        e.len.store(row.len() as u64, Ordering::Relaxed);
-        unlock(b, held);
-        Fill::Filled { evicted }
+        Fill::Stale // not reached: the eviction pass always writes
     }
 
     /// Drops every entry whose token has fingerprint `fp` (in every scope).
     pub fn forget(&self, fp: u64) {
-        let Some(b) = self.bucket(fp) else { return };
-        let held = lock(b);
-        for (t, e) in b.tags.iter().zip(&b.entries) {
-            if t.load(Ordering::Relaxed) == tag(fp) {
-                e.len.store(0, Ordering::Relaxed);
-                t.store(0, Ordering::Relaxed);
+        for b in self.buckets(fp) {
+            let held = lock(b);
+            for (t, e) in b.tags.iter().zip(&b.entries) {
+                if t.load(Ordering::Relaxed) == tag(fp) {
+                    e.len.store(0, Ordering::Relaxed);
+                    t.store(0, Ordering::Relaxed);
+                }
             }
+            unlock(b, held);
         }
-        unlock(b, held);
     }
 
     /// Drops every entry.
     pub fn forget_all(&self) {
         self.header.epoch.fetch_add(1, Ordering::SeqCst);
     }
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Pass {
+    Own,
+    Free,
+    Evict,
+}
+
+/// Writes an entry; the caller holds the bucket's lock.
+fn write(b: &Bucket, way: usize, fp: u64, key: &[u64; 4], scope: Scope, epoch: u64, row: &[u8]) {
+    let e = &b.entries[way];
+    b.tags[way].store(tag(fp), Ordering::Relaxed);
+    for (k, w) in e.key.iter().zip(key) {
+        k.store(*w, Ordering::Relaxed);
+    }
+    for (s, w) in e.scope.iter().zip(scope) {
+        s.store(w, Ordering::Relaxed);
+    }
+    e.epoch.store(epoch, Ordering::Relaxed);
+    for (d, chunk) in e.data.iter().zip(row.chunks(8)) {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        d.store(u64::from_ne_bytes(w), Ordering::Relaxed);
+    }
+    e.len.store(row.len() as u64, Ordering::Relaxed);
 }
 
 /// Takes the bucket's sequence lock (odd); returns the odd value.
@@ -354,6 +417,23 @@ mod tests {
         let kept = keys.iter().filter(|k| get(&c, k, DB).is_some()).count();
         assert_eq!(kept, WAYS);
         assert!(get(&c, &keys[WAYS + 1], DB).is_some(), "the newest is kept");
+    }
+
+    /// Two choices of bucket keep the table usable nearly full: given as many rows as 70% of its
+    /// capacity it keeps 99.5% or more of them, at 90% still 95% (measured: 99.8% and 96.2%).
+    #[test]
+    fn a_nearly_full_table_keeps_nearly_everything() {
+        for (load, least) in [(70, 995), (90, 950)] {
+            let (h, b) = table(1000);
+            let c = SharedCache::new(&h, &b);
+            let n = c.capacity() * load / 100;
+            let keys: Vec<TokenHash> = (0..n).map(|i| token_hash(format!("load{i}").as_bytes())).collect();
+            for k in &keys {
+                c.fill(k, DB, c.epoch(), b"row", || true);
+            }
+            let kept = keys.iter().filter(|k| get(&c, k, DB).is_some()).count();
+            assert!(kept * 1000 >= n * least, "at {load}% kept {kept} of {n}");
+        }
     }
 
     #[test]

@@ -171,6 +171,27 @@ fn row_desc(ns: pg_sys::Oid, name: &std::ffi::CStr) -> (u32, pg_sys::TupleDesc) 
     }
 }
 
+/// Where this database's token.tokens rows belong in the shared cache: the database, the
+/// table's OID and the transaction that last wrote its pg_class row (an ALTER TABLE or a
+/// re-created table is another scope).
+fn shared_scope(tokens: pg_sys::Oid) -> pg_token_core::shared::Scope {
+    // SAFETY: a syscache lookup of an existing relation's pg_class row, released at once;
+    // its raw xmin is read from the header.
+    let xmin = unsafe {
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as _, pg_sys::Datum::from(tokens));
+        if tup.is_null() {
+            0
+        } else {
+            let x = (*(*tup).t_data).t_choice.t_heap.t_xmin.into_inner();
+            pg_sys::ReleaseSysCache(tup);
+            x
+        }
+    };
+    // SAFETY: reads this backend's database OID.
+    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    [u64::from(db), (u64::from(tokens.to_u32()) << 32) | u64::from(xmin)]
+}
+
 /// The indexes of the per-call columns in a row type, when it has all four.
 fn per_call_columns(desc: pg_sys::TupleDesc) -> Option<[usize; 4]> {
     columns(desc, ["uses_remaining", "rate_limit", "rate_remaining", "rate_reset_at"])
@@ -256,7 +277,7 @@ impl Catalog {
             identity_legacy: columns(identity_desc, ["deprecation", "sunset_at"]),
             legacy: LegacyCatalog::load(ns),
             tokens_desc: row_desc(ns, c"tokens").1,
-            shared_scope: super::shared::scope(tokens),
+            shared_scope: shared_scope(tokens),
             atts,
             key_type_atts,
         }

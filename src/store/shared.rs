@@ -20,7 +20,7 @@ use std::ffi::CStr;
 use std::ptr;
 
 use pg_token_core::hash::TokenHash;
-use pg_token_core::shared::{Bucket, Fill, Header, Scope, SharedCache, WORDS};
+use pg_token_core::shared::{Bucket, Fill, Header, SharedCache, WORDS};
 use pgrx::pg_sys;
 use pgrx::PgSharedMemoryInitialization;
 
@@ -108,25 +108,6 @@ pub fn usable() -> Option<SharedCache<'static>> {
 /// Entries the table can hold (0 without it).
 pub fn capacity() -> usize {
     table().map_or(0, |t| t.capacity())
-}
-
-/// Where this database's token.tokens rows belong.
-pub fn scope(tokens: pg_sys::Oid) -> Scope {
-    // SAFETY: a syscache lookup of an existing relation's pg_class row, released at once;
-    // its raw xmin is read from the header.
-    let xmin = unsafe {
-        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as _, pg_sys::Datum::from(tokens));
-        if tup.is_null() {
-            0
-        } else {
-            let x = (*(*tup).t_data).t_choice.t_heap.t_xmin.into_inner();
-            pg_sys::ReleaseSysCache(tup);
-            x
-        }
-    };
-    // SAFETY: reads this backend's database OID.
-    let db = unsafe { pg_sys::MyDatabaseId }.to_u32();
-    [u64::from(db), (u64::from(tokens.to_u32()) << 32) | u64::from(xmin)]
 }
 
 /// The row kept under `key`, built as the index scan builds it, if its token is still current

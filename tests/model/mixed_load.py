@@ -5,7 +5,10 @@ replays the history and reports every verdict no ordering consistent with those 
   validators  MODEL_VALIDATORS connections (16) as a token_validator role, each calling
               check_token (70%) or validate_token (30%), a quarter of them with a
               required_scope, on a pool of the run's opaque tokens and legacy HS256 JWTs
-              (mostly the 200 newest, so recent changes are raced).
+              (mostly the 200 newest, so recent changes are raced). Every other validator
+              logs in as a role whose token.cache_size is 0, so its answers come from the
+              cache all backends share (token.shared_cache_size) or the table: both caches
+              are raced.
   admins      MODEL_ADMINS connections (4) as a token_admin role, MODEL_RATE operations a second
               in all (100): generate_token (some expiring within seconds), rotate_token with a
               grace of 0 to 30 s, revoke_token, disable_token, enable_token, update_token
@@ -105,15 +108,18 @@ def setup():
                   "'2099-01-01 00:00+00', issuer => %s)", (ISSUER, secret, ISS))
         # No leeway, so the run's short-lived JWTs expire within it, at exp exactly.
         c.execute(f"ALTER DATABASE {DB} SET token.jwt_leeway = 0")
-        for role, group in (("model_admin", "token_admin"), ("model_app", "token_validator")):
+        for role, group in (("model_admin", "token_admin"), ("model_app", "token_validator"),
+                            ("model_app_shared", "token_validator")):
             if c.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
                 c.execute(f"DROP OWNED BY {role} CASCADE")
                 c.execute(f"DROP ROLE {role}")
             c.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}'")
             c.execute(f"GRANT {group} TO {role}")
+        c.execute("ALTER ROLE model_app_shared SET token.cache_size = 0")
+        shared = c.execute("SELECT hits_total, fills_total FROM token.shared_cache_stats()").fetchone()
     with connect("model_app") as c:
         leeway = int(re.match(r"\d+", c.execute("SHOW token.jwt_leeway").fetchone()[0]).group())
-    return secret, leeway
+    return secret, leeway, shared
 
 
 def connect(role, **kw):
@@ -330,7 +336,7 @@ VALIDATE = ("SELECT true, NULL, v.token_id, v.account, v.key_type, v.scopes, v.e
 def validator(n):
     rng = random.Random(1000 + n)
     try:
-        with connect("model_app", autocommit=True) as conn:
+        with connect("model_app_shared" if n % 2 else "model_app", autocommit=True) as conn:
             try:
                 conn.execute("SET token.legacy_notice = off")
             except psycopg.Error:
@@ -369,7 +375,7 @@ def validator(n):
 
 def main():
     global stop_at
-    secret, leeway = setup()
+    secret, leeway, shared_before = setup()
     print(f"[model] {SECONDS:g} s, {VALIDATORS} validators, {ADMINS} admins at {RATE:g} ops/s in all, "
           f"jwt_leeway {leeway} s, database {DB} on {HOST}:{PORT}", flush=True)
     stop_at = time.time() + SECONDS
@@ -396,6 +402,12 @@ def main():
     print(f"[model] calls: {json.dumps(summary['by_call'], sort_keys=True)}")
     print(f"[model] expected admin refusals (55000 on a token expiring or past its grace meanwhile): "
           f"{sum(expected_refusals.values())}")
+    with psycopg.connect(host=SOCKET, port=PORT, user="postgres", dbname=DB, autocommit=True) as c:
+        hits, fills = (a - b for a, b in zip(c.execute("SELECT hits_total, fills_total FROM token.shared_cache_stats()").fetchone(),
+                                            shared_before))
+    print(f"[model] shared cache: {hits} hits, {fills} rows added")
+    if VALIDATORS > 1 and (hits == 0 or fills == 0):
+        anomalies.append({"kind": "unexpected_error", "what": "the shared cache was never used: the run did not race it"})
     errors = [a for a in anomalies if a["kind"] in ("unexpected_error", "admin_error", "admin_crash")]
     print(f"[model] anomalies: {len(anomalies) - len(errors)}, unexpected errors: {len(errors)}")
     if anomalies:

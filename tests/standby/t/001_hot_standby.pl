@@ -261,5 +261,11 @@ is(verdict('kept'), 'valid', 'standby: the token is unchanged');
 is($primary->safe_psql('app', "SELECT status FROM token.token_list WHERE id = '$id{kept}'"),
 	'active', 'primary: the token is unchanged');
 
+# 7. The shared cache exists on the standby (same settings) but is never used there: no trigger
+# runs on a standby, so nothing would remove a replayed change from it.
+is($standby->safe_psql('app',
+		'SELECT capacity > 0, enabled, hits_total, fills_total FROM token.shared_cache_stats()'),
+	't|f|0|0', 'standby: the shared cache is not used (no hit, no row added after all of the above)');
+
 $session->quit;
 done_testing();
