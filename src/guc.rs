@@ -120,23 +120,19 @@ fn define() {
     GucRegistry::define_int_guc(
         c"token.cache_size",
         c"Memory for each backend's validation cache (0 disables it).",
-        c"Cached entries are dropped as soon as any token, key type or prefix changes.",
+        c"An entry is dropped when its token changes, and every entry when a key type or prefix does.",
         &CACHE_SIZE_KB,
         0,
         i32::MAX / 1024,
         GucContext::Suset,
         GucFlags::UNIT_KB,
     );
-    GucRegistry::define_int_guc(
-        c"token.shared_cache_size",
-        c"Shared memory for the validation cache all backends share (0 disables it).",
-        c"464 bytes a token; needs shared_preload_libraries and a restart. Standbys do not use it.",
-        &SHARED_CACHE_SIZE_KB,
-        0,
-        i32::MAX,
-        GucContext::Postmaster,
-        GucFlags::UNIT_KB,
-    );
+    // A postmaster setting can only be defined while shared_preload_libraries loads us (else
+    // Postgres raises): without the preload there is no shared memory to size anyway.
+    // SAFETY: reads a flag Postgres sets while it loads the preload libraries.
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        define_shared_cache_size();
+    }
     GucRegistry::define_bool_guc(
         c"token.shared_cache",
         c"Look tokens up in, and add them to, the shared validation cache.",
@@ -288,4 +284,17 @@ pub fn cache_budget_bytes() -> usize {
 /// `token.shared_cache_size` in bytes.
 pub fn shared_cache_bytes() -> usize {
     usize::try_from(SHARED_CACHE_SIZE_KB.get()).unwrap_or(0) * 1024
+}
+
+fn define_shared_cache_size() {
+    GucRegistry::define_int_guc(
+        c"token.shared_cache_size",
+        c"Shared memory for the validation cache all backends share (0 disables it).",
+        c"464 bytes a token; needs shared_preload_libraries and a restart. Standbys do not use it.",
+        &SHARED_CACHE_SIZE_KB,
+        0,
+        i32::MAX,
+        GucContext::Postmaster,
+        GucFlags::UNIT_KB,
+    );
 }

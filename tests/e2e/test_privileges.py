@@ -44,6 +44,7 @@ def test_validator_is_denied(db, app, what, sql):
     ("SET token.max_child_tokens = 100000", "42501"),
     ("SET token.jwt_leeway = 300", "42501"),
     ("SET token.max_refusal_rate = 0", "42501"),
+    ("SET token.shared_cache = off", "42501"),
     # The test hook that holds a commit's publication (hidden from SHOW ALL, so listed by hand).
     ("SET token.test_commit_publish_delay = 1000", "42501"),
     ("ALTER ROLE e2e_app SET token.environment = 'prod'", "42501"),
@@ -56,6 +57,8 @@ def test_validator_is_denied(db, app, what, sql):
     ("SET token.event_window = 1", "55P02"),
     ("SET token.max_event_hints = 10000", "55P02"),
     ("SET token.flood_nice = 0", "55P02"),
+    # Shared memory is sized at server start.
+    ("SET token.shared_cache_size = '1GB'", "55P02"),
 ])
 def test_validator_cannot_change_settings(db, app, sql, sqlstate):
     err = refusal(app, sql)
@@ -69,7 +72,7 @@ def test_every_token_setting_is_covered_above(app):
                      "token.event_retention", "token.worker_idle_timeout", "token.min_event_retention",
                      "token.max_event_rows", "token.event_window", "token.max_event_hints", "token.flood_nice",
                      "token.max_token_depth", "token.max_child_tokens", "token.jwt_leeway", "token.legacy_notice",
-                     "token.max_refusal_rate"}
+                     "token.max_refusal_rate", "token.shared_cache_size", "token.shared_cache"}
 
 
 def test_validator_validates(db, admin, app):
