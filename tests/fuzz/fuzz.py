@@ -81,7 +81,7 @@ WEIGHTS = {
     "derive_own_token": 2, "update_token": 3, "disable_token": 1, "enable_token": 1,
     "token_uses": 1, "revoke_token": 1, "revoke_token_tree": 1, "revoke_account_tokens": 1,
     "purge_events": 0.5, "flush_events": 0.4, "metrics": 0.4, "refusal_metrics": 0.4,
-    "worker_status": 0.4,
+    "worker_status": 0.4, "shared_cache_stats": 0.4,
 }
 
 # Argument generators by (function, argument), then by argument name, then by type.
