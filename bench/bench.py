@@ -893,6 +893,14 @@ def churn(args):
         def cache_counts():
             return c.execute("SELECT cache_hits_total, cache_misses_total FROM token.metrics()").fetchone()
 
+        def op(a, kind):
+            if kind == "commit":
+                a.execute("UPDATE bench.churn_control SET n = n + 1")
+            elif kind == "revoke":
+                a.execute("SELECT token.revoke_token(%s, 'bench churn')", (ids.pop(),))
+            else:
+                a.execute("SELECT token_id FROM token.rotate_token(%s)", (ids.pop(),))
+
         def run(kind, r):
             settle()
             stop, done, cpu = threading.Event(), [0], [0.0]
@@ -903,12 +911,7 @@ def churn(args):
                     c0 = cpu_ns(pid)
                     start = time.monotonic()
                     while not stop.is_set():
-                        if kind == "commit":
-                            a.execute("UPDATE bench.churn_control SET n = n + 1")
-                        elif kind == "revoke":
-                            a.execute("SELECT token.revoke_token(%s, 'bench churn')", (ids.pop(),))
-                        else:
-                            a.execute("SELECT token_id FROM token.rotate_token(%s)", (ids.pop(),))
+                        op(a, kind)
                         done[0] += 1
                         wait = start + done[0] / rate - time.monotonic()
                         if wait > 0:
@@ -932,14 +935,6 @@ def churn(args):
             hits, misses = h1[0] - h0[0], h1[1] - h0[1]
             return (tps_of(f"{args.out}/churn-{kind}-{r}.log"), done[0] / elapsed, hits / max(hits + misses, 1),
                     cpu[0], 1e6 * cpu[0] / max(done[0] / elapsed, 1e-9))
-
-        def op(a, kind):
-            if kind == "commit":
-                a.execute("UPDATE bench.churn_control SET n = n + 1")
-            elif kind == "revoke":
-                a.execute("SELECT token.revoke_token(%s, 'bench churn')", (ids.pop(),))
-            else:
-                a.execute("SELECT token_id FROM token.rotate_token(%s)", (ids.pop(),))
 
         def alternate(kind, r):
             """One pgbench run of twice the seconds, the churn on in odd clock seconds only:

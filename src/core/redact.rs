@@ -1,8 +1,9 @@
 //! Masks tokens so that no log line can carry one, whatever path wrote it (an error echoing its
 //! input, `log_statement`, a bind parameter in a DETAIL), and leaves everything else alone.
 //!
-//! What is masked: a separator (`_` or `-`) that ends a prefix of at least one letter or digit,
-//! followed by at least 22 base62 characters: room for a whole token body. That is a token
+//! What is masked: a separator (`_` or `-`) that ends a prefix of at least one letter or digit
+//! (or of a letter or digit and then any one character: a prefix whose last character was
+//! mistyped), followed by at least 22 base62 characters: room for a whole token body. That is a token
 //! (28), one cut short inside its checksum (the checksum is recomputed from the body, so that is
 //! the token too), or tokens glued to what follows them (a token repeated to make an oversized
 //! input). The run is masked down to its first four characters (the hint shown everywhere
@@ -33,7 +34,7 @@ fn next_run(buf: &[u8], from: usize) -> Option<(usize, usize)> {
     let mut i = from;
     while i < buf.len() {
         // (A mask before the separator is the end of a token masked just now, glued to this one.)
-        if is_separator(buf[i]) && i > 0 && (buf[i - 1].is_ascii_alphanumeric() || buf[i - 1] == MASK) {
+        if is_separator(buf[i]) && i > 0 && (buf[i - 1].is_ascii_alphanumeric() || buf[i - 1] == MASK || damaged_before(buf, i)) {
             let start = i + 1;
             let run = buf[start..].iter().take_while(|b| b.is_ascii_alphanumeric()).count();
             if run >= MIN_TAIL {
@@ -48,6 +49,19 @@ fn next_run(buf: &[u8], from: usize) -> Option<(usize, usize)> {
         i += 1;
     }
     None
+}
+
+/// Whether the character just before the separator at `at` is one other character (any, a
+/// multi-byte one included) after a letter or digit: a prefix whose last character was
+/// mistyped or damaged (`f_-`, `f -`, `fé-` for `fz-`). What follows is the token's body all the
+/// same, and the prefix is public. (A character mistyped earlier in a prefix leaves a letter or
+/// digit before the separator; a mistyped separator is `mistyped_separator`'s.)
+fn damaged_before(buf: &[u8], at: usize) -> bool {
+    let mut j = at - 1;
+    while j > 0 && (buf[j] & 0xC0) == 0x80 {
+        j -= 1;
+    }
+    j > 0 && !buf[j].is_ascii_alphanumeric() && buf[j - 1].is_ascii_alphanumeric()
 }
 
 /// A token whose separator was mistyped (`cf.`, `cf `, `cfé`, `cfa` for `cf-`): the prefix's
@@ -287,6 +301,22 @@ mod tests {
         for t in [good, typo, format::compose("a_", "0000000000000000000000")] {
             let m = masked(&format!("x {t} y"));
             assert!(!m.contains(&t[t.len() - 20..]), "{t} -> {m}");
+        }
+    }
+
+    /// Found by the fuzzer (seed 2905172917): `f_-` for `fz-` left the body in the log. Every
+    /// prefix character but the first, replaced by any character the fuzzer uses, still masks it.
+    #[test]
+    fn masks_a_token_whose_prefix_was_damaged() {
+        for prefix in ["fz-", "fzmid_", "thresh_live_"] {
+            let t = format::compose(prefix, "k7R9fQw2VDp3Zx4mN8tJ1s");
+            for pos in 1..prefix.len() {
+                for c in ["_", "-", ".", " ", "é", "Q", "'"] {
+                    let damaged = format!("{}{}{}", &t[..pos], c, &t[pos + 1..]);
+                    let m = masked(&format!("$1 = '{damaged}'"));
+                    assert!(!m.contains("fQw2VDp3Zx4mN8tJ1s"), "{damaged} -> {m}");
+                }
+            }
         }
     }
 

@@ -10,11 +10,14 @@ The superuser connects over the unix socket (trust); every role under test conne
 TCP with a SCRAM password, as an application would.
 """
 
+import contextlib
 import os
 import pathlib
 import re
 import subprocess
 import tempfile
+import threading
+import time
 import zlib
 
 import psycopg
@@ -189,3 +192,35 @@ def compose(prefix, body):
 
 def flush(su):
     assert su.execute("SELECT token.flush_events('10 seconds')").fetchone()[0] is True, "event writer did not drain"
+
+
+@contextlib.contextmanager
+def revoke_held_open(db, su, token_id, ms=3000):
+    """Revokes a token in another session whose commit is held for `ms` between becoming
+    visible to new snapshots and telling the caches (token.test_commit_publish_delay). Enters
+    once the revoke is visible, while its call has not returned; yields an Event set when it
+    returns. Leaves once it returned (and raises what it raised)."""
+    done, failure = threading.Event(), []
+
+    def revoke():
+        try:
+            with db.su() as w:
+                w.execute(f"SET token.test_commit_publish_delay = {int(ms)}")
+                w.execute("SELECT token.revoke_token(%s)", (token_id,))
+        except Exception as e:  # reported below
+            failure.append(e)
+        finally:
+            done.set()
+
+    revoker = threading.Thread(target=revoke)
+    revoker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not su.execute("SELECT revoked_at IS NOT NULL FROM token.tokens WHERE id = %s", (token_id,)).fetchone()[0]:
+            assert time.monotonic() < deadline, "the revoke never became visible"
+            time.sleep(0.01)
+        assert not done.is_set(), "the window was open: the revoke is visible, its call has not returned"
+        yield done
+    finally:
+        revoker.join()
+    assert not failure, failure

@@ -7,12 +7,11 @@ cache before, and that a change to one token left A's other entries in place.
 """
 
 import re
-import threading
 import time
 
 import pytest
 
-from conftest import generate, reason_of
+from conftest import generate, reason_of, revoke_held_open
 
 
 def cached_entries(conn):
@@ -84,35 +83,12 @@ def test_no_cache_answers_from_before_a_visible_commit(db, su, admin, session_a)
     _, other = generate(admin, db, "acme")
     warm(session_a, token)
     warm(session_a, other)
-    done = threading.Event()
-    failure = []
-
-    def revoke():
-        try:
-            with db.su() as w:
-                w.execute("SET token.test_commit_publish_delay = 3000")
-                w.execute("SELECT token.revoke_token(%s)", (token_id,))
-        except Exception as e:  # reported below
-            failure.append(e)
-        finally:
-            done.set()
-
-    revoker = threading.Thread(target=revoke)
-    revoker.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not su.execute("SELECT revoked_at IS NOT NULL FROM token.tokens WHERE id = %s", (token_id,)).fetchone()[0]:
-            assert time.monotonic() < deadline, "the revoke never became visible"
-            time.sleep(0.01)
-        assert not done.is_set(), "the window was open: the revoke is visible, its call has not returned"
+    with revoke_held_open(db, su, token_id) as done:
         hits, misses = hits_and_misses(session_a)
         assert reason_of(session_a, token) == "revoked", "a visible revoke is never answered from the cache"
         assert reason_of(session_a, other) is None
         assert not done.is_set(), "still inside the window"
         assert hits_and_misses(session_a) == (hits + 1, misses + 1), "the other token was a hit, the revoked one a miss"
-    finally:
-        revoker.join()
-    assert not failure, failure
     assert reason_of(session_a, token) == "revoked"
 
 

@@ -6,12 +6,9 @@ table; token.shared_cache_stats() counts the shared hits and fills (server-wide,
 else validates while a test runs), which proves which one answered.
 """
 
-import threading
-import time
-
 import pytest
 
-from conftest import generate, reason_of
+from conftest import generate, reason_of, revoke_held_open
 
 
 def shared_counts(conn):
@@ -78,34 +75,12 @@ def test_no_shared_entry_answers_from_before_a_visible_commit(db, admin, su, sha
     _, other = generate(admin, db, "acme")
     for t in (token, other):
         assert reason_of(a, t) is None
-    done, failure = threading.Event(), []
-
-    def revoke():
-        try:
-            with db.su() as w:
-                w.execute("SET token.test_commit_publish_delay = 3000")
-                w.execute("SELECT token.revoke_token(%s)", (token_id,))
-        except Exception as e:  # reported below
-            failure.append(e)
-        finally:
-            done.set()
-
-    revoker = threading.Thread(target=revoke)
-    revoker.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not su.execute("SELECT revoked_at IS NOT NULL FROM token.tokens WHERE id = %s", (token_id,)).fetchone()[0]:
-            assert time.monotonic() < deadline, "the revoke never became visible"
-            time.sleep(0.01)
-        assert not done.is_set(), "the window is open"
+    with revoke_held_open(db, su, token_id) as done:
         hits, _ = shared_counts(a)
         assert reason_of(a, token) == "revoked", "a visible revoke is never answered from the shared cache"
         assert reason_of(a, other) is None
         assert not done.is_set(), "still inside the window"
         assert shared_counts(a)[0] == hits + 1, "the other token was a shared hit, the revoked one not"
-    finally:
-        revoker.join()
-    assert not failure, failure
     assert reason_of(a, token) == "revoked"
 
 
