@@ -12,6 +12,7 @@
 #   LU_SECONDS       seconds per pgbench run                          (default 8)
 #   LU_ROUNDS        rounds                                           (default 3)
 #   LU_DIR           the cluster's directory (removed on exit)        (default /tmp/pg_token-last-use)
+#   LU_SHARED_CACHE  token.shared_cache_size, as make bench sets it   (default 1GB)
 # Needs root or sudo (the cluster runs as `postgres`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,7 @@ NTOKENS=${LU_TOKENS:-1000000}
 SECONDS_PER_RUN=${LU_SECONDS:-8}
 ROUNDS=${LU_ROUNDS:-3}
 DIR=${LU_DIR:-/tmp/pg_token-last-use}
+SHARED_CACHE=${LU_SHARED_CACHE:-1GB}
 VENV="${PG_TOKEN_VENV:-/opt/pg_token-venv}"
 OUT=$(mktemp -d)
 
@@ -36,7 +38,8 @@ cleanup() {
 trap cleanup EXIT
 PORT=$(bash scripts/cluster.sh free-port)
 bash scripts/cluster.sh start "$DIR" "$PORT" "shared_buffers = '2GB'" "max_wal_size = '16GB'" \
-  "checkpoint_timeout = '30min'" "autovacuum = off" "jit = off" "max_connections = 20"
+  "checkpoint_timeout = '30min'" "autovacuum = off" "jit = off" "max_connections = 20" \
+  "token.shared_cache_size = '$SHARED_CACHE'"
 psql_su() { "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR" -p "$PORT" -U postgres -d bench "$@"; }
 "$PGBIN/createdb" -h "$DIR" -p "$PORT" -U postgres bench
 psql_su -f bench/schema.sql >/dev/null

@@ -284,6 +284,7 @@ fn touch(stored: &Stored, now: Micros) {
     if due {
         stored.last_used_at.set(Some(now));
         events::touched(stored.state.id, now, interval);
+        store::shared::touched(stored, now);
     }
 }
 

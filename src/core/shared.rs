@@ -30,7 +30,7 @@ use crate::hash::TokenHash;
 /// Entries per bucket.
 pub const WAYS: usize = 4;
 /// Payload words per entry: a row of up to `PAYLOAD` bytes is kept; a larger one is not.
-pub const WORDS: usize = 48;
+pub const WORDS: usize = 47;
 /// The largest row an entry holds, in bytes.
 pub const PAYLOAD: usize = WORDS * 8;
 
@@ -54,6 +54,11 @@ struct Entry {
     epoch: AtomicU64,
     /// Payload bytes; 0: empty.
     len: AtomicU64,
+    /// The latest last use any backend queued for this token since the row was read (0: none),
+    /// newer than the row's own `last_used_at` (which the event writer changes without telling
+    /// caches): so that a backend taking the row from here does not queue a use another backend
+    /// queued within the interval.
+    touched: AtomicU64,
     data: [AtomicU64; WORDS],
 }
 
@@ -79,6 +84,7 @@ impl Default for Bucket {
             scope: std::array::from_fn(|_| zero()),
             epoch: zero(),
             len: zero(),
+            touched: zero(),
             data: std::array::from_fn(|_| zero()),
         };
         Bucket {
@@ -159,15 +165,16 @@ impl<'a> SharedCache<'a> {
         [first, second].into_iter().flatten().filter_map(|i| self.buckets.get(i as usize))
     }
 
-    /// Copies the row kept under `key` in `scope` into `out` and returns its length, or None
-    /// (no entry, another epoch's, or a writer in the bucket meanwhile).
-    pub fn get(&self, key: &TokenHash, scope: Scope, out: &mut [u64; WORDS]) -> Option<usize> {
+    /// Copies the row kept under `key` in `scope` into `out` and returns its length and the
+    /// last use queued for it (`touch`), or None (no entry, another epoch's, or a writer in the
+    /// bucket meanwhile).
+    pub fn get(&self, key: &TokenHash, scope: Scope, out: &mut [u64; WORDS]) -> Option<(usize, u64)> {
         let fp = fingerprint(key);
         let want = words(key);
         self.buckets(fp).find_map(|b| self.get_in(b, fp, &want, scope, out))
     }
 
-    fn get_in(&self, b: &Bucket, fp: u64, want: &[u64; 4], scope: Scope, out: &mut [u64; WORDS]) -> Option<usize> {
+    fn get_in(&self, b: &Bucket, fp: u64, want: &[u64; 4], scope: Scope, out: &mut [u64; WORDS]) -> Option<(usize, u64)> {
         let before = b.seq.load(Ordering::Acquire);
         if before & 1 == 1 {
             return None;
@@ -188,7 +195,7 @@ impl<'a> SharedCache<'a> {
             for (o, d) in out.iter_mut().zip(&e.data).take(len.div_ceil(8)) {
                 *o = d.load(Ordering::Relaxed);
             }
-            found = Some(len);
+            found = Some((len, e.touched.load(Ordering::Relaxed)));
             break;
         }
         // Whatever was copied is trusted only if no writer entered the bucket meanwhile.
@@ -254,7 +261,9 @@ impl<'a> SharedCache<'a> {
                     unlock(b, held);
                     continue;
                 };
-                write(b, way, fp, &want, scope, epoch, row);
+                // A refill of its own entry keeps the last use queued for it.
+                let touched = if pass == Pass::Own { b.entries[way].touched.load(Ordering::Relaxed) } else { 0 };
+                write(b, way, fp, &want, scope, epoch, row, touched);
                 unlock(b, held);
                 return Fill::Filled { evicted: pass == Pass::Evict };
             }
@@ -276,6 +285,32 @@ impl<'a> SharedCache<'a> {
         }
     }
 
+    /// Notes that a last use at `at` was queued for the token kept under `key` in `scope` (if it
+    /// is kept): later copies of its row carry it. Under the bucket's lock, so that it can never
+    /// land on another token's entry.
+    pub fn touch(&self, key: &TokenHash, scope: Scope, at: u64) {
+        let fp = fingerprint(key);
+        let want = words(key);
+        let epoch = self.epoch();
+        for b in self.buckets(fp) {
+            let held = lock(b);
+            let entry = b.tags.iter().zip(&b.entries).find(|(t, e)| {
+                t.load(Ordering::Relaxed) == tag(fp)
+                    && e.len.load(Ordering::Relaxed) != 0
+                    && e.epoch.load(Ordering::Relaxed) == epoch
+                    && e.key.iter().zip(want).all(|(k, w)| k.load(Ordering::Relaxed) == w)
+                    && e.scope.iter().zip(scope).all(|(s, w)| s.load(Ordering::Relaxed) == w)
+            });
+            if let Some((_, e)) = entry {
+                e.touched.fetch_max(at, Ordering::Relaxed);
+            }
+            unlock(b, held);
+            if entry.is_some() {
+                return;
+            }
+        }
+    }
+
     /// Drops every entry.
     pub fn forget_all(&self) {
         self.header.epoch.fetch_add(1, Ordering::SeqCst);
@@ -290,7 +325,8 @@ enum Pass {
 }
 
 /// Writes an entry; the caller holds the bucket's lock.
-fn write(b: &Bucket, way: usize, fp: u64, key: &[u64; 4], scope: Scope, epoch: u64, row: &[u8]) {
+#[allow(clippy::too_many_arguments)]
+fn write(b: &Bucket, way: usize, fp: u64, key: &[u64; 4], scope: Scope, epoch: u64, row: &[u8], touched: u64) {
     let e = &b.entries[way];
     b.tags[way].store(tag(fp), Ordering::Relaxed);
     for (k, w) in e.key.iter().zip(key) {
@@ -300,6 +336,7 @@ fn write(b: &Bucket, way: usize, fp: u64, key: &[u64; 4], scope: Scope, epoch: u
         s.store(w, Ordering::Relaxed);
     }
     e.epoch.store(epoch, Ordering::Relaxed);
+    e.touched.store(touched, Ordering::Relaxed);
     for (d, chunk) in e.data.iter().zip(row.chunks(8)) {
         let mut w = [0u8; 8];
         w[..chunk.len()].copy_from_slice(chunk);
@@ -351,7 +388,7 @@ mod tests {
 
     fn get(c: &SharedCache, key: &TokenHash, scope: Scope) -> Option<Vec<u8>> {
         let mut out = [0u64; WORDS];
-        c.get(key, scope, &mut out).map(|len| row_bytes(&out, len))
+        c.get(key, scope, &mut out).map(|(len, _)| row_bytes(&out, len))
     }
 
     #[test]
@@ -434,6 +471,28 @@ mod tests {
             let kept = keys.iter().filter(|k| get(&c, k, DB).is_some()).count();
             assert!(kept * 1000 >= n * least, "at {load}% kept {kept} of {n}");
         }
+    }
+
+    #[test]
+    fn a_queued_last_use_travels_with_the_entry_and_only_with_it() {
+        let (h, b) = table(1);
+        let c = SharedCache::new(&h, &b);
+        let (k1, k2) = (token_hash(b"used"), token_hash(b"other"));
+        let mut out = [0u64; WORDS];
+        c.touch(&k1, DB, 5); // not kept yet: nothing to note
+        c.fill(&k1, DB, c.epoch(), b"row one", || true);
+        c.fill(&k2, DB, c.epoch(), b"row two", || true);
+        assert_eq!(c.get(&k1, DB, &mut out).map(|x| x.1), Some(0));
+        c.touch(&k1, DB, 100);
+        c.touch(&k1, DB, 50); // never backwards
+        c.touch(&k1, [9, 9], 500); // another scope's entry is not this one
+        assert_eq!(c.get(&k1, DB, &mut out).map(|x| x.1), Some(100));
+        assert_eq!(c.get(&k2, DB, &mut out).map(|x| x.1), Some(0));
+        c.fill(&k1, DB, c.epoch(), b"row one again", || true);
+        assert_eq!(c.get(&k1, DB, &mut out).map(|x| x.1), Some(100), "a refill keeps it");
+        c.forget(fingerprint(&k1));
+        c.fill(&k1, DB, c.epoch(), b"row one, changed", || true);
+        assert_eq!(c.get(&k1, DB, &mut out).map(|x| x.1), Some(0), "a new entry starts without one");
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub struct Stored {
     verdict: OnceCell<DatumBytes>,
     /// The last `last_used_at` this backend read or queued.
     pub last_used_at: Cell<Option<Micros>>,
+    /// Where the shared cache keeps (or would keep) this row, for the last uses queued for it
+    /// (`shared::touched`); None where the shared cache is not used.
+    pub shared_key: Option<(TokenHash, pg_token_core::shared::Scope)>,
 }
 
 impl Stored {
@@ -76,7 +79,7 @@ impl Stored {
 impl Stored {
     /// A stored token from its state and its identity row.
     fn from_parts(state: TokenState, identity: DatumBytes) -> Stored {
-        Stored { state, identity, verdict: OnceCell::new(), last_used_at: Cell::new(None) }
+        Stored { state, identity, verdict: OnceCell::new(), last_used_at: Cell::new(None), shared_key: None }
     }
 
     /// The identity row with this call's figures in the per-call columns, palloc'd.
@@ -332,18 +335,20 @@ impl Backend {
         metrics::cache_miss();
         let table = shared::usable();
         if let Some(t) = table {
-            if let Some(stored) = shared::get(t, cat, key, seen) {
+            if let Some(mut stored) = shared::get(t, cat, key, seen) {
+                stored.shared_key = Some((*key, cat.shared_scope));
                 return Some(cache.insert(*key, stored));
             }
         }
         let before = freshness::data_generation();
         let epoch = table.map_or(0, |t| t.epoch());
-        let found = scan(table.is_some())?;
+        let mut found = scan(table.is_some())?;
         if found.own || freshness::data_generation() != before || !changes::still_current(key, seen) {
             return Some(Rc::new(found.stored));
         }
         if let (Some(t), Some(row)) = (table, &found.row) {
             shared::fill(t, cat, key, epoch, seen, row);
+            found.stored.shared_key = Some((*key, cat.shared_scope));
         }
         Some(cache.insert(*key, found.stored))
     }

@@ -238,6 +238,7 @@ unsafe fn stored_from_row(cat: &Catalog, v: &[pg_sys::Datum], n: &[bool]) -> Sto
             identity: form_composite(cat.identity_desc, identity),
             verdict: OnceCell::new(),
             last_used_at: Cell::new(timestamp(v, n, a.last_used_at)),
+            shared_key: None,
         }
     }
 }

@@ -114,14 +114,28 @@ pub fn capacity() -> usize {
 /// after the copy (not in flight, nothing published since `seen`).
 pub fn get(t: SharedCache<'static>, cat: &Catalog, key: &TokenHash, seen: u64) -> Option<super::Stored> {
     let mut row = [0u64; WORDS];
-    let len = t.get(key, cat.shared_scope, &mut row)?;
+    let (len, touched) = t.get(key, cat.shared_scope, &mut row)?;
     if !changes::still_current(key, seen) {
         return None;
     }
     metrics::shared_hit();
     // SAFETY: `row` holds a heap tuple of token.tokens, copied whole (no TOAST pointers) from
     // a tuple of the table's current definition (the scope names it), 8-byte aligned.
-    Some(unsafe { super::scan::stored_from_tuple(cat, row.as_mut_ptr().cast(), len) })
+    let stored = unsafe { super::scan::stored_from_tuple(cat, row.as_mut_ptr().cast(), len) };
+    // The row's last_used_at is as old as the copy; a use queued since by any backend is newer.
+    if let Ok(at) = i64::try_from(touched) {
+        if at > 0 && stored.last_used_at.get().is_none_or(|t| t < at) {
+            stored.last_used_at.set(Some(at));
+        }
+    }
+    Some(stored)
+}
+
+/// A last use of `stored` was queued at `at`: noted in its shared entry, so that the backends
+/// that take its row from there next do not queue another within the interval.
+pub fn touched(stored: &super::Stored, at: i64) {
+    let (Some(t), Some((key, scope)), Ok(at)) = (table(), stored.shared_key.as_ref(), u64::try_from(at)) else { return };
+    t.touch(key, *scope, at);
 }
 
 /// Keeps a row read from the table, unless anything was published since `seen` (checked

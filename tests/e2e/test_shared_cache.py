@@ -6,6 +6,8 @@ table; token.shared_cache_stats() counts the shared hits and fills (server-wide,
 else validates while a test runs), which proves which one answered.
 """
 
+import time
+
 import pytest
 
 from conftest import generate, reason_of, revoke_held_open
@@ -143,3 +145,26 @@ def test_each_database_meets_only_its_own_rows(db, admin, su, shared_only):
     finally:
         with db.su("postgres") as c:
             c.execute(f"DROP DATABASE IF EXISTS {other} WITH (FORCE)")
+
+
+def touches_queued(su):
+    """Last uses queued in this database since its queue slot was claimed (waiting, written or
+    dropped)."""
+    return su.execute("SELECT coalesce(sum(touches_queued + touches_written + touches_dropped), 0) "
+                      "FROM token.worker_status() WHERE database = current_database()").fetchone()[0]
+
+
+def test_a_last_use_one_backend_queued_is_not_queued_again_by_the_next(db, admin, su, shared_only):
+    """The event writer's last_used_at updates leave cached rows alone, so a row in the shared
+    cache keeps the last_used_at it was read with; the entry also carries the last use any
+    backend queued since. B takes the row A read and queued a use of: B queues none within the
+    interval (1 s in this suite), and one again after it."""
+    a, b = shared_only
+    _, token = generate(admin, db, "acme")
+    before = touches_queued(su)
+    assert reason_of(a, token) is None
+    assert reason_of(b, token) is None
+    assert touches_queued(su) == before + 1, "one use queued, by A; B took the row and A's use from the shared cache"
+    time.sleep(1.2)
+    assert reason_of(b, token) is None
+    assert touches_queued(su) == before + 2, "after the interval, B queues the next"
