@@ -28,6 +28,7 @@ ONE_CONCERN = {
     "src/core/format.rs": "token syntax: parse, compose, checksum, and its property tests",
     "src/events/queue.rs": "the shared-memory queue: one lock, one layout, its operations",
     "src/core/aggregate.rs": "the refusal-counting rules (keys, folds, the row bound) and their tests",
+    "src/core/shared.rs": "the shared cache: one table layout, its sequence-locked operations and their race tests",
 }
 RAISING = re.compile(r"\bereport!|\berror!\(|\bErrorReport\b|\bPgSqlErrorCode\b")
 
