@@ -39,6 +39,12 @@ pub fn fingerprint(hash: &TokenHash) -> u64 {
     u64::from_le_bytes(first)
 }
 
+/// Whether a transaction's fingerprints are published as `EVERYTHING`: more than `MAX_NAMED`
+/// of them, or `EVERYTHING` among them.
+pub fn stands_for_everything(fingerprints: &[u64]) -> bool {
+    fingerprints.len() > MAX_NAMED || fingerprints.contains(&EVERYTHING)
+}
+
 /// The cache key under which a token is kept when it is looked up by id (as a derived token's
 /// parent): the hash of a domain-separated string, which no token's hash can be.
 pub fn id_key(id: &[u8; 16]) -> TokenHash {
@@ -146,7 +152,7 @@ impl ChangeLog {
     /// Appends `fingerprints` (after the commit is visible, before the claim is released).
     pub fn publish(&self, fingerprints: &[u64]) {
         let everything = [EVERYTHING];
-        let entries = if fingerprints.len() > MAX_NAMED || fingerprints.contains(&EVERYTHING) {
+        let entries = if stands_for_everything(fingerprints) {
             &everything[..]
         } else {
             fingerprints
@@ -170,12 +176,7 @@ impl ChangeLog {
     fn lock(&self) {
         let mut spins = 0u32;
         while self.publishing.compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
-            spins += 1;
-            if spins.is_multiple_of(64) {
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
+            crate::shared::back_off(&mut spins);
         }
     }
 

@@ -62,6 +62,19 @@ struct Entry {
     data: [AtomicU64; WORDS],
 }
 
+impl Entry {
+    /// Whether it holds a row of the current `epoch` (under `tag`, its way's tag).
+    fn live(&self, tag: &AtomicU64, epoch: u64) -> bool {
+        tag.load(Ordering::Relaxed) != 0 && self.len.load(Ordering::Relaxed) != 0 && self.epoch.load(Ordering::Relaxed) == epoch
+    }
+
+    /// Whether it is the entry of `key` (as words) in `scope`.
+    fn holds(&self, key: &[u64; 4], scope: Scope) -> bool {
+        self.key.iter().zip(key).all(|(k, w)| k.load(Ordering::Relaxed) == *w)
+            && self.scope.iter().zip(scope).all(|(s, w)| s.load(Ordering::Relaxed) == w)
+    }
+}
+
 /// `WAYS` entries behind one sequence lock. All-zero: empty.
 #[repr(C)]
 pub struct Bucket {
@@ -182,14 +195,11 @@ impl<'a> SharedCache<'a> {
         let epoch = self.header.epoch.load(Ordering::Acquire);
         let mut found = None;
         for (t, e) in b.tags.iter().zip(&b.entries) {
-            if t.load(Ordering::Relaxed) != tag(fp) {
+            if t.load(Ordering::Relaxed) != tag(fp) || !e.live(t, epoch) || !e.holds(want, scope) {
                 continue;
             }
-            let same = e.key.iter().zip(want).all(|(k, w)| k.load(Ordering::Relaxed) == *w)
-                && e.scope.iter().zip(scope).all(|(s, w)| s.load(Ordering::Relaxed) == w)
-                && e.epoch.load(Ordering::Relaxed) == epoch;
             let len = e.len.load(Ordering::Relaxed) as usize;
-            if !same || len == 0 || len > PAYLOAD {
+            if len > PAYLOAD {
                 continue;
             }
             for (o, d) in out.iter_mut().zip(&e.data).take(len.div_ceil(8)) {
@@ -219,12 +229,7 @@ impl<'a> SharedCache<'a> {
         let mut buckets: Vec<&Bucket> = self.buckets(fp).collect();
         // The emptier bucket first (read without its lock: a hint), which keeps the two
         // choices balanced.
-        let free = |b: &Bucket| {
-            let free = b.tags.iter().zip(&b.entries).filter(|(t, e)| {
-                t.load(Ordering::Relaxed) == 0 || e.len.load(Ordering::Relaxed) == 0 || e.epoch.load(Ordering::Relaxed) != epoch
-            });
-            free.count()
-        };
+        let free = |b: &Bucket| b.tags.iter().zip(&b.entries).filter(|(t, e)| !e.live(t, epoch)).count();
         buckets.sort_by_key(|b| std::cmp::Reverse(free(b)));
         let Some(first) = buckets.first().copied() else { return Fill::Disabled };
         // Three passes: its own entry in either bucket, a free way, then eviction in the first.
@@ -238,22 +243,9 @@ impl<'a> SharedCache<'a> {
                     unlock(b, held);
                     return Fill::Stale;
                 }
-                let live = |i: usize| {
-                    let e = &b.entries[i];
-                    b.tags[i].load(Ordering::Relaxed) != 0
-                        && e.len.load(Ordering::Relaxed) != 0
-                        && e.epoch.load(Ordering::Relaxed) == epoch
-                };
-                let own = || {
-                    (0..WAYS).find(|&i| {
-                        let e = &b.entries[i];
-                        live(i)
-                            && e.key.iter().zip(want).all(|(k, w)| k.load(Ordering::Relaxed) == w)
-                            && e.scope.iter().zip(scope).all(|(s, w)| s.load(Ordering::Relaxed) == w)
-                    })
-                };
+                let live = |i: usize| b.entries[i].live(&b.tags[i], epoch);
                 let way = match pass {
-                    Pass::Own => own(),
+                    Pass::Own => (0..WAYS).find(|&i| live(i) && b.entries[i].holds(&want, scope)),
                     Pass::Free => (0..WAYS).find(|&i| !live(i)),
                     Pass::Evict => Some((b.victim.fetch_add(1, Ordering::Relaxed) % WAYS as u64) as usize),
                 };
@@ -294,13 +286,11 @@ impl<'a> SharedCache<'a> {
         let epoch = self.epoch();
         for b in self.buckets(fp) {
             let held = lock(b);
-            let entry = b.tags.iter().zip(&b.entries).find(|(t, e)| {
-                t.load(Ordering::Relaxed) == tag(fp)
-                    && e.len.load(Ordering::Relaxed) != 0
-                    && e.epoch.load(Ordering::Relaxed) == epoch
-                    && e.key.iter().zip(want).all(|(k, w)| k.load(Ordering::Relaxed) == w)
-                    && e.scope.iter().zip(scope).all(|(s, w)| s.load(Ordering::Relaxed) == w)
-            });
+            let entry = b
+                .tags
+                .iter()
+                .zip(&b.entries)
+                .find(|(t, e)| t.load(Ordering::Relaxed) == tag(fp) && e.live(t, epoch) && e.holds(&want, scope));
             if let Some((_, e)) = entry {
                 e.touched.fetch_max(at, Ordering::Relaxed);
             }
@@ -355,12 +345,18 @@ fn lock(b: &Bucket) -> u64 {
             fence(Ordering::Release);
             return v + 1;
         }
-        spins += 1;
-        if spins.is_multiple_of(64) {
-            std::thread::yield_now();
-        } else {
-            std::hint::spin_loop();
-        }
+        back_off(&mut spins);
+    }
+}
+
+/// One more turn of a spin lock's wait: a pause, and every 64th turn the CPU given up (the
+/// holder may be a process the scheduler took it from). Shared with `changes`' publisher lock.
+pub(crate) fn back_off(spins: &mut u32) {
+    *spins += 1;
+    if spins.is_multiple_of(64) {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
     }
 }
 
@@ -368,14 +364,14 @@ fn unlock(b: &Bucket, held: u64) {
     b.seq.store(held + 1, Ordering::Release);
 }
 
-/// A row copied out by `get`, as bytes.
-pub fn row_bytes(words: &[u64; WORDS], len: usize) -> Vec<u8> {
-    words.iter().flat_map(|w| w.to_ne_bytes()).take(len).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A row copied out by `get`, as bytes.
+    fn row_bytes(words: &[u64; WORDS], len: usize) -> Vec<u8> {
+        words.iter().flat_map(|w| w.to_ne_bytes()).take(len).collect()
+    }
     use crate::hash::token_hash;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;

@@ -25,7 +25,7 @@ use std::ffi::CStr;
 use std::mem::size_of;
 use std::ptr;
 
-use pg_token_core::changes::{fingerprint, id_key, ChangeLog, Claim, Since, EVERYTHING, MAX_NAMED};
+use pg_token_core::changes::{fingerprint, id_key, stands_for_everything, ChangeLog, Claim, Since, EVERYTHING, MAX_NAMED};
 use pg_token_core::hash::TokenHash;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -219,8 +219,7 @@ fn end(committed: bool) {
         if committed {
             hold_for_test();
             l.publish(&pending.fingerprints);
-            let fps = &pending.fingerprints;
-            super::shared::forget(fps, fps.len() > MAX_NAMED || fps.contains(&EVERYTHING));
+            super::shared::forget(&pending.fingerprints, stands_for_everything(&pending.fingerprints));
         }
         if let Some(c) = pending.claim {
             l.release(c);
