@@ -306,6 +306,20 @@ mod tests {
     }
 
     #[test]
+    fn a_jwt_carries_only_the_scopes_its_key_type_allows() {
+        let mut reg = world();
+        reg.agent.allowed_scopes = Some(vec!["read".into(), "admin".into()]);
+        let t = hs256(CLAIMS, SECRET); // scope "read write"
+        let s = judge(&reg, &mut Jwts::default(), &t, "dev", now(), Some("read")).expect("accepted");
+        assert_eq!(s.scopes, vec!["read".to_string()], "write is not an agent scope; admin is not claimed");
+        assert_eq!(judge(&reg, &mut Jwts::default(), &t, "dev", now(), Some("write")), Err(Reason::InsufficientScope));
+        reg.agent.allowed_scopes = Some(Vec::new());
+        assert!(judge(&reg, &mut Jwts::default(), &t, "dev", now(), None).expect("accepted").scopes.is_empty());
+        reg.agent.allowed_scopes = None;
+        assert_eq!(judge(&reg, &mut Jwts::default(), &t, "dev", now(), None).expect("accepted").scopes.len(), 2);
+    }
+
+    #[test]
     fn time_cutoff_and_revocation_are_checked_on_every_call() {
         let mut reg = world();
         let mut jwts = Jwts::default();

@@ -41,6 +41,19 @@ pub struct KeyTypeInfo {
     /// A token rotated away and presented after its grace window revokes its whole rotation
     /// family (`family_revoked`).
     pub reuse_detection: bool,
+    /// The scopes its tokens may carry (None: any). Issuing and updating enforce it on tokens;
+    /// a legacy JWT counted as this type carries only the scopes of its claim listed here.
+    pub allowed_scopes: Option<Vec<String>>,
+}
+
+impl KeyTypeInfo {
+    /// `scopes` without those this key type does not allow, in their order.
+    pub fn allowed(&self, scopes: &[String]) -> Vec<String> {
+        match &self.allowed_scopes {
+            None => scopes.to_vec(),
+            Some(allowed) => scopes.iter().filter(|s| allowed.contains(s)).cloned().collect(),
+        }
+    }
 }
 
 /// How deep a chain of parent tokens is followed before it is refused (the settings bound what
@@ -415,7 +428,9 @@ where
                 let i = v.issuer;
                 let id = legacy::legacy_id(&i.name, v.claims.jti.as_deref(), token);
                 let mut state = TokenState::new(id, &v.claims.account, &i.key_type, &i.environment);
-                state.scopes = v.claims.scopes.clone();
+                // The issuer's JWTs count as its key type's tokens: no scope that type forbids
+                // (an unknown key type allows none; the registry's foreign key makes it moot).
+                state.scopes = registry.key_type(&i.key_type).map(|k| k.allowed(&v.claims.scopes)).unwrap_or_default();
                 state.expires_at = Some(crate::clock::from_unix_s(v.claims.exp));
                 state.legacy = Some(Box::new(LegacyState {
                     issuer: i.name.clone(),

@@ -39,6 +39,7 @@ pub struct TokenAtts {
 pub struct KeyTypeAtts {
     pub name: usize,
     pub can_validate: usize,
+    pub allowed_scopes: usize,
     pub allowed_networks: Option<usize>,
     pub rate_limits: Option<usize>,
     pub conceal_cross_account: Option<usize>,
@@ -242,6 +243,7 @@ impl Catalog {
         let key_type_atts = KeyTypeAtts {
             name: attindex(key_types, c"name"),
             can_validate: attindex(key_types, c"can_validate"),
+            allowed_scopes: attindex(key_types, c"allowed_scopes"),
             allowed_networks: attindex_if(key_types, c"allowed_networks"),
             rate_limits: attindex_if(key_types, c"rate_limits"),
             conceal_cross_account: attindex_if(key_types, c"conceal_cross_account"),

@@ -161,6 +161,9 @@ impl RegistryCache {
                 text(k)
                     + heap_chunk(v.can_validate.capacity() * std::mem::size_of::<String>())
                     + v.can_validate.iter().map(text).sum::<usize>()
+                    + v.allowed_scopes.as_ref().map_or(0, |a| {
+                        heap_chunk(a.capacity() * std::mem::size_of::<String>()) + a.iter().map(text).sum::<usize>()
+                    })
                     + bucket(std::mem::size_of::<KeyTypeInfo>())
             })
             .sum();
@@ -279,7 +282,8 @@ impl Backend {
             let set = |i: Option<usize>| i.filter(|i| !n[*i]);
             if let Some(name) = scan::text(v, n, a.name) {
                 // SAFETY: each column is read as its declared type: can_validate text[] NOT
-                // NULL, allowed_networks cidr[], rate_limits token.rate_limit[], conceal boolean.
+                // NULL, allowed_scopes text[], allowed_networks cidr[], rate_limits
+                // token.rate_limit[], conceal boolean.
                 let info = unsafe {
                     KeyTypeInfo {
                         can_validate: Vec::<String>::from_datum(v[a.can_validate], n[a.can_validate]).unwrap_or_default(),
@@ -287,6 +291,8 @@ impl Backend {
                         rate_limits: set(a.rate_limits).map(|i| scan::rate_limits(cat, v[i])).unwrap_or_default(),
                         conceal_cross_account: set(a.conceal_cross_account).is_some_and(|i| v[i].value() != 0),
                         reuse_detection: set(a.reuse_detection).is_some_and(|i| v[i].value() != 0),
+                        allowed_scopes: Vec::<Option<String>>::from_datum(v[a.allowed_scopes], n[a.allowed_scopes])
+                            .map(|s| s.into_iter().flatten().collect()),
                     }
                 };
                 reg.key_types.insert(name, info);

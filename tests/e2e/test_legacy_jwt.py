@@ -670,6 +670,33 @@ def test_caller_tokens_and_required_scopes_apply_to_jwts(db, su, admin, app):
         assert reason_of(app, token, mid_same, "read") is None
 
 
+
+def test_a_jwt_carries_only_the_scopes_its_key_type_allows(db, su, app):
+    """A JWT counts as a token of its issuer's key type, so it carries no scope that type
+    forbids: the claim's other scopes are dropped (an issuer signing `deploy` does not make an
+    agent key a deploy key), for validation, required scopes, RLS and exchange alike; and a
+    redefined key type applies at once, to JWTs a backend has already verified."""
+    name, key = unique("scp"), secret()
+    iss = f"https://{name}.example"
+    account, kt = unique("acct"), unique("jwt_kt")
+    su.execute("SELECT token.create_key_type(%s, allowed_scopes => '{read}')", (kt,))
+    su.execute("SELECT token.register_prefix(%s, %s, 'dev')", (f"j{secrets.token_hex(3)}-", kt))  # for the exchange
+    with issuer(su, name, ["HS256"], key, key_type=kt, issuer=iss):
+        token = hs256(db, claims(account, iss, scope="read write deploy"), key)
+        assert validated(app, token)["scopes"] == ["read"]
+        rejected(app, token, "insufficient_scope", scope="deploy")
+        assert reason_of(app, token, scope="read") is None
+        su.execute("SELECT token.create_key_type(%s, allowed_scopes => '{read,deploy}', replace => true)", (kt,))
+        assert validated(app, token)["scopes"] == ["read", "deploy"], "the same session, the new definition"
+        assert reason_of(app, token, scope="deploy") is None
+        su.execute("SELECT token.create_key_type(%s, replace => true)", (kt,))  # allowed_scopes NULL: any
+        assert validated(app, token)["scopes"] == ["read", "write", "deploy"]
+        su.execute("SELECT token.create_key_type(%s, allowed_scopes => '{read}', replace => true)", (kt,))
+        new, new_id, _, first = app.execute("SELECT * FROM token.exchange_legacy_jwt(%s)", (token,)).fetchone()
+        db.record(new)
+        assert first is True and validated(app, new)["scopes"] == ["read"], "exchanged for what the JWT may carry"
+
+
 # ---- exchange ----
 
 def test_a_client_exchanges_its_jwt_once_for_an_opaque_token(db, su, app):
