@@ -31,6 +31,7 @@ pub mod ratelimit;
 pub mod reason;
 pub mod redact;
 pub mod tarpit;
+pub mod touches;
 pub mod ring;
 pub mod shared;
 pub mod uses;

@@ -23,6 +23,7 @@ use pgrx::PgBuiltInOids;
 use pg_token_core::reason::Reason;
 
 use pg_token_core::aggregate::Entry;
+use pg_token_core::touches;
 use pg_token_core::uses;
 
 use super::queue::{self, Touch, EVENT_DELAY, TOUCH_BATCH, TOUCH_DELAY};
@@ -301,23 +302,24 @@ const WRITE_REFUSALS_0_1: &str = "INSERT INTO token.events (id, occurred_at, eve
                client_addr, application_name, db_user, pid) \
      ON CONFLICT (id) DO NOTHING";
 
-/// One row per token: the latest use, applied unless the row's last_used_at is within the
-/// interval before it (the smallest interval any of the validating sessions asked for). So
-/// last_used_at moves at most once per interval per token, however many backends queued it,
-/// and never backwards. SKIP LOCKED: never wait on (or deadlock with) an admin transaction
-/// holding a row; that token's update is simply skipped.
-const APPLY_TOUCHES: &str = "WITH v AS ( \
-         SELECT u.id, pg_catalog.max(u.at) AS at, pg_catalog.min(u.secs) AS secs \
+/// One row per token (the writer coalesces the batch first: `touches::coalesce`), applied
+/// unless the row's last_used_at is within the interval before it. So last_used_at moves at most
+/// once per interval per token, however many backends queued it, and never backwards. SKIP
+/// LOCKED: never wait on (or deadlock with) an admin transaction holding a row; that token's
+/// update is simply skipped. The rows are probed in the batch's order (token id, so the primary
+/// key is walked in order), locked, and updated where the lock found them (by ctid: no second
+/// index probe). A row another transaction changed after this statement's snapshot was taken is
+/// locked in its new version, which the update cannot see: that use is skipped too.
+const APPLY_TOUCHES: &str = "WITH due AS ( \
+         SELECT t.ctid AS tid, u.at \
            FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]), pg_catalog.unnest($2::pg_catalog.timestamptz[]), \
                            pg_catalog.unnest($3::pg_catalog.int4[])) AS u(id, at, secs) \
-          GROUP BY u.id), \
-     due AS ( \
-         SELECT t.id, v.at FROM token.tokens t JOIN v ON t.id OPERATOR(pg_catalog.=) v.id \
+           JOIN token.tokens t ON t.id OPERATOR(pg_catalog.=) u.id \
           WHERE t.last_used_at IS NULL \
              OR t.last_used_at OPERATOR(pg_catalog.<=) \
-                (v.at OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => v.secs::pg_catalog.float8)) \
+                (u.at OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => u.secs::pg_catalog.float8)) \
             FOR NO KEY UPDATE OF t SKIP LOCKED) \
-     UPDATE token.tokens t SET last_used_at = due.at FROM due WHERE t.id OPERATOR(pg_catalog.=) due.id";
+     UPDATE token.tokens t SET last_used_at = due.at FROM due WHERE t.ctid OPERATOR(pg_catalog.=) due.tid";
 
 /// Writes the refusal entries; returns those whose rows it inserted (for the log lines).
 fn write_refusals(plans: &mut Plans, slot: usize, entries: &mut [(usize, Entry)]) -> Vec<Entry> {
@@ -423,14 +425,16 @@ fn log_rows(inserted: &[Entry]) {
     }
 }
 
-fn write_touches(plans: &mut Plans, touches: &[Touch]) {
+fn write_touches(plans: &mut Plans, queued: &[Touch]) {
     Spi::connect_mut(|client| {
-        if touches.is_empty() || !still_installed(client, plans) {
+        if queued.is_empty() || !still_installed(client, plans) {
             return;
         }
-        let ids: Vec<Option<pgrx::Uuid>> = touches.iter().map(|t| Some(pgrx::Uuid::from_bytes(t.token_id))).collect();
-        let at: Vec<Option<TimestampWithTimeZone>> = touches.iter().map(|t| tstz(t.at)).collect();
-        let secs: Vec<Option<i32>> = touches.iter().map(|t| Some(t.interval_s)).collect();
+        let mut batch: Vec<touches::Use> = queued.iter().map(|t| (t.token_id, t.at, t.interval_s)).collect();
+        touches::coalesce(&mut batch);
+        let ids: Vec<Option<pgrx::Uuid>> = batch.iter().map(|u| Some(pgrx::Uuid::from_bytes(u.0))).collect();
+        let at: Vec<Option<TimestampWithTimeZone>> = batch.iter().map(|u| tstz(u.1)).collect();
+        let secs: Vec<Option<i32>> = batch.iter().map(|u| Some(u.2)).collect();
         let args = [ids.into(), at.into(), secs.into()];
         let types = [PgBuiltInOids::UUIDARRAYOID, PgBuiltInOids::TIMESTAMPTZARRAYOID, PgBuiltInOids::INT4ARRAYOID];
         if let Some(plan) = prepared(client, &mut plans.apply_touches, APPLY_TOUCHES, &types) {
