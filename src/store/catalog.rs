@@ -110,6 +110,8 @@ pub struct Catalog {
     /// are in the identity and verdict rows (None on 0.1.0's row types, which have none).
     pub identity_per_call: Option<[usize; 4]>,
     pub verdict_per_call: Option<[usize; 4]>,
+    /// Where scopes is in the identity row (its fifth column since 0.1.0).
+    pub identity_scopes: Option<usize>,
     /// Where deprecation and sunset_at are in the identity row (None on 0.1.0's); check_token's
     /// verdict row is the identity's columns behind (valid, reason), so it has them too.
     pub identity_legacy: Option<[usize; 2]>,
@@ -275,6 +277,7 @@ impl Catalog {
             rate_limit_type,
             rate_limit_desc,
             identity_per_call: per_call_columns(identity_desc),
+            identity_scopes: columns(identity_desc, ["scopes"]).map(|[i]| i),
             verdict_per_call: per_call_columns(verdict_desc),
             identity_legacy: columns(identity_desc, ["deprecation", "sunset_at"]),
             legacy: LegacyCatalog::load(ns),

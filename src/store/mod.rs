@@ -82,6 +82,32 @@ impl Stored {
         Stored { state, identity, verdict: OnceCell::new(), last_used_at: Cell::new(None), shared_key: None }
     }
 
+    /// This token as its key type allows it now. Issuing and updating keep a token's scopes
+    /// within its key type's `allowed_scopes`; a key type redefined narrower afterwards applies
+    /// at once: the scopes it no longer lists are dropped from the verdict inputs and the
+    /// identity row (the table keeps them, and they come back if the key type allows them again).
+    /// Done where a row becomes a stored token; every registry change empties the caches.
+    fn within_key_type(mut self, cat: &Catalog, reg: &RegistryCache) -> Stored {
+        let Some(kt) = reg.key_types.get(&self.state.key_type) else { return self };
+        if kt.allowed_scopes.is_none() || self.state.legacy.is_some() {
+            return self;
+        }
+        let allowed = kt.allowed(&self.state.scopes);
+        if allowed.len() == self.state.scopes.len() {
+            return self; // a subsequence of the same length: nothing dropped
+        }
+        // SAFETY: `identity` is a composite datum of the identity type, whose descriptor `cat`
+        // holds; the values point into it and are copied by form_composite before it is replaced.
+        let mut cols = unsafe { deform_composite(self.identity.as_bytes(), cat.identity_desc) };
+        match (cat.identity_scopes.and_then(|i| cols.get_mut(i)), allowed.clone().into_datum()) {
+            (Some(col), Some(datum)) => *col = (datum, false),
+            _ => return self, // no scopes column to narrow: leave the row as it is
+        }
+        self.identity = form_composite(cat.identity_desc, cols);
+        self.state.scopes = allowed;
+        self
+    }
+
     /// The identity row with this call's figures in the per-call columns, palloc'd.
     pub fn identity_with(&self, cat: &Catalog, per_call: &[Option<pg_sys::Datum>; 4]) -> pg_sys::Datum {
         form_composite_datum(cat.identity_desc, &mut self.identity_columns(cat, per_call))
@@ -309,15 +335,15 @@ impl Backend {
     }
 
     /// Finds a stored token by hash: this backend's cache, the shared cache, then one index scan.
-    fn find(cat: &Catalog, cache: &mut TokenCache<Stored>, seen: u64, hash: &TokenHash) -> Option<Rc<Stored>> {
-        Self::find_or_scan(cat, cache, seen, hash, |keep| scan::scan_token(cat, hash, keep))
+    fn find(cat: &Catalog, reg: &RegistryCache, cache: &mut TokenCache<Stored>, seen: u64, hash: &TokenHash) -> Option<Rc<Stored>> {
+        Self::find_or_scan(cat, reg, cache, seen, hash, |keep| scan::scan_token(cat, hash, keep))
     }
 
     /// Finds a stored token by id (a derived token's parent): cached like the others, under a
     /// key no token's hash can be (the hash of a domain-separated string, not of a token).
-    fn find_id(cat: &Catalog, cache: &mut TokenCache<Stored>, seen: u64, id: &[u8; 16]) -> Option<Rc<Stored>> {
+    fn find_id(cat: &Catalog, reg: &RegistryCache, cache: &mut TokenCache<Stored>, seen: u64, id: &[u8; 16]) -> Option<Rc<Stored>> {
         let key = pg_token_core::changes::id_key(id);
-        Self::find_or_scan(cat, cache, seen, &key, |keep| scan::scan_token_by_id(cat, id, keep))
+        Self::find_or_scan(cat, reg, cache, seen, &key, |keep| scan::scan_token_by_id(cat, id, keep))
     }
 
     /// `seen`: where this call read the change log. A hit answers only if its token is not
@@ -326,6 +352,7 @@ impl Backend {
     /// after this backend's, under the same rule (`shared`).
     fn find_or_scan(
         cat: &Catalog,
+        reg: &RegistryCache,
         cache: &mut TokenCache<Stored>,
         seen: u64,
         key: &TokenHash,
@@ -341,22 +368,24 @@ impl Backend {
         metrics::cache_miss();
         let table = shared::usable();
         if let Some(t) = table {
-            if let Some(mut stored) = shared::get(t, cat, key, seen) {
+            if let Some(stored) = shared::get(t, cat, key, seen) {
+                let mut stored = stored.within_key_type(cat, reg);
                 stored.shared_key = Some((*key, cat.shared_scope));
                 return Some(cache.insert(*key, stored));
             }
         }
         let before = freshness::data_generation();
         let epoch = table.map_or(0, |t| t.epoch());
-        let mut found = scan(table.is_some())?;
+        let found = scan(table.is_some())?;
+        let mut stored = found.stored.within_key_type(cat, reg);
         if found.own || freshness::data_generation() != before || !changes::still_current(key, seen) {
-            return Some(Rc::new(found.stored));
+            return Some(Rc::new(stored));
         }
         if let (Some(t), Some(row)) = (table, &found.row) {
             shared::fill(t, cat, key, epoch, seen, row);
-            found.stored.shared_key = Some((*key, cat.shared_scope));
+            stored.shared_key = Some((*key, cat.shared_scope));
         }
-        Some(cache.insert(*key, found.stored))
+        Some(cache.insert(*key, stored))
     }
 }
 
@@ -387,8 +416,8 @@ pub fn with<R>(f: impl FnOnce(&Catalog, &RegistryCache, &mut Find<'_>, &mut Find
         // Both finders share the cache; they are never called at once (the verdict rules call
         // one, then the other).
         let cache = std::cell::RefCell::new(cache);
-        let mut find = |h: &TokenHash| Backend::find(cat, &mut cache.borrow_mut(), seen, h);
-        let mut find_id = |id: &[u8; 16]| Backend::find_id(cat, &mut cache.borrow_mut(), seen, id);
+        let mut find = |h: &TokenHash| Backend::find(cat, reg, &mut cache.borrow_mut(), seen, h);
+        let mut find_id = |id: &[u8; 16]| Backend::find_id(cat, reg, &mut cache.borrow_mut(), seen, id);
         let mut jwts = legacy::Store::new(cat, &reg.legacy);
         f(cat, reg, &mut find, &mut find_id, &mut jwts)
     })

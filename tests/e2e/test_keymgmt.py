@@ -2,6 +2,8 @@
 child tokens (derive_token) and concealed cross-account refusals. Every change must be seen by
 another session's very next call, even one that had the token cached."""
 
+import secrets
+
 import psycopg
 import pytest
 
@@ -81,6 +83,36 @@ def test_update_is_seen_by_the_next_call_of_every_session(db, su, admin, other):
     detail = events(su, token_id, "updated")
     assert [d[0] for d in detail] == ["changed=scopes", "changed=name,scopes,metadata,expires_at", "changed=scopes",
                                       "changed=name,expires_at"]
+
+
+def test_a_key_type_narrowed_after_issue_narrows_its_tokens_at_once(db, su, admin, other):
+    """Issuing and updating keep a token's scopes within its key type's allowed_scopes. A key
+    type redefined narrower afterwards applies at once, like a revocation: its tokens lose the
+    scopes it no longer lists in every session's next call, even one that had them cached, for
+    validation, required scopes and the RLS identity alike. The table keeps them, and widening
+    the key type again gives them back."""
+    kt = f"narrow_{secrets.token_hex(3)}"
+    su.execute("SELECT token.create_key_type(%s, allowed_scopes => '{read,write}')", (kt,))
+    su.execute("SELECT token.register_prefix(%s, %s, 'dev')", (f"n{secrets.token_hex(3)}-", kt))
+    token_id, token = generate(admin, db, "acme", key_type=kt, scopes=["read", "write"])
+    scopes = "SELECT scopes FROM token.validate_token(%s)"
+    assert other.execute(scopes, (token,)).fetchone()[0] == ["read", "write"]  # and cached
+    su.execute("SELECT token.create_key_type(%s, allowed_scopes => '{read}', replace => true)", (kt,))
+    assert other.execute(scopes, (token,)).fetchone()[0] == ["read"]
+    assert reason_of(other, token, scope="write") == "insufficient_scope"
+    assert reason_of(other, token, scope="read") is None
+    with other.transaction():  # authenticate binds the identity for the transaction
+        other.execute("SELECT token.authenticate(%s)", (token,))
+        assert other.execute("SELECT token.current_scopes(), token.has_scope('write'), token.has_scope('read')") \
+            .fetchone() == (["read"], False, True)
+    assert su.execute("SELECT scopes FROM token.tokens WHERE id = %s", (token_id,)).fetchone()[0] == ["read", "write"], \
+        "the table keeps what was issued"
+    su.execute("SELECT token.create_key_type(%s, allowed_scopes => '{read,write,admin}', replace => true)", (kt,))
+    assert other.execute(scopes, (token,)).fetchone()[0] == ["read", "write"]
+    su.execute("SELECT token.create_key_type(%s, allowed_scopes => '{}', replace => true)", (kt,))
+    assert other.execute(scopes, (token,)).fetchone()[0] == []
+    with db.connect("e2e_app", autocommit=True) as fresh:  # a session that never cached it
+        assert fresh.execute(scopes, (token,)).fetchone()[0] == []
 
 
 @pytest.mark.parametrize("args, message", [
