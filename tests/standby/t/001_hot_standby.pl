@@ -42,14 +42,20 @@ $primary->safe_psql(
 	GRANT token_validator TO sb_app;
 	SELECT token.create_key_type('agent');
 	SELECT token.register_prefix('sb-', 'agent', 'dev');
+	SELECT token.create_key_type('fam', reuse_detection => true);
+	SELECT token.register_prefix('sbf-', 'fam', 'dev');
+	CREATE ROLE sb_flood LOGIN;
+	GRANT token_validator TO sb_flood;
+	ALTER ROLE sb_flood SET token.max_refusal_rate = 50;
 });
 
 # Issues a token on the primary; returns (id, token) and records the token.
 sub generate
 {
-	my ($account, $name) = @_;
+	my ($account, $name, $key_type) = @_;
+	$key_type //= 'agent';
 	my $row = $primary->safe_psql('app',
-		"SELECT token_id, token FROM token.generate_token('$account', 'agent', name => '$name')");
+		"SELECT token_id, token FROM token.generate_token('$account', '$key_type', name => '$name')");
 	my ($id, $token) = split /\|/, $row;
 	die "generate_token returned no token" unless $token;
 	record($token);
@@ -86,6 +92,9 @@ for my $i (1 .. 8)
 	($id{"bulk$i"}, $token{"bulk$i"}) = generate('bulk', "bulk-$i");
 }
 my @bulk = map { "bulk$_" } 1 .. 8;
+# A rotation family under reuse detection: fam0 rotated to fam1 with an hour of grace.
+($id{fam0}, $token{fam0}) = generate('famacct', 'family-first', 'fam');
+($id{fam1}, $token{fam1}) = rotate($id{fam0}, '1 hour');
 
 # A token with its last (checksum) character changed: well formed, bad checksum.
 my $last = substr($token{kept}, -1);
@@ -261,7 +270,58 @@ is(verdict('kept'), 'valid', 'standby: the token is unchanged');
 is($primary->safe_psql('app', "SELECT status FROM token.token_list WHERE id = '$id{kept}'"),
 	'active', 'primary: the token is unchanged');
 
-# 7. The shared cache exists on the standby (same settings) but is never used there: no trigger
+# 7. Reuse detection on a standby: a rotated-away token presented after its grace window
+#    cannot revoke its family there (nothing can be written), so the standby refuses the whole
+#    family itself, until it restarts, and logs the line an operator needs to revoke it on the
+#    primary, where nothing has changed.
+is(verdict('fam1'), 'valid', 'standby: the family\'s current token is valid (and cached)');
+$log_offset = -s $standby->logfile;
+$primary->safe_psql('app',
+	"UPDATE token.tokens SET revoke_after = now() - interval '1 second' WHERE id = '$id{fam0}'");
+replay_primary();
+is(verdict('fam0'), 'family_revoked', 'standby: the rotated-away token, reused after its grace, is family_revoked');
+is(verdict('fam1'), 'family_revoked', 'standby: ... and so is its family\'s current token, in the same session');
+{
+	local %ENV = %ENV;
+	$ENV{PGT_TOKEN_FAM1} = $token{fam1};
+	my ($ret, $stdout, $stderr) = $standby->psql('app',
+		"\\getenv fam1 PGT_TOKEN_FAM1\nSELECT CASE WHEN valid THEN 'valid' ELSE reason END FROM token.check_token(:'fam1')",
+		extra_params => [ '-U', 'sb_app' ]);
+	is($stdout, 'family_revoked', 'standby: ... and in a new session');
+}
+ok($standby->log_contains(
+		qr/pg_token: family_revoked \(standby: not written\) .*family=$id{fam0} reused_token_id=$id{fam0}.*revoke_token_tree\('$id{fam0}'\)/,
+		$log_offset),
+	'standby: the log tells the operator to revoke the family on the primary');
+is($primary->safe_psql('app',
+		"SELECT count(*) FROM token.tokens WHERE family_id = '$id{fam0}' AND family_revoked_at IS NOT NULL"),
+	'0', 'primary: nothing was revoked there');
+is($primary->safe_psql('app', "SELECT status FROM token.token_list WHERE id = '$id{fam1}'"),
+	'active', 'primary: the family\'s current token is still active');
+
+# 8. The refusal tarpit holds on a standby: a role capped at 50 refusals a second (ALTER ROLE on
+#    the primary, replayed) makes at most 50 * (2 + 1) + 1 refusals in 2 seconds of garbage
+#    tokens, where an unheld backend makes tens of thousands; its valid token never waits.
+{
+	my ($ret, $stdout, $stderr) = $standby->psql('app', q{
+		DO $$
+		DECLARE n int := 0; stop timestamptz := clock_timestamp() + interval '2 seconds';
+		BEGIN
+		  WHILE clock_timestamp() < stop LOOP
+		    PERFORM 1 FROM token.check_token('sb-' || md5(n::text)) c WHERE NOT c.valid;
+		    n := n + 1;
+		  END LOOP;
+		  RAISE NOTICE 'refusals=%', n;
+		END $$;
+		SELECT current_setting('token.max_refusal_rate');},
+		extra_params => [ '-U', 'sb_flood' ]);
+	is($stdout, '50', 'standby: the capped role\'s sessions run with token.max_refusal_rate = 50');
+	my ($refusals) = $stderr =~ /refusals=(\d+)/;
+	ok(defined $refusals && $refusals >= 50 && $refusals <= 50 * 3 + 1 + 10,
+		'standby: a garbage flood is held at the cap (' . ($refusals // 'none') . ' refusals in 2 s)');
+}
+
+# 9. The shared cache exists on the standby (same settings) but is never used there: no trigger
 # runs on a standby, so nothing would remove a replayed change from it.
 is($standby->safe_psql('app',
 		'SELECT capacity > 0, enabled, hits_total, fills_total FROM token.shared_cache_stats()'),
