@@ -5,7 +5,8 @@
 //! (`cache`), account ids and their one spelling (`account`), bounds on what admins store
 //! (`limits`), the clock (`clock`), JWTs from legacy issuers (`jwt`), the fixed-size
 //! records that cross shared memory (`ring`), the validation cache shared by all backends
-//! (`shared`) and how long the refusal tarpit holds a refusal (`tarpit`).
+//! (`shared`), how long the refusal tarpit holds a refusal (`tarpit`) and how the event writer
+//! coalesces a batch of last uses (`touches`).
 //!
 //! This crate cannot reach Postgres: it does not depend on pgrx (a compile-time fact, checked
 //! again by `scripts/check_layout.py`), so its unit and property tests run with
