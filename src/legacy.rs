@@ -93,6 +93,11 @@ fn register_legacy_issuer(
         }
         crate::lifecycle::check_text(what, value, max);
     }
+    // The table's CHECK (exchange_ttl > interval '0'), compared as Postgres compares intervals
+    // (a month as 30 days): 22023, not 23514 (tests/fuzz, seed 202195857).
+    if exchange_ttl.is_some_and(|t| t.as_micros() <= 0) {
+        invalid("exchange_ttl must be positive");
+    }
     Spi::connect_mut(|client| {
         let kt = spi(client.update(
             "SELECT 1 FROM token.key_types WHERE name OPERATOR(pg_catalog.=) $1 FOR SHARE",

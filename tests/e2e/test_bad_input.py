@@ -89,6 +89,28 @@ def test_null_boolean_option_is_22004_not_an_internal_error(su, admin, arg):
     assert su.execute("SELECT count(*) FROM token.key_types WHERE name = 'fz_null_bool'").fetchone()[0] == 0
 
 
+@pytest.mark.parametrize("ttl", ["-2147483648 seconds", "0", "1 day -48 hours", "1 month -31 days"])
+def test_legacy_issuer_exchange_ttl_not_positive_is_22023_not_a_check_violation(su, admin, ttl):
+    """Found by tests/fuzz (seed 202195857): an exchange_ttl of '-2147483648 seconds' reached the
+    table's check constraint (23514); it is a bad argument, 22023, and nothing is registered.
+    Intervals compare as Postgres compares them: '1 month -31 days' is negative."""
+    err = refusal(admin, "SELECT token.register_legacy_issuer('fz_ttl', '{HS256}', %s, 'agent', 'dev', "
+                         "now() + interval '1 day', exchange_ttl => %s::interval)", ("k" * 40, ttl))
+    assert err.sqlstate == "22023", err
+    assert "exchange_ttl must be positive" in str(err)
+    assert su.execute("SELECT count(*) FROM token.legacy_issuers WHERE name = 'fz_ttl'").fetchone()[0] == 0
+
+
+def test_legacy_issuer_exchange_ttl_mixed_but_positive_is_accepted(su, admin):
+    """'1 month -29 days' is a day to Postgres (and to the table's check): accepted."""
+    admin.execute("SELECT token.register_legacy_issuer('fz_ttl_ok', '{HS256}', %s, 'agent', 'dev', "
+                  "now() + interval '1 day', exchange_ttl => '1 month -29 days')", ("k" * 40,))
+    try:
+        assert su.execute("SELECT exchange_ttl > interval '0' FROM token.legacy_issuers WHERE name = 'fz_ttl_ok'").fetchone()[0]
+    finally:
+        su.execute("SELECT token.drop_legacy_issuer('fz_ttl_ok')")
+
+
 def test_legacy_issuer_environment_too_long_is_22023_not_a_check_violation(su, admin):
     """Found by tests/fuzz (seed 1): an environment over 31 characters reached the table's
     check constraint (23514); it is a bad argument, 22023, and nothing is registered."""
