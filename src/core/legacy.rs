@@ -309,6 +309,7 @@ mod tests {
     fn a_jwt_carries_only_the_scopes_its_key_type_allows() {
         let mut reg = world();
         reg.agent.allowed_scopes = Some(vec!["read".into(), "admin".into()]);
+        assert!(reg.agent.allows_all(&["read".into(), "admin".into()]) && !reg.agent.allows_all(&["write".into()]));
         let t = hs256(CLAIMS, SECRET); // scope "read write"
         let s = judge(&reg, &mut Jwts::default(), &t, "dev", now(), Some("read")).expect("accepted");
         assert_eq!(s.scopes, vec!["read".to_string()], "write is not an agent scope; admin is not claimed");

@@ -47,6 +47,11 @@ pub struct KeyTypeInfo {
 }
 
 impl KeyTypeInfo {
+    /// Whether this key type allows every one of `scopes`.
+    pub fn allows_all(&self, scopes: &[String]) -> bool {
+        self.allowed_scopes.as_ref().is_none_or(|allowed| scopes.iter().all(|s| allowed.contains(s)))
+    }
+
     /// `scopes` without those this key type does not allow, in their order.
     pub fn allowed(&self, scopes: &[String]) -> Vec<String> {
         match &self.allowed_scopes {

@@ -62,14 +62,12 @@ impl Stored {
     /// identity row (the table keeps them, and they come back if the key type allows them again).
     /// Done where a row becomes a stored token; every registry change empties the caches.
     pub(super) fn within_key_type(mut self, cat: &Catalog, reg: &RegistryCache) -> Stored {
+        // Rows only (JWTs are narrowed by the verdict rules); the common case allocates nothing.
         let Some(kt) = reg.key_types.get(&self.state.key_type) else { return self };
-        if kt.allowed_scopes.is_none() || self.state.legacy.is_some() {
+        if kt.allows_all(&self.state.scopes) {
             return self;
         }
         let allowed = kt.allowed(&self.state.scopes);
-        if allowed.len() == self.state.scopes.len() {
-            return self; // a subsequence of the same length: nothing dropped
-        }
         // SAFETY: `identity` is a composite datum of the identity type, whose descriptor `cat`
         // holds; the values point into it and are copied by form_composite before it is replaced.
         let mut cols = unsafe { deform_composite(self.identity.as_bytes(), cat.identity_desc) };
