@@ -164,6 +164,16 @@ pub fn caught(e: pgrx::pg_sys::panic::CaughtError) -> Caught {
     Caught { transient, sqlstate, message }
 }
 
+/// Whether a caught error is a lock wait that ran out (`lock_timeout`, SQLSTATE 55P03).
+pub fn is_lock_timeout(e: &pgrx::pg_sys::panic::CaughtError) -> bool {
+    use pgrx::pg_sys::panic::CaughtError as C;
+    match e {
+        C::PostgresError(r) | C::ErrorReport(r) | C::RustPanic { ereport: r, .. } => {
+            r.sql_error_code() == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE
+        }
+    }
+}
+
 pub fn log_server_only(line: String) {
     ErrorReport::new(PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION, line, "pg_token").report(PgLogLevel::LOG_SERVER_ONLY);
 }

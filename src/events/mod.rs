@@ -19,6 +19,7 @@
 mod admin;
 mod attempt;
 pub mod family;
+mod last_use;
 mod plans;
 pub mod queue;
 mod reserve;

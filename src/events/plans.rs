@@ -12,6 +12,7 @@ pub(super) struct Plans {
     pub(super) write_refusals: Option<OwnedPreparedStatement>,
     pub(super) write_refusals_0_1: Option<OwnedPreparedStatement>,
     pub(super) apply_touches: Option<OwnedPreparedStatement>,
+    pub(super) apply_touches_skipping_locked: Option<OwnedPreparedStatement>,
     pub(super) reserve_uses: Option<OwnedPreparedStatement>,
     pub(super) revoke_family: Option<OwnedPreparedStatement>,
 }

@@ -10,8 +10,9 @@
 //! A new ring in `queue` is drained here, in its own transaction per batch, so that one
 //! kind of record that cannot be written never costs another.
 //!
-//! It must never wait on a row lock held by someone else (it skips locked rows: a missed
-//! `last_used_at` update is harmless, a stalled queue is not) and never see a token.
+//! It must never wait long on a row lock held by someone else (last-use updates wait at most
+//! 50 ms, then skip the locked rows: a missed `last_used_at` update is harmless, a stalled
+//! queue is not; see `last_use`) and never see a token.
 
 use std::time::{Duration, Instant};
 
@@ -23,13 +24,12 @@ use pgrx::PgBuiltInOids;
 use pg_token_core::reason::Reason;
 
 use pg_token_core::aggregate::Entry;
-use pg_token_core::touches;
 use pg_token_core::uses;
 
 use super::queue::{self, Touch, EVENT_DELAY, TOUCH_BATCH, TOUCH_DELAY};
 use super::attempt::{report_stats, write, Retry};
 use super::plans::{extension_installed, prepared, still_installed, Plans};
-use super::{family, reserve};
+use super::{family, last_use, reserve};
 use crate::error::{self, Error, Kind};
 use crate::guc;
 
@@ -197,7 +197,7 @@ pub extern "C-unwind" fn pg_token_worker_main(arg: pg_sys::Datum) {
             let first = *touches_since.get_or_insert_with(Instant::now);
             if waiting.flush_touches || waiting.touches >= TOUCH_BATCH || first.elapsed() >= TOUCH_DELAY {
                 queue::worker_peek_touches(slot, &mut touches);
-                if write(&mut plans, slot, &mut retry, |plans| write_touches(plans, &touches)) {
+                if write(&mut plans, slot, &mut retry, |plans| last_use::write(plans, &touches)) {
                     queue::worker_consumed_touches(slot, touches.len());
                     touches_since = None;
                 }
@@ -258,7 +258,7 @@ fn uuid(b: &Option<[u8; 16]>) -> Option<pgrx::Uuid> {
     b.map(pgrx::Uuid::from_bytes)
 }
 
-fn tstz(at: i64) -> Option<TimestampWithTimeZone> {
+pub(super) fn tstz(at: i64) -> Option<TimestampWithTimeZone> {
     // SAFETY: a TimestampTz is a plain i64 datum.
     unsafe { TimestampWithTimeZone::from_datum(pg_sys::Datum::from(at), false) }
 }
@@ -301,25 +301,6 @@ const WRITE_REFUSALS_0_1: &str = "INSERT INTO token.events (id, occurred_at, eve
           AS u(id, first_at, reason, token_id, caller_token_id, account, prefix, hint, environment, detail, \
                client_addr, application_name, db_user, pid) \
      ON CONFLICT (id) DO NOTHING";
-
-/// One row per token (the writer coalesces the batch first: `touches::coalesce`), applied
-/// unless the row's last_used_at is within the interval before it. So last_used_at moves at most
-/// once per interval per token, however many backends queued it, and never backwards. SKIP
-/// LOCKED: never wait on (or deadlock with) an admin transaction holding a row; that token's
-/// update is simply skipped. The rows are probed in the batch's order (token id, so the primary
-/// key is walked in order), locked, and updated where the lock found them (by ctid: no second
-/// index probe). A row another transaction changed after this statement's snapshot was taken is
-/// locked in its new version, which the update cannot see: that use is skipped too.
-const APPLY_TOUCHES: &str = "WITH due AS ( \
-         SELECT t.ctid AS tid, u.at \
-           FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.uuid[]), pg_catalog.unnest($2::pg_catalog.timestamptz[]), \
-                           pg_catalog.unnest($3::pg_catalog.int4[])) AS u(id, at, secs) \
-           JOIN token.tokens t ON t.id OPERATOR(pg_catalog.=) u.id \
-          WHERE t.last_used_at IS NULL \
-             OR t.last_used_at OPERATOR(pg_catalog.<=) \
-                (u.at OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => u.secs::pg_catalog.float8)) \
-            FOR NO KEY UPDATE OF t SKIP LOCKED) \
-     UPDATE token.tokens t SET last_used_at = due.at FROM due WHERE t.ctid OPERATOR(pg_catalog.=) due.tid";
 
 /// Writes the refusal entries; returns those whose rows it inserted (for the log lines).
 fn write_refusals(plans: &mut Plans, slot: usize, entries: &mut [(usize, Entry)]) -> Vec<Entry> {
@@ -423,24 +404,6 @@ fn log_rows(inserted: &[Entry]) {
         field("user", e.key.db_user.get());
         error::log_server_only(line);
     }
-}
-
-fn write_touches(plans: &mut Plans, queued: &[Touch]) {
-    Spi::connect_mut(|client| {
-        if queued.is_empty() || !still_installed(client, plans) {
-            return;
-        }
-        let mut batch: Vec<touches::Use> = queued.iter().map(|t| (t.token_id, t.at, t.interval_s)).collect();
-        touches::coalesce(&mut batch);
-        let ids: Vec<Option<pgrx::Uuid>> = batch.iter().map(|u| Some(pgrx::Uuid::from_bytes(u.0))).collect();
-        let at: Vec<Option<TimestampWithTimeZone>> = batch.iter().map(|u| tstz(u.1)).collect();
-        let secs: Vec<Option<i32>> = batch.iter().map(|u| Some(u.2)).collect();
-        let args = [ids.into(), at.into(), secs.into()];
-        let types = [PgBuiltInOids::UUIDARRAYOID, PgBuiltInOids::TIMESTAMPTZARRAYOID, PgBuiltInOids::INT4ARRAYOID];
-        if let Some(plan) = prepared(client, &mut plans.apply_touches, APPLY_TOUCHES, &types) {
-            error::spi_or(client.update(plan, None, &args), "pg_token writer could not update last_used_at");
-        }
-    });
 }
 
 fn purge_expired_events() {
