@@ -13,6 +13,11 @@
 #   LU_ROUNDS        rounds                                           (default 3)
 #   LU_DIR           the cluster's directory (removed on exit)        (default /tmp/pg_token-last-use)
 #   LU_SHARED_CACHE  token.shared_cache_size, as make bench sets it   (default 1GB)
+#   LU_STEADY        intervals (s) whose steady state to measure after the rounds (default 60;
+#                    empty: none). Each: validate_uniform under that token.last_used_interval for
+#                    the interval plus LU_WARM seconds, unmeasured, then LU_ROUNDS rounds of
+#                    pk_lookup and validate_uniform under it, with the writes per validation.
+#   LU_WARM          seconds of warm-up beyond the interval                  (default 60)
 # Needs root or sudo (the cluster runs as `postgres`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,4 +85,34 @@ print(f"round {r}: pk_lookup {pk:,.0f} tps | validate_uniform_no_touch {nt:,.0f}
       f"queue written/dropped {j['touch_written']:,}/{j['touch_dropped']:,}, writer CPU {j['writer_cpu_s'] or 0:.2f} s", flush=True)
 PY
   if [ "$round" = 1 ]; then echo "WAL records of round 1's validate_uniform (type, count, FPI bytes):"; head -12 "$OUT/last-use-wal.txt" 2>/dev/null; fi
+done
+
+# Steady state: a server validating uniform traffic for longer than the interval has spread its
+# tokens' last writes over time, so only the tokens whose interval ran out are written (the
+# rounds above start each run with every token due: the first interval after enabling it).
+steady_run() {  # interval: prints "TPS writes-per-validation"
+  local log="$OUT/steady.log" t0 t1 tps n
+  psql_su -c "SELECT token.flush_events('60 s')" -c "CHECKPOINT" >/dev/null
+  t0=$(psql_su -Atc "SELECT clock_timestamp()")
+  PGOPTIONS="-c token.last_used_interval=$1" "$PGBIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -n -M prepared -c 4 -j 2 \
+    -T "$SECONDS_PER_RUN" -D ntokens="$NTOKENS" -f "$ROOT/bench/scripts/validate_uniform.pgbench" bench >"$log" 2>&1 \
+    || { cat "$log" >&2; exit 1; }
+  psql_su -c "SELECT token.flush_events('60 s')" >/dev/null
+  t1=$(psql_su -Atc "SELECT clock_timestamp()")
+  tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$log")
+  n=$(psql_su -Atc "SELECT count(*) FROM token.tokens WHERE last_used_at BETWEEN '$t0' AND '$t1'")
+  echo "$tps $(awk -v n="$n" -v t="$tps" -v s="$SECONDS_PER_RUN" 'BEGIN { printf "%.3f", n / (t * s) }')"
+}
+for interval in ${LU_STEADY-60}; do
+  warm=$((interval + ${LU_WARM:-60}))
+  echo "steady state, token.last_used_interval = $interval s: $warm s of validate_uniform first"
+  PGOPTIONS="-c token.last_used_interval=$interval" "$PGBIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -n -M prepared \
+    -c 4 -j 2 -T "$warm" -D ntokens="$NTOKENS" -f "$ROOT/bench/scripts/validate_uniform.pgbench" bench >"$OUT/warm.log" 2>&1 \
+    || { cat "$OUT/warm.log" >&2; exit 1; }
+  for round in $(seq 1 "$ROUNDS"); do
+    pk=$(run pk_lookup)
+    read -r tps per < <(steady_run "$interval")
+    awk -v r="$round" -v pk="$pk" -v t="$tps" -v w="$per" -v i="$interval" 'BEGIN {
+      printf "steady %d s, round %d: pk_lookup %.0f tps | validate_uniform %.0f (%.0f%%), %.2f writes per validation\n", i, r, pk, t, 100 * t / pk, w }'
+  done
 done

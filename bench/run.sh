@@ -13,6 +13,7 @@
 #   BENCH_RATE_LIMIT     that token's limit per second              (default 2000)
 #   BENCH_TOKENS         tokens in the table for the pgbench runs   (default 1000000)
 #   BENCH_CHURN_SECONDS  seconds of each admin-churn run              (default 10)
+#   BENCH_STEADY_WARM    seconds of uniform traffic before the steady-state last-use rounds (default 120)
 #   BENCH_CHURN_RATE     revocations or rotations per second in it   (default 200)
 #   BENCH_CHURN_ROUNDS   alone / beside trivial commits / revocations / rotations, rounds (default 5)
 #   BENCH_SIZES          table sizes for the one-statement cost     (default 10000,1000000,10000000)
@@ -41,6 +42,7 @@ RATE_LIMIT=${BENCH_RATE_LIMIT:-2000}
 NTOKENS=${BENCH_TOKENS:-1000000}
 SIZES=${BENCH_SIZES:-10000,1000000,10000000}
 CHURN_SECONDS=${BENCH_CHURN_SECONDS:-10}
+STEADY_WARM=${BENCH_STEADY_WARM:-120}
 CHURN_RATE=${BENCH_CHURN_RATE:-200}
 CHURN_ROUNDS=${BENCH_CHURN_ROUNDS:-5}
 LOOKUPS=${BENCH_LOOKUPS:-200000}
@@ -224,6 +226,20 @@ echo "bench: what the event writer's last-use updates write (WAL, HOT share)"
 py last-use --host "$DIR" --port "$PORT" --pgbin "$PGBIN" --scripts "$ROOT/bench/scripts" --out "$OUT" \
   --seconds "$SECONDS_PER_RUN" --tokens "$NTOKENS" --json "$OUT/last_use.json"
 
+# The rounds (and the WAL row) start validate_uniform with every token due a last-use update (the last
+# round's were more than a minute before): the first interval after the updates are turned on.
+# A server that has validated uniform traffic for longer has spread its tokens' last updates
+# over time, and writes only for those whose interval ran out. Those rounds, after STEADY_WARM
+# seconds of that traffic, beside the primary-key lookup again.
+echo "bench: steady-state last-use updates: ${STEADY_WARM} s of validate_uniform (unmeasured), then $ROUNDS rounds"
+"$PGBIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -n -M prepared -c 4 -j 2 -T "$STEADY_WARM" -D ntokens="$NTOKENS" \
+  -f "$ROOT/bench/scripts/validate_uniform.pgbench" bench >"$OUT/pgbench-steady-warm.log" 2>&1 \
+  || { cat "$OUT/pgbench-steady-warm.log" >&2; exit 1; }
+for round in $(seq 1 "$ROUNDS"); do
+  run_pgbench pk_lookup_steady pk_lookup postgres
+  run_pgbench validate_uniform_steady validate_uniform postgres
+done
+
 echo "bench: refusal flood (${FLOOD_SECONDS} s)"
 py flood --host "$DIR" --port "$PORT" --pgbin "$PGBIN" --scripts "$ROOT/bench/scripts" --out "$OUT" \
   --log "$DIR/server.log" --json "$OUT/flood.json" --seconds "$FLOOD_SECONDS" --rounds "$FLOOD_ROUNDS"
@@ -257,7 +273,7 @@ settings=(
   "Legacy JWT rows: issuers \`bench_hs256\` (HS256) and \`bench_rs256\` (RS256, 2048-bit key) for the bench key type; $JWT_HS256 and $JWT_RS256 pre-made JWTs in \`bench.jwt_hs256\` / \`bench.jwt_rs256\`, each client reading its own quarter in order; \`token.legacy_notice\` = off."
   "One statement: \`token.cache_size\` = 1GB (hit) or 0 (shared cache, table read), \`token.shared_cache\` = off (table read) and \`token.last_used_interval\` = -1, set in that session only."
 )
-py report --pgbench "$OUT/pgbench.csv" --per-token "$OUT/per_token.csv" --seconds "$SECONDS_PER_RUN" --rounds "$ROUNDS" \
+py report --pgbench "$OUT/pgbench.csv" --per-token "$OUT/per_token.csv" --seconds "$SECONDS_PER_RUN" --rounds "$ROUNDS" --steady-warm "$STEADY_WARM" \
   --tokens "$NTOKENS" --lookups "$LOOKUPS" --cache-bytes "$cache_bytes" --shared-capacity "$shared_capacity" --version "$version, release build installed $built; repository at $commit" \
   --huge-pages "$huge" --small-pages "$OUT/per_token_small_pages.csv" \
   --flood "$OUT/flood.json" --rate "$OUT/rate.json" --last-use "$OUT/last_use.json" --churn "$OUT/churn.json" --loads "$OUT/load.csv" --jwt-counts "hs256=$JWT_HS256,rs256=$JWT_RS256" --md "$RESULTS/latest.md" --png "$RESULTS/latest.png" "${settings[@]/#/--setting=}"
