@@ -164,13 +164,15 @@ pub fn caught(e: pgrx::pg_sys::panic::CaughtError) -> Caught {
     Caught { transient, sqlstate, message }
 }
 
-/// Whether a caught error is a lock wait that ran out (`lock_timeout`, SQLSTATE 55P03).
-pub fn is_lock_timeout(e: &pgrx::pg_sys::panic::CaughtError) -> bool {
+/// Whether a caught error is a lock wait that ran out (`lock_timeout`, SQLSTATE 55P03) or
+/// ended in a deadlock (40P01).
+pub fn is_lock_wait(e: &pgrx::pg_sys::panic::CaughtError) -> bool {
     use pgrx::pg_sys::panic::CaughtError as C;
     match e {
-        C::PostgresError(r) | C::ErrorReport(r) | C::RustPanic { ereport: r, .. } => {
-            r.sql_error_code() == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE
-        }
+        C::PostgresError(r) | C::ErrorReport(r) | C::RustPanic { ereport: r, .. } => matches!(
+            r.sql_error_code(),
+            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE | PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED
+        ),
     }
 }
 

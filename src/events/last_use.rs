@@ -11,9 +11,12 @@
 //! Other errors are not caught here: the writer's transaction fails and is retried
 //! (`attempt::write`).
 //!
-//! `LOCK_WAIT` is far below the default `deadlock_timeout` (1 s): an administrator's
+//! `LOCK_WAIT` bounds each lock wait (a batch that meets several briefly held rows may wait
+//! several times). It is far below the default `deadlock_timeout` (1 s): an administrator's
 //! transaction that waits on a row the writer updated in this batch, while the writer waits on
-//! one it holds, is freed by the writer's timeout before its deadlock check runs.
+//! one it holds, is nearly always freed by the writer's timeout before its own deadlock check
+//! runs. A deadlock the writer's check finds first (a `deadlock_timeout` set below 50 ms) gives
+//! way the same as a timeout.
 
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys::panic::CaughtError;
@@ -26,7 +29,7 @@ use super::plans::{prepared, still_installed, Plans};
 use super::queue::Touch;
 use crate::error;
 
-/// The longest the direct update waits for a row lock before the batch skips locked rows.
+/// The longest the direct update waits for one lock before the batch skips locked rows.
 const LOCK_WAIT: &str = "50ms";
 
 /// One row per token, applied unless the row's last_used_at is within the interval before
@@ -73,17 +76,17 @@ pub(super) fn write(plans: &mut Plans, queued: &[Touch]) {
         let secs: Vec<Option<i32>> = batch.iter().map(|u| Some(u.2)).collect();
         let args = [ids.into(), at.into(), secs.into()];
         let Some(direct) = prepared(client, &mut plans.apply_touches, APPLY, &TYPES) else { return };
-        if within_lock_wait(|| {
+        let Err(why) = within_lock_wait(|| {
             error::spi_or(
                 client.update("SELECT pg_catalog.set_config('lock_timeout', $1, true)", None, &[LOCK_WAIT.into()]),
                 "pg_token writer could not bound its lock wait",
             );
             error::spi_or(client.update(direct, None, &args), "pg_token writer could not update last_used_at");
-        }) {
+        }) else {
             return;
-        }
+        };
         error::log_server_only(format!(
-            "pg_token writer: a row lock held past {LOCK_WAIT}; this batch of last-use updates skips the locked rows"
+            "pg_token writer: a lock wait of its last-use updates gave way ({why}); the batch is written again, skipping locked rows"
         ));
         if let Some(plan) = prepared(client, &mut plans.apply_touches_skipping_locked, APPLY_SKIPPING_LOCKED, &TYPES) {
             error::spi_or(client.update(plan, None, &args), "pg_token writer could not update last_used_at");
@@ -91,11 +94,11 @@ pub(super) fn write(plans: &mut Plans, queued: &[Touch]) {
     });
 }
 
-/// Runs `f` in a subtransaction: true if it completed (kept), false if it was rolled back
-/// because a lock wait timed out (SQLSTATE 55P03). Any other error rolls the subtransaction
-/// back and goes on up to the writer's transaction. A `set_config(…, true)` made in `f` ends
-/// with the subtransaction when it is rolled back.
-fn within_lock_wait(f: impl FnOnce()) -> bool {
+/// Runs `f` in a subtransaction: Ok if it completed (kept), Err with the error's message if it
+/// was rolled back because a lock wait ran out or ended in a deadlock (`error::is_lock_wait`).
+/// Any other error rolls the subtransaction back and goes on up to the writer's transaction. A
+/// `set_config(…, true)` made in `f` ends with the subtransaction when it is rolled back.
+fn within_lock_wait(f: impl FnOnce()) -> Result<(), String> {
     // SAFETY: the writer is inside its transaction (attempt::write); this is the documented way
     // to run code in an internal subtransaction (as PL/Python and PL/Perl do): begin, and on
     // both ways out release or roll back that subtransaction and restore the memory context and
@@ -113,19 +116,19 @@ fn within_lock_wait(f: impl FnOnce()) -> bool {
         };
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(context);
-        let kept = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+        let outcome = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
             f();
-            true
+            Ok(())
         }))
         .catch_others(|e: CaughtError| {
-            if error::is_lock_timeout(&e) {
-                return false;
+            if error::is_lock_wait(&e) {
+                return Err(error::caught(e).message);
             }
             end(false);
             e.rethrow()
         })
         .execute();
-        end(kept);
-        kept
+        end(outcome.is_ok());
+        outcome
     }
 }
