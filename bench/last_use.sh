@@ -91,15 +91,11 @@ done
 # tokens' last writes over time, so only the tokens whose interval ran out are written (the
 # rounds above start each run with every token due: the first interval after enabling it).
 steady_run() {  # interval: prints "TPS writes-per-validation"
-  local log="$OUT/steady.log" t0 t1 tps n
-  psql_su -c "SELECT token.flush_events('60 s')" -c "CHECKPOINT" >/dev/null
+  local t0 t1 tps n
   t0=$(psql_su -Atc "SELECT clock_timestamp()")
-  PGOPTIONS="-c token.last_used_interval=$1" "$PGBIN/pgbench" -h "$DIR" -p "$PORT" -U postgres -n -M prepared -c 4 -j 2 \
-    -T "$SECONDS_PER_RUN" -D ntokens="$NTOKENS" -f "$ROOT/bench/scripts/validate_uniform.pgbench" bench >"$log" 2>&1 \
-    || { cat "$log" >&2; exit 1; }
+  tps=$(run validate_uniform "-c token.last_used_interval=$1")
   psql_su -c "SELECT token.flush_events('60 s')" >/dev/null
   t1=$(psql_su -Atc "SELECT clock_timestamp()")
-  tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$log")
   n=$(psql_su -Atc "SELECT count(*) FROM token.tokens WHERE last_used_at BETWEEN '$t0' AND '$t1'")
   echo "$tps $(awk -v n="$n" -v t="$tps" -v s="$SECONDS_PER_RUN" 'BEGIN { printf "%.3f", n / (t * s) }')"
 }
